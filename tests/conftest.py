@@ -1,0 +1,23 @@
+"""Shared fixtures: where the reference data lives, and small deterministic helpers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("LIDAR_SHARED_DIR", REPO.parent / "shared"))
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.fail(f"reference data not found at {SHARED} (set LIDAR_SHARED_DIR)")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def real_scan_path(shared_dir: Path) -> Path:
+    return shared_dir / "data" / "semantickitti_08_000123.ply"
