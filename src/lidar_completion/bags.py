@@ -243,7 +243,7 @@ def kitti_sequence_to_bag(
     stamps = _kitti_stamps(sequence, len(scans), rate_hz, int(start_ns))
 
     def clouds() -> Iterator[tuple[int, str, np.ndarray, dict[str, np.ndarray]]]:
-        for scan, stamp in zip(scans, stamps):
+        for scan, stamp in zip(scans, stamps, strict=True):
             pts = read_kitti_scan(scan)
             yield int(stamp), frame_id, pts[:, :3], {"intensity": pts[:, 3]}
 
@@ -275,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         n = kitti_sequence_to_bag(
             args.sequence, args.out, storage=args.storage, topic=args.topic,
             frame_id=args.frame_id, rate_hz=args.rate_hz,
-            start_ns=int(round(args.start_sec * 1e9)),
+            start_ns=round(args.start_sec * 1e9),
         )
     except BagError as exc:
         print(f"lidar-kitti-to-bag: error: {exc}", file=sys.stderr)

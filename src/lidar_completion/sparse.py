@@ -242,9 +242,9 @@ def _convolve(
         if src.numel() == 0:
             continue
         if src is dst and src.numel() == num_out == feats.shape[0]:  # centre tap: identity map
-            out = out + feats @ weight
+            out.addmm_(feats, weight)
         else:
-            out = out.index_add(0, dst, feats[src] @ weight)
+            out.index_add_(0, dst, feats[src] @ weight)
     return out
 
 
