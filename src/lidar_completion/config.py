@@ -1,0 +1,147 @@
+"""Typed configuration of the completion pipeline, loaded from YAML over defaults.
+
+One set of key names everywhere: the CLI's YAML, the ROS node's parameters
+(``data.max_range``, ``sampling.steps``, ...) and the evaluation all use these. Values are
+validated once, here, with messages that name the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["DataConfig", "SamplingConfig", "CompletionConfig", "PRESETS", "load_config"]
+
+# Point budgets: "full" is the published setting (GPU); "lite" keeps a CPU frame in seconds.
+PRESETS: dict[str, dict[str, int]] = {
+    "full": {"n_part": 18000},
+    "lite": {"n_part": 2000},
+}
+
+
+def _check(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ValueError(f"{key}: {message}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Pre-/post-processing of scans (metres)."""
+
+    min_range: float = 3.5
+    max_range: float = 50.0
+    preset: str = "lite"
+    n_part: int | None = None  # None: take it from the preset
+    repeat: int = 10
+
+    def __post_init__(self) -> None:
+        _check(self.preset in PRESETS, "data.preset", f"must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        _check(0 <= self.min_range < self.max_range, "data.min_range", "need 0 <= min_range < max_range")
+        _check(self.max_range <= 500, "data.max_range", "must be <= 500 m")
+        if self.n_part is not None:
+            _check(16 <= self.n_part <= 200_000, "data.n_part", f"must be in [16, 200000], got {self.n_part}")
+        _check(1 <= self.repeat <= 50, "data.repeat", "must be in [1, 50]")
+
+    @property
+    def points_per_scan(self) -> int:
+        return self.n_part if self.n_part is not None else PRESETS[self.preset]["n_part"]
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Diffusion sampling; ``None`` means "the checkpoint's own default"."""
+
+    steps: int | None = None
+    guidance: float | None = None
+    seed: int | None = 0
+
+    def __post_init__(self) -> None:
+        if self.steps is not None:
+            _check(1 <= self.steps <= 1000, "sampling.steps", f"must be in [1, 1000], got {self.steps}")
+        if self.guidance is not None:
+            _check(0 <= self.guidance <= 50, "sampling.guidance", f"must be in [0, 50], got {self.guidance}")
+        if self.seed is not None:
+            _check(0 <= self.seed < 2**63, "sampling.seed", "must be a non-negative integer")
+
+
+@dataclass(frozen=True)
+class CompletionConfig:
+    """Everything :class:`~lidar_completion.completer.SceneCompleter` needs besides the weights."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    refine: bool = True
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check(
+            self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+            "device",
+            f"must be auto, cpu, cuda or cuda:N, got {self.device!r}",
+        )
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "CompletionConfig":
+        """Build from nested (``{"data": {...}}``) or dotted (``{"data.max_range": ..}``) keys."""
+        nested: dict[str, Any] = {}
+        for key, value in values.items():
+            section, _, leaf = key.partition(".")
+            if leaf:
+                nested.setdefault(section, {})[leaf] = value
+            elif isinstance(value, dict):
+                nested.setdefault(key, {}).update(value)
+            else:
+                nested[key] = value
+        sections = {"data": DataConfig, "sampling": SamplingConfig}
+        top = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(nested) - top)
+        if unknown:
+            raise ValueError(f"unknown config keys: {', '.join(unknown)}")
+        kwargs: dict[str, Any] = {}
+        for key, value in nested.items():
+            if key in sections:
+                allowed = {f.name for f in dataclasses.fields(sections[key])}
+                bad = sorted(set(value) - allowed)
+                if bad:
+                    raise ValueError(f"unknown config keys: {', '.join(f'{key}.{b}' for b in bad)}")
+                kwargs[key] = sections[key](**value)
+            else:
+                kwargs[key] = value
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **dotted: Any) -> "CompletionConfig":
+        """Copy with dotted overrides, e.g. ``replace(**{"sampling.steps": 4})``; None values are ignored."""
+        values = _flatten(self.to_dict())
+        values.update({k: v for k, v in dotted.items() if v is not None})
+        return CompletionConfig.from_dict(values)
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> CompletionConfig:
+    """Defaults, then the YAML file (optionally under a ``completion:`` key), then overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level")
+        values = loaded.get("completion", loaded)
+    try:
+        return CompletionConfig.from_dict(values).replace(**overrides)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path or 'config'}: {err}") from None
