@@ -1,0 +1,182 @@
+"""(partial scan, ground-truth scene) pairs from a SemanticKITTI-layout root, as in LiDiff.
+
+Why: the teacher, the student and every evaluation must see the same pairs, built the
+same way from real SemanticKITTI or from the synthetic generator.
+
+For scan ``i`` of a sequence, both clouds are in the scan's velodyne frame:
+
+* **partial**: the scan's static points (labelled, not moving) with 3.5 m < r < 50 m and
+  z > -4 m, farthest-point sampled to ``n_part`` (points repeated when there are fewer);
+* **full**: the points of the sequence map (:mod:`.maps`) within 50 m of the sensor, with
+  z > -4 m, kept only in the 10 m x/y cells the partial scan occupies, randomly sampled
+  to ``n_full``.
+
+Training augmentation moves both clouds together: a random z-rotation, a mirror (p 0.5),
+a scale in [0.95, 1.05], then per-point jitter (sigma 0.06 m, clipped at 0.18 m).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from .kitti import KittiSequence, static_mask
+from .maps import load_map
+
+__all__ = ["PairConfig", "CompletionDataset", "augment_pair", "farthest_point_sample", "random_sample"]
+
+
+@dataclass(frozen=True)
+class PairConfig:
+    """How a (partial, full) pair is cut; defaults are the published LiDiff ones."""
+
+    n_part: int = 18_000
+    n_full: int = 180_000
+    min_range: float = 3.5
+    max_range: float = 50.0
+    min_z: float = -4.0
+    cell: float = 10.0  # ground truth is kept in the x/y cells of this size that the scan touches
+    jitter: float = 0.06
+    jitter_clip: float = 0.18
+    scale: tuple[float, float] = (0.95, 1.05)
+
+
+def _repeat_to(points: np.ndarray, n: int) -> np.ndarray:
+    return np.resize(points, (n, points.shape[1]))
+
+
+def farthest_point_sample(points: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` points spread by farthest-point sampling (QuickFPS); repeats points when there are fewer."""
+    import fpsample
+
+    if len(points) <= n:
+        return _repeat_to(points, n)
+    height = min(7, int(np.log2(len(points))))
+    index = fpsample.bucket_fps_kdline_sampling(points, n, h=height, start_idx=int(rng.integers(len(points))))
+    return points[index.astype(np.int64)]
+
+
+def random_sample(points: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` distinct random points; all of them, repeated, when there are fewer."""
+    if len(points) <= n:
+        return _repeat_to(points[rng.permutation(len(points))], n)
+    return points[rng.choice(len(points), n, replace=False)]
+
+
+def augment_pair(
+    partial: np.ndarray, full: np.ndarray, rng: np.random.Generator, config: PairConfig = PairConfig()
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rotate about z, mirror, scale (one transform for both clouds), then jitter each point."""
+    angle = rng.uniform(0.0, 2 * np.pi)
+    c, s = np.cos(angle), np.sin(angle)
+    mirror = np.diag([1.0, -1.0 if rng.random() < 0.5 else 1.0, 1.0])
+    matrix = rng.uniform(*config.scale) * np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]]) @ mirror
+
+    def move(points: np.ndarray) -> np.ndarray:
+        jitter = np.clip(rng.normal(0.0, config.jitter, points.shape), -config.jitter_clip, config.jitter_clip)
+        return (points @ matrix.T + jitter).astype(np.float32)
+
+    return move(partial), move(full)
+
+
+def _cell_keys(xy: np.ndarray, cell: float) -> np.ndarray:
+    """One int64 per x/y cell (x index in the high 32 bits)."""
+    ij = np.floor(xy / cell).astype(np.int64)
+    return (ij[:, 0] << 32) + ij[:, 1]
+
+
+class _CellIndex:
+    """Map points sorted by x/y cell, so a radius query reads only the cells near the sensor."""
+
+    def __init__(self, points: np.ndarray, cell: float) -> None:
+        keys = _cell_keys(points[:, :2], cell)
+        order = np.argsort(keys, kind="stable")
+        self.points, self.cell = points[order], cell
+        self.keys, self.starts = np.unique(keys[order], return_index=True)
+        self.ends = np.append(self.starts[1:], len(points))
+
+    def within(self, center: np.ndarray, radius: float) -> np.ndarray:
+        lo = np.floor((center[:2] - radius) / self.cell).astype(np.int64)
+        hi = np.floor((center[:2] + radius) / self.cell).astype(np.int64)
+        gx, gy = np.meshgrid(np.arange(lo[0], hi[0] + 1), np.arange(lo[1], hi[1] + 1), indexing="ij")
+        wanted = (gx.ravel() << 32) + gy.ravel()
+        pos = np.clip(np.searchsorted(self.keys, wanted), 0, len(self.keys) - 1)
+        pos = pos[self.keys[pos] == wanted]
+        counts = self.ends[pos] - self.starts[pos]
+        index = np.repeat(self.starts[pos] - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
+        points = self.points[index]
+        return points[np.linalg.norm(points - center, axis=1) < radius]
+
+
+class CompletionDataset(Dataset):
+    """Items ``{'partial': (n_part, 3), 'full': (n_full, 3), 'sequence': str, 'scan_index': int}``.
+
+    Maps must exist (``lidar-build-maps``). Sampling is seeded by ``(seed, epoch, index)``:
+    call :meth:`set_epoch` each epoch for fresh augmentation; evaluation (``augment=False``)
+    is reproducible.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        sequences: Sequence[str],
+        config: PairConfig = PairConfig(),
+        *,
+        augment: bool = False,
+        seed: int = 0,
+    ) -> None:
+        self.config, self.augment, self.seed, self.epoch = config, augment, seed, 0
+        self.sequences = [KittiSequence(root, name) for name in sequences]
+        self._offsets = np.cumsum([0] + [len(s) for s in self.sequences])
+        self._maps: dict[str, _CellIndex] = {}
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def locate(self, index: int) -> tuple[KittiSequence, int]:
+        """(sequence, scan index) of dataset item ``index``."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} scans")
+        k = int(np.searchsorted(self._offsets, index, side="right")) - 1
+        return self.sequences[k], index - int(self._offsets[k])
+
+    def _map(self, sequence: KittiSequence) -> _CellIndex:
+        if sequence.name not in self._maps:
+            self._maps[sequence.name] = _CellIndex(load_map(sequence).astype(np.float64), self.config.cell)
+        return self._maps[sequence.name]
+
+    def pair(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """All points of the partial scan and of its ground truth, before sampling and augmentation."""
+        sequence, i = self.locate(index)
+        c = self.config
+        scan = sequence.scan(i)
+        partial = scan[static_mask(sequence.labels(i, len(scan))), :3]
+        r = np.linalg.norm(partial, axis=1)
+        partial = partial[(r > c.min_range) & (r < c.max_range) & (partial[:, 2] > c.min_z)]
+        if len(partial) == 0:
+            raise ValueError(f"{sequence.scan_paths[i]}: no static point within {c.min_range}-{c.max_range} m")
+        pose = sequence.poses[i]
+        full = (self._map(sequence).within(pose[:3, 3], c.max_range) - pose[:3, 3]) @ pose[:3, :3]
+        full = full[full[:, 2] > c.min_z]
+        full = full[np.isin(_cell_keys(full[:, :2], c.cell), _cell_keys(partial[:, :2], c.cell))]
+        if len(full) == 0:
+            raise ValueError(f"{sequence.path}: the map has no point near scan {i}; was it built from these poses?")
+        return partial.astype(np.float32), full.astype(np.float32)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        partial, full = self.pair(index)
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        partial = farthest_point_sample(partial, self.config.n_part, rng)
+        full = random_sample(full, self.config.n_full, rng)
+        if self.augment:
+            partial, full = augment_pair(partial, full, rng, self.config)
+        sequence, i = self.locate(index)
+        return {"partial": partial, "full": full, "sequence": sequence.name, "scan_index": i}

@@ -1,0 +1,276 @@
+"""Lightning glue for teacher training and (preference) distillation.
+
+The networks are the core library's plain PyTorch modules and the objectives live in
+:mod:`.objectives`; this module only adds what Lightning is for: devices (CPU, one GPU,
+several GPUs / nodes with DDP), logging, checkpoints and resume.
+
+Reproducibility: the data item and all noise of step ``k`` are pure functions of
+``(seed, k, rank)``, so a run killed and resumed from its last checkpoint ends on the same
+weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from lidar_completion.checkpoints import CompletionModel, ModelConfig, load_model, save_model
+from lidar_completion.diffusion import NoiseSchedule
+
+from .dataset import CompletionDataset, PairConfig
+from .objectives import distillation_losses, seeded_generator, teacher_loss
+from .run_config import RunConfig
+
+__all__ = ["TeacherModule", "DistillationModule", "build_module", "build_trainer", "fit"]
+
+
+class StepPairs(Dataset):
+    """Item ``i`` = the pair for global step ``i // batch_size``, chosen and augmented from
+    ``(seed, step)``, so the data stream does not depend on where a run was resumed."""
+
+    def __init__(self, pairs: CompletionDataset, batch_size: int, seed: int, rank: int = 0):
+        self.pairs, self.batch_size, self.seed, self.rank = pairs, batch_size, seed, rank
+
+    def __len__(self) -> int:
+        return 2**62
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng([self.seed, i, self.rank])
+        index = int(rng.integers(len(self.pairs)))
+        self.pairs.epoch = i  # seeds the sampling and augmentation of this item
+        item = self.pairs[index]
+        return {"partial": item["partial"], "full": item["full"]}
+
+
+class FromStep(Sampler[int]):
+    """Indices ``start * batch .. stop * batch``: resumes the stream exactly."""
+
+    def __init__(self, start_step: int, stop_step: int, batch_size: int):
+        self.start, self.stop = start_step * batch_size, stop_step * batch_size
+
+    def __iter__(self):
+        return iter(range(self.start, self.stop))
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+
+def _collate(items: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+    return {key: torch.from_numpy(np.stack([item[key] for item in items])) for key in items[0]}
+
+
+class _Base(L.LightningModule):
+    def __init__(self, config: RunConfig):
+        super().__init__()
+        self.config = config
+        self.data_step = 0  # batches trained on (not optimizer steps: distillation has two)
+        self.save_hyperparameters({"run": config.to_dict()})
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["data_step"] = self.data_step
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Called before the dataloaders exist: start the data stream where the run stopped.
+        self.data_step = int(checkpoint["data_step"])
+
+    def train_dataloader(self) -> DataLoader:
+        data, trainer = self.config.data, self.config.trainer
+        pairs = CompletionDataset(
+            data.root,
+            data.train_sequences,
+            PairConfig(n_part=data.n_part, n_full=data.n_full),
+            augment=data.augment,
+            seed=trainer.seed,
+        )
+        dataset = StepPairs(pairs, trainer.batch_size, trainer.seed, self.global_rank)
+        sampler = FromStep(self.data_step, trainer.max_steps, trainer.batch_size)
+        return DataLoader(
+            dataset,
+            batch_size=trainer.batch_size,
+            sampler=sampler,
+            num_workers=data.num_workers,
+            collate_fn=_collate,
+            persistent_workers=data.num_workers > 0,
+        )
+
+    def _generator(self) -> torch.Generator:
+        return seeded_generator(self.config.trainer.seed, self.data_step, self.global_rank, self.device)
+
+    def export(self, directory: str | os.PathLike) -> Path:
+        raise NotImplementedError
+
+
+class TeacherModule(_Base):
+    """LiDiff teacher: encoder + denoiser trained with the diffusion objective (Adam)."""
+
+    def __init__(self, config: RunConfig):
+        super().__init__(config)
+        m = config.model
+        self.model = CompletionModel(
+            ModelConfig(channel_ratio=m.channel_ratio, voxel_size=m.voxel_size, kind="teacher", default_steps=50, default_guidance=6.0, description=m.description)
+        )
+        self.schedule = NoiseSchedule(self.model.config.beta_start, self.model.config.beta_end, self.model.config.num_train_timesteps)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        t = self.config.teacher
+        losses = teacher_loss(self.model, self.schedule, batch["partial"], batch["full"], self._generator(), t.uncond_prob, t.reg_weight)
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=batch["partial"].shape[0])
+        self.data_step += 1
+        return losses["loss"]
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.model.parameters(), lr=self.config.trainer.lr)
+
+    def export(self, directory: str | os.PathLike) -> Path:
+        return save_model(self.model, directory)
+
+
+class DistillationModule(_Base):
+    """Distillation-DPO (``mode: dpo``) or plain score distillation (``mode: sd``).
+
+    Student ("generator") and auxiliary denoisers start as copies of the teacher; the
+    encoder and the teacher are frozen. BatchNorm statistics stay frozen (eval mode) for
+    every net: the distillation fine-tunes, it does not re-estimate statistics.
+    """
+
+    def __init__(self, config: RunConfig):
+        super().__init__(config)
+        self.automatic_optimization = False
+        d = config.distill
+        teacher = load_model(d.teacher)
+        if config.model.channel_ratio != teacher.config.channel_ratio:
+            raise ValueError(
+                f"model.channel_ratio={config.model.channel_ratio} but the teacher {d.teacher} has "
+                f"{teacher.config.channel_ratio}"
+            )
+        self.model = CompletionModel(
+            ModelConfig(
+                **(
+                    teacher.config.__dict__
+                    | {"kind": "student", "default_steps": d.student_steps, "default_guidance": 1.0, "description": config.model.description}
+                )
+            )
+        )
+        self.model.load_state_dict(teacher.state_dict())
+        self.teacher = copy.deepcopy(teacher.denoiser)
+        self.aux = torch.nn.ModuleList(copy.deepcopy(teacher.denoiser) for _ in range(2 if d.mode == "dpo" else 1))
+        for frozen in (self.model.encoder, self.teacher):
+            frozen.requires_grad_(False)
+        self.schedule = NoiseSchedule(self.model.config.beta_start, self.model.config.beta_end, self.model.config.num_train_timesteps)
+
+    def _freeze_batchnorm(self) -> None:
+        for net in (self.model, self.teacher, self.aux):
+            net.eval()
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._freeze_batchnorm()
+        d, trainer = self.config.distill, self.config.trainer
+        opt_aux, opt_student = self.optimizers()
+        losses = distillation_losses(
+            self.model,
+            self.schedule,
+            self.model.denoiser,
+            self.teacher,
+            list(self.aux),
+            batch["partial"],
+            batch["full"],
+            self._generator(),
+            preference=d.mode == "dpo",
+            noise_scale_loser=d.noise_scale_loser,
+            loser_weight=d.loser_weight,
+            student_steps=d.student_steps,
+        )
+        for optimizer, loss in ((opt_aux, losses.aux), (opt_student, losses.generator)):
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            if trainer.grad_clip:
+                self.clip_gradients(optimizer, gradient_clip_val=trainer.grad_clip, gradient_clip_algorithm="norm")
+            optimizer.step()
+        self.log_dict({f"train/{k}": v for k, v in losses.logs.items()}, prog_bar=True, batch_size=batch["partial"].shape[0])
+        self.data_step += 1
+
+    def configure_optimizers(self):
+        trainer, d = self.config.trainer, self.config.distill
+        make = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}[trainer.optimizer]
+        return [
+            make(self.aux.parameters(), lr=d.aux_lr or trainer.lr),
+            make(self.model.denoiser.parameters(), lr=trainer.lr),
+        ]
+
+    def export(self, directory: str | os.PathLike) -> Path:
+        return save_model(self.model, directory)
+
+
+class AtomicCheckpoint(L.Callback):
+    """``last.ckpt`` every N steps, written to a temporary file and renamed into place, so a
+    crash mid-write never leaves a truncated checkpoint behind."""
+
+    def __init__(self, directory: Path, every_n_steps: int):
+        self.directory, self.every = directory, every_n_steps
+
+    def _save(self, trainer: L.Trainer) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tmp = self.directory / ".last.ckpt.tmp"
+        trainer.save_checkpoint(tmp)
+        if trainer.is_global_zero:
+            os.replace(tmp, self.directory / "last.ckpt")
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if pl_module.data_step % self.every == 0:
+            self._save(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save(trainer)
+
+
+def build_module(config: RunConfig) -> _Base:
+    return TeacherModule(config) if config.kind == "teacher" else DistillationModule(config)
+
+
+def build_trainer(config: RunConfig, progress: bool = True) -> L.Trainer:
+    t = config.trainer
+    out = Path(t.out_dir)
+    return L.Trainer(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=t.strategy,
+        # Lightning counts optimizer steps; distillation steps two optimizers per batch.
+        max_steps=t.max_steps * (1 if config.kind == "teacher" else 2),
+        max_epochs=-1,
+        precision=t.precision,
+        gradient_clip_val=t.grad_clip if config.kind == "teacher" else None,
+        logger=L.pytorch.loggers.CSVLogger(out, name="logs", version=""),
+        log_every_n_steps=t.log_every,
+        callbacks=[AtomicCheckpoint(out / "checkpoints", t.checkpoint_every)],
+        enable_checkpointing=False,
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        use_distributed_sampler=False,  # StepPairs is already rank-aware
+        deterministic=False,
+    )
+
+
+def fit(config: RunConfig, resume: bool = False, progress: bool = True) -> Path:
+    """Train, then export the model (safetensors + config.json) to ``<out_dir>/export``."""
+    out = Path(config.trainer.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "run_config.yaml").write_text(config.to_yaml())
+    L.seed_everything(config.trainer.seed, workers=True, verbose=False)
+    module = build_module(config)
+    trainer = build_trainer(config, progress)
+    last = out / "checkpoints" / "last.ckpt"
+    if resume and not last.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {last}")
+    trainer.fit(module, ckpt_path=str(last) if resume else None, weights_only=True)
+    export = out / "export"
+    if trainer.is_global_zero:
+        module.export(export)
+    return export

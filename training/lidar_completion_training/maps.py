@@ -1,0 +1,128 @@
+"""Ground-truth scenes: the static points of every scan of a sequence, aggregated through the poses.
+
+Why: a single scan is sparse and self-occluded; the union of all scans of a drive, with
+moving objects removed, is the dense scene a completion model should produce (LiDiff's
+``map_from_scans``). The map lives in the sequence's world frame (velodyne frame of scan
+0, see :mod:`lidar_completion_training.kitti`) at ``ROOT/sequences/NN/map_clean.npy``,
+an (M, 3) float32 array voxel-averaged at 0.1 m.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .kitti import KittiSequence, static_mask
+
+__all__ = ["MAP_FILE", "VoxelMean", "build_map", "load_map", "map_path", "voxel_downsample", "voxel_keys", "main"]
+
+MAP_FILE = "map_clean.npy"
+_BITS = 21  # per axis in a packed voxel key: +-2^20 voxels, i.e. +-104 km at 0.1 m
+
+
+def voxel_keys(points: np.ndarray, voxel: float) -> np.ndarray:
+    """One int64 per point naming its ``voxel``-sized cell (x, y, z packed in 21 bits each)."""
+    cells = np.floor(np.asarray(points)[:, :3] / voxel).astype(np.int64)
+    half = 1 << (_BITS - 1)
+    if cells.size and (cells.min() < -half or cells.max() >= half):
+        raise ValueError(f"points span more than +-{half * voxel:.0f} m; cannot key voxels of {voxel} m")
+    cells += half
+    return (cells[:, 0] << (2 * _BITS)) | (cells[:, 1] << _BITS) | cells[:, 2]
+
+
+class VoxelMean:
+    """Running per-voxel mean of points added in batches, so a whole drive never sits in memory at once."""
+
+    def __init__(self, voxel: float, flush_points: int = 8_000_000) -> None:
+        self.voxel, self.flush_points = voxel, flush_points
+        self._keys, self._sums, self._counts = np.zeros(0, np.int64), np.zeros((0, 3)), np.zeros(0)
+        self._pending: list[np.ndarray] = []
+        self._n_pending = 0
+
+    def add(self, points: np.ndarray) -> None:
+        self._pending.append(np.asarray(points, dtype=np.float64)[:, :3])
+        self._n_pending += len(points)
+        if self._n_pending >= self.flush_points:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        points = np.concatenate(self._pending)
+        self._pending, self._n_pending = [], 0
+        keys = np.concatenate([self._keys, voxel_keys(points, self.voxel)])
+        sums = np.concatenate([self._sums, points])
+        counts = np.concatenate([self._counts, np.ones(len(points))])
+        self._keys, inverse = np.unique(keys, return_inverse=True)
+        self._counts = np.bincount(inverse, weights=counts, minlength=len(self._keys))
+        self._sums = np.stack([np.bincount(inverse, weights=column, minlength=len(self._keys)) for column in sums.T], 1)
+
+    def result(self) -> np.ndarray:
+        """(M, 3) float32 voxel means."""
+        self._flush()
+        return (self._sums / self._counts[:, None]).astype(np.float32)
+
+
+def voxel_downsample(points: np.ndarray, voxel: float) -> np.ndarray:
+    """Replace the points of each ``voxel``-sized cell by their mean."""
+    mean = VoxelMean(voxel)
+    mean.add(points)
+    return mean.result()
+
+
+def map_path(sequence: KittiSequence) -> Path:
+    return sequence.path / MAP_FILE
+
+
+def build_map(sequence: KittiSequence, voxel: float = 0.1, progress: bool = False) -> np.ndarray:
+    """Aggregate the static points of every scan in world coordinates, voxel-averaged."""
+    from tqdm import tqdm
+
+    poses, mean = sequence.poses, VoxelMean(voxel)
+    for i in tqdm(range(len(sequence)), desc=f"map {sequence.name}", unit="scan", disable=not progress):
+        points = sequence.scan(i)[:, :3].astype(np.float64)
+        points = points[static_mask(sequence.labels(i, len(points)))]
+        mean.add(points @ poses[i][:3, :3].T + poses[i][:3, 3])
+    return mean.result()
+
+
+def load_map(sequence: KittiSequence) -> np.ndarray:
+    """The stored map of ``sequence``; tells how to build it when missing."""
+    path = map_path(sequence)
+    if not path.is_file():
+        hint = f"lidar-build-maps --root ROOT --sequences {sequence.name}"
+        raise FileNotFoundError(f"{path}: no ground-truth map; build it with `{hint}`")
+    points = np.load(path)
+    if points.ndim != 2 or points.shape[1] != 3:
+        raise ValueError(f"{path}: expected an (M, 3) array, got {points.shape}")
+    return points
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``lidar-build-maps``: write ``map_clean.npy`` for sequences of a SemanticKITTI-layout root."""
+    parser = argparse.ArgumentParser(prog="lidar-build-maps", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", type=Path, required=True, help="dataset root containing sequences/NN")
+    parser.add_argument("--sequences", nargs="*", help="names such as 00 08 (default: every labelled sequence)")
+    parser.add_argument("--voxel", type=float, default=0.1, help="voxel size in metres")
+    args = parser.parse_args(argv)
+    names = args.sequences or sorted(
+        p.name for p in (args.root / "sequences").iterdir() if (p / "labels").is_dir() and (p / "poses.txt").is_file()
+    )
+    if not names:
+        parser.error(f"no labelled sequences with poses.txt under {args.root / 'sequences'}")
+    for name in names:
+        sequence = KittiSequence(args.root, name)
+        points = build_map(sequence, args.voxel, progress=True)
+        tmp = map_path(sequence).with_suffix(".tmp.npy")
+        np.save(tmp, points)
+        os.replace(tmp, map_path(sequence))
+        print(f"{map_path(sequence)}: {len(points)} points")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

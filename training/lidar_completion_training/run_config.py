@@ -1,0 +1,168 @@
+"""Typed, validated run configuration (one YAML per run) for teacher training and distillation.
+
+Bad values are rejected with a message naming the key *before* any data is read or any
+network is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["RunConfig", "load_run_config"]
+
+
+def _check(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ValueError(f"{key}: {message}")
+
+
+@dataclass(frozen=True)
+class DataSection:
+    root: str = "data/synthetic"
+    train_sequences: tuple[str, ...] = ("00", "01", "02", "03")
+    n_part: int = 2000
+    n_full: int = 20000
+    augment: bool = True
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        _check(len(self.train_sequences) > 0, "data.train_sequences", "must not be empty")
+        _check(16 <= self.n_part <= 200_000, "data.n_part", f"must be in [16, 200000], got {self.n_part}")
+        _check(self.n_full % self.n_part == 0, "data.n_full", f"must be a multiple of data.n_part ({self.n_part}), got {self.n_full}")
+        _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    channel_ratio: float = 0.25
+    voxel_size: float = 0.05
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        _check(0.05 <= self.channel_ratio <= 4, "model.channel_ratio", f"must be in [0.05, 4], got {self.channel_ratio}")
+        _check(0 < self.voxel_size <= 1, "model.voxel_size", f"must be in (0, 1] m, got {self.voxel_size}")
+
+
+@dataclass(frozen=True)
+class TrainerSection:
+    out_dir: str = "runs/run"
+    max_steps: int = 1000
+    batch_size: int = 1
+    lr: float = 1e-4
+    optimizer: str = "adam"
+    grad_clip: float | None = None
+    checkpoint_every: int = 50
+    log_every: int = 10
+    seed: int = 0
+    accelerator: str = "auto"
+    devices: Any = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+
+    def __post_init__(self) -> None:
+        _check(self.max_steps >= 1, "trainer.max_steps", "must be >= 1")
+        _check(self.batch_size >= 1, "trainer.batch_size", "must be >= 1")
+        _check(0 < self.lr < 1, "trainer.lr", f"must be in (0, 1), got {self.lr}")
+        _check(self.optimizer in ("adam", "sgd"), "trainer.optimizer", f"must be adam or sgd, got {self.optimizer!r}")
+        _check(self.grad_clip is None or self.grad_clip > 0, "trainer.grad_clip", "must be > 0 or null")
+        _check(self.checkpoint_every >= 1, "trainer.checkpoint_every", "must be >= 1")
+        _check(self.accelerator in ("auto", "cpu", "gpu", "cuda"), "trainer.accelerator", f"unknown accelerator {self.accelerator!r}")
+        _check(self.num_nodes >= 1, "trainer.num_nodes", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class TeacherSection:
+    uncond_prob: float = 0.1
+    reg_weight: float = 5.0
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.uncond_prob < 1, "teacher.uncond_prob", "must be in [0, 1)")
+        _check(self.reg_weight >= 0, "teacher.reg_weight", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class DistillSection:
+    teacher: str = ""
+    mode: str = "dpo"  # dpo: Distillation-DPO; sd: plain score distillation (ablation)
+    noise_scale_loser: float = 1.1
+    loser_weight: float = 1.0
+    student_steps: int = 1
+    aux_lr: float | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.mode in ("dpo", "sd"), "distill.mode", f"must be dpo or sd, got {self.mode!r}")
+        _check(self.noise_scale_loser > 0 and self.noise_scale_loser != 1.0, "distill.noise_scale_loser", "must be > 0 and != 1")
+        _check(self.loser_weight >= 0, "distill.loser_weight", "must be >= 0")
+        _check(1 <= self.student_steps <= 8, "distill.student_steps", "must be in [1, 8]")
+
+
+_SECTIONS = {"data": DataSection, "model": ModelSection, "trainer": TrainerSection, "teacher": TeacherSection, "distill": DistillSection}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    kind: str = "teacher"  # teacher | distill
+    data: DataSection = field(default_factory=DataSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    trainer: TrainerSection = field(default_factory=TrainerSection)
+    teacher: TeacherSection = field(default_factory=TeacherSection)
+    distill: DistillSection = field(default_factory=DistillSection)
+
+    def __post_init__(self) -> None:
+        _check(self.kind in ("teacher", "distill"), "kind", f"must be teacher or distill, got {self.kind!r}")
+        if self.kind == "distill":
+            _check(bool(self.distill.teacher), "distill.teacher", "path of the teacher export is required")
+            _check(Path(self.distill.teacher).exists(), "distill.teacher", f"{self.distill.teacher} does not exist")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "RunConfig":
+        unknown = sorted(set(values) - {"kind", *_SECTIONS})
+        _check(not unknown, ", ".join(unknown), "unknown config key")
+        kwargs: dict[str, Any] = {"kind": values.get("kind", "teacher")}
+        for name, section in _SECTIONS.items():
+            given = values.get(name) or {}
+            _check(isinstance(given, dict), name, "must be a mapping")
+            allowed = {f.name for f in dataclasses.fields(section)}
+            bad = sorted(set(given) - allowed)
+            _check(not bad, ", ".join(f"{name}.{b}" for b in bad), "unknown config key")
+            if name == "data" and "train_sequences" in given:
+                given = given | {"train_sequences": tuple(str(s) for s in given["train_sequences"])}
+            try:
+                kwargs[name] = section(**given)
+            except TypeError as err:
+                raise ValueError(f"{name}: {err}") from None
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        values["data"]["train_sequences"] = list(values["data"]["train_sequences"])
+        return values
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def override(self, dotted: dict[str, Any]) -> "RunConfig":
+        """Copy with ``section.key=value`` overrides (values parsed as YAML scalars)."""
+        values = self.to_dict()
+        for key, value in dotted.items():
+            section, _, leaf = key.partition(".")
+            _check(bool(leaf) and section in values and isinstance(values[section], dict), key, "override must be section.key")
+            values[section][leaf] = value
+        return RunConfig.from_dict(values)
+
+
+def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    loaded = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: expected a mapping")
+    try:
+        config = RunConfig.from_dict(loaded)
+        return config.override(overrides) if overrides else config
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None

@@ -1,0 +1,46 @@
+"""``lidar-train CONFIG.yaml [--resume] [--set section.key=value ...]``: teacher or distillation run.
+
+The same command runs on a CPU, one GPU or several GPUs / nodes (``trainer.devices``,
+``trainer.num_nodes``, ``trainer.strategy: ddp``); the run's YAML decides what is trained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+import yaml
+
+
+def _parse_override(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected section.key=value, got {text!r}")
+    return key, yaml.safe_load(value)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lidar-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="run YAML (see config/training/)")
+    parser.add_argument("--resume", action="store_true", help="continue from <out_dir>/checkpoints/last.ckpt")
+    parser.add_argument("--set", dest="overrides", type=_parse_override, action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+
+    from .run_config import load_run_config
+
+    try:
+        config = load_run_config(args.config, dict(args.overrides))
+    except (OSError, ValueError) as err:
+        print(f"lidar-train: invalid configuration: {err}", file=sys.stderr)
+        return 2
+    from .engine import fit
+
+    export = fit(config, resume=args.resume, progress=not args.no_progress)
+    print(f"lidar-train: exported {config.kind} model to {export}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
