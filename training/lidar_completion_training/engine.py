@@ -25,7 +25,7 @@ from lidar_completion.checkpoints import CompletionModel, ModelConfig, load_mode
 from lidar_completion.diffusion import NoiseSchedule
 
 from .dataset import CompletionDataset, PairConfig
-from .objectives import distillation_losses, seeded_generator, teacher_loss
+from .objectives import distillation_iteration, seeded_generator, teacher_loss
 from .run_config import RunConfig
 
 __all__ = ["TeacherModule", "DistillationModule", "build_module", "build_trainer", "fit"]
@@ -173,7 +173,18 @@ class DistillationModule(_Base):
         self._freeze_batchnorm()
         d, trainer = self.config.distill, self.config.trainer
         opt_aux, opt_student = self.optimizers()
-        losses = distillation_losses(
+
+        def stepper(optimizer):
+            def step(loss: torch.Tensor) -> None:
+                optimizer.zero_grad()
+                self.manual_backward(loss)
+                if trainer.grad_clip:
+                    self.clip_gradients(optimizer, gradient_clip_val=trainer.grad_clip, gradient_clip_algorithm="norm")
+                optimizer.step()
+
+            return step
+
+        losses = distillation_iteration(
             self.model,
             self.schedule,
             self.model.denoiser,
@@ -182,17 +193,13 @@ class DistillationModule(_Base):
             batch["partial"],
             batch["full"],
             self._generator(),
+            stepper(opt_aux),
+            stepper(opt_student),
             preference=d.mode == "dpo",
             noise_scale_loser=d.noise_scale_loser,
             loser_weight=d.loser_weight,
             student_steps=d.student_steps,
         )
-        for optimizer, loss in ((opt_aux, losses.aux), (opt_student, losses.generator)):
-            optimizer.zero_grad()
-            self.manual_backward(loss)
-            if trainer.grad_clip:
-                self.clip_gradients(optimizer, gradient_clip_val=trainer.grad_clip, gradient_clip_algorithm="norm")
-            optimizer.step()
         self.log_dict({f"train/{k}": v for k, v in losses.logs.items()}, prog_bar=True, batch_size=batch["partial"].shape[0])
         self.data_step += 1
 

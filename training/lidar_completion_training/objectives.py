@@ -43,7 +43,7 @@ __all__ = [
     "teacher_loss",
     "generate",
     "DistillationLosses",
-    "distillation_losses",
+    "distillation_iteration",
     "chamfer_preference",
     "seeded_generator",
 ]
@@ -81,7 +81,15 @@ def teacher_loss(
     """
     t, noise, x_t = _noise_step(schedule, full, generator)
     drop = torch.rand((), generator=generator, device=full.device).item() < uncond_prob
-    scan = encode_scans(model, torch.zeros_like(partial) if drop else partial)
+    if drop:
+        # An all-zero scan is one voxel per batch entry: batch statistics are meaningless
+        # (and undefined for B = 1), so encode it with running statistics, as at inference.
+        was_training = model.encoder.training
+        model.encoder.eval()
+        scan = encode_scans(model, torch.zeros_like(partial))
+        model.encoder.train(was_training)
+    else:
+        scan = encode_scans(model, partial)
     eps = _predict(model, model.denoiser, x_t, scan, t)
     mse = F.mse_loss(eps, noise)
     reg = eps.mean() ** 2 + (eps.std() - 1.0) ** 2
@@ -155,7 +163,7 @@ def _dmd_surrogate(
     return 0.5 * ((x0 - target) ** 2).sum(dim=(1, 2)) / x0.shape[1]
 
 
-def distillation_losses(
+def distillation_iteration(
     model: CompletionModel,
     schedule: NoiseSchedule,
     student: Denoiser,
@@ -164,6 +172,8 @@ def distillation_losses(
     partial: torch.Tensor,
     full: torch.Tensor,
     generator: torch.Generator,
+    step_aux: Callable[[torch.Tensor], None],
+    step_student: Callable[[torch.Tensor], None],
     *,
     preference: bool = True,
     noise_scale_loser: float = 1.1,
@@ -171,14 +181,16 @@ def distillation_losses(
     student_steps: int = 1,
     preference_metric: Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor] = chamfer_preference,
 ) -> DistillationLosses:
-    """One Distillation-DPO iteration's losses (or plain score distillation when
-    ``preference`` is False: one sample, ``aux_nets[0]`` only).
+    """One Distillation-DPO iteration (or plain score distillation when ``preference`` is
+    False: one sample, ``aux_nets[0]`` only).
 
-    (a) the student completes the scan from ``x_init + eps`` (and ``x_init + lambda eps``);
-    (b) the metric names winner and loser; (c) each auxiliary net gets a diffusion loss on
-    its own noised (detached) sample; (d) the student gets the score-distillation surrogate
-    on the winner minus ``loser_weight`` x the one on the loser. Returns both losses; the
-    caller steps the auxiliary and the student optimisers.
+    (a) the student completes the scan from ``x_init + eps`` and ``x_init + lambda eps``;
+    (b) the metric names winner and loser; (c) each auxiliary net takes a diffusion-loss
+    step (``step_aux(loss)``) on its own noised, detached sample; (d) the student takes a
+    step (``step_student(loss)``) on the score-distillation surrogate of the winner minus
+    ``loser_weight`` x that of the loser, scored with the *updated* auxiliaries (as
+    published: at initialisation teacher and auxiliaries are equal, so scoring before
+    their first step would give the student a zero gradient).
     """
     with torch.no_grad():
         scan = encode_scans(model, partial)  # the encoder is frozen
@@ -189,10 +201,8 @@ def distillation_losses(
     logs: dict[str, float] = {}
     if preference:
         cd = preference_metric(samples, full)  # [2, B]
-        switch = cd[0] > cd[1]  # True where the lambda-scaled sample won
-        winner = torch.where(switch.view(-1, 1, 1).to(partial.device), samples[1], samples[0])
-        loser = torch.where(switch.view(-1, 1, 1).to(partial.device), samples[0], samples[1])
-        ranked = [winner, loser]
+        switch = (cd[0] > cd[1]).view(-1, 1, 1).to(partial.device)  # the lambda-scaled sample won
+        ranked = [torch.where(switch, samples[1], samples[0]), torch.where(switch, samples[0], samples[1])]
         logs |= {
             "cd_winner": float(torch.minimum(cd[0], cd[1]).mean()),
             "cd_loser": float(torch.maximum(cd[0], cd[1]).mean()),
@@ -202,20 +212,21 @@ def distillation_losses(
         ranked = samples
         logs["cd_sample"] = float(preference_metric(samples, full)[0].mean())
 
-    # (c) auxiliary nets learn the student's current distribution.
     aux_loss = partial.new_zeros(())
     for aux, sample in zip(aux_nets, ranked):
         t, eps, x_t = _noise_step(schedule, sample.detach(), generator)
         aux_loss = aux_loss + F.mse_loss(_predict(model, aux, x_t, scan, t), eps)
+    step_aux(aux_loss)
 
-    # (d) the student: same t and noise for winner and loser, as published.
+    # Same t and noise for winner and loser, as published.
     t = torch.randint(0, schedule.num_train_timesteps, (partial.shape[0],), generator=generator, device=partial.device)
     eps = torch.randn(ranked[0].shape, generator=generator, device=partial.device)
     gen_loss = _dmd_surrogate(model, schedule, teacher, aux_nets[0], ranked[0], scan, t, eps).mean()
     if preference:
         gen_loss = gen_loss - loser_weight * _dmd_surrogate(model, schedule, teacher, aux_nets[1], ranked[1], scan, t, eps).mean()
+    step_student(gen_loss)
     logs |= {"loss_aux": float(aux_loss.detach()), "loss_generator": float(gen_loss.detach())}
-    return DistillationLosses(generator=gen_loss, aux=aux_loss, logs=logs)
+    return DistillationLosses(generator=gen_loss.detach(), aux=aux_loss.detach(), logs=logs)
 
 
 def seeded_generator(seed: int, step: int, rank: int = 0, device: torch.device | str = "cpu") -> torch.Generator:

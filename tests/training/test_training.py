@@ -1,0 +1,187 @@
+"""Teacher training, Distillation-DPO and resume: real networks on generated data."""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lidar_completion.checkpoints import CompletionModel, ModelConfig, load_model, save_model
+from lidar_completion.diffusion import NoiseSchedule
+from lidar_completion_training.dataset import CompletionDataset, PairConfig
+from lidar_completion_training.objectives import distillation_iteration, seeded_generator, teacher_loss
+from lidar_completion_training.run_config import RunConfig, load_run_config
+
+N_PART, N_FULL = 96, 960
+
+
+def run_config(root: Path, out: Path, **sections) -> RunConfig:
+    values = {
+        "kind": "teacher",
+        "data": {"root": str(root), "train_sequences": ["00"], "n_part": N_PART, "n_full": N_FULL},
+        "model": {"channel_ratio": 0.25},
+        "trainer": {"out_dir": str(out), "max_steps": 6, "lr": 1e-3, "checkpoint_every": 2, "log_every": 1, "seed": 7, "accelerator": "cpu", "devices": 1},
+    }
+    for key, value in sections.items():
+        values[key] = values.get(key, {}) | value if isinstance(value, dict) else value
+    return RunConfig.from_dict(values)
+
+
+@pytest.fixture(scope="module")
+def pairs(tiny_dataset):
+    dataset = CompletionDataset(tiny_dataset, ["01"], PairConfig(n_part=N_PART, n_full=N_FULL))
+    items = [dataset[i] for i in range(2)]
+    return torch.stack([torch.from_numpy(i["partial"]) for i in items]), torch.stack([torch.from_numpy(i["full"]) for i in items])
+
+
+def test_one_distillation_dpo_iteration_moves_student_and_aux_only(pairs):
+    torch.manual_seed(0)
+    model = CompletionModel(ModelConfig(channel_ratio=0.25)).eval()
+    teacher = copy.deepcopy(model.denoiser).requires_grad_(False)
+    aux = [copy.deepcopy(model.denoiser) for _ in range(2)]
+    model.encoder.requires_grad_(False)
+    frozen_before = {k: v.clone() for k, v in {**model.encoder.state_dict(), **{f"t.{k}": v for k, v in teacher.state_dict().items()}}.items()}
+    student_before = [p.detach().clone() for p in model.denoiser.parameters()]
+    aux_before = [[p.detach().clone() for p in net.parameters()] for net in aux]
+    partial, full = pairs
+    optimizers = [torch.optim.SGD([p for net in aux for p in net.parameters()], lr=1e-2), torch.optim.SGD(model.denoiser.parameters(), lr=1e-2)]
+    grads: dict[str, list[torch.Tensor]] = {}
+
+    def stepper(name, optimizer, nets):
+        def step(loss):
+            optimizer.zero_grad()
+            loss.backward()
+            grads[name] = [torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None]) for net in nets]
+            optimizer.step()
+
+        return step
+
+    losses = distillation_iteration(
+        model, NoiseSchedule(), model.denoiser, teacher, aux, partial, full, seeded_generator(0, 0),
+        stepper("aux", optimizers[0], aux), stepper("student", optimizers[1], [model.denoiser]),
+    )
+    assert {"cd_winner", "cd_loser", "switch_rate"} <= set(losses.logs)
+    assert losses.logs["cd_winner"] <= losses.logs["cd_loser"]
+    for name in ("aux", "student"):
+        for flat in grads[name]:
+            assert flat.numel() > 0 and torch.isfinite(flat).all() and flat.abs().sum() > 0, name
+    assert any(not torch.equal(a, b) for a, b in zip(student_before, model.denoiser.parameters()))
+    for before, net in zip(aux_before, aux):
+        assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
+    after = {**model.encoder.state_dict(), **{f"t.{k}": v for k, v in teacher.state_dict().items()}}
+    assert all(torch.equal(frozen_before[k], after[k]) for k in frozen_before), "teacher or encoder changed"
+    assert all(p.grad is None for p in (*teacher.parameters(), *model.encoder.parameters()))
+
+
+def test_plain_score_distillation_uses_one_sample_and_one_aux(pairs):
+    torch.manual_seed(0)
+    model = CompletionModel(ModelConfig(channel_ratio=0.25)).eval()
+    aux = [copy.deepcopy(model.denoiser)]
+    partial, full = pairs
+    steps = []
+    losses = distillation_iteration(
+        model, NoiseSchedule(), model.denoiser, copy.deepcopy(model.denoiser), aux, partial, full, seeded_generator(0, 0),
+        lambda loss: (loss.backward(), torch.optim.SGD(aux[0].parameters(), lr=1e-2).step(), steps.append("aux")),
+        lambda loss: (loss.backward(), steps.append("student")),
+        preference=False,
+    )
+    assert steps == ["aux", "student"]
+    assert "cd_sample" in losses.logs and "switch_rate" not in losses.logs
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.denoiser.parameters())
+
+
+def fixed_eval_loss(model: CompletionModel, pairs) -> float:
+    partial, full = pairs
+    schedule = NoiseSchedule()
+    with torch.no_grad():
+        return sum(float(teacher_loss(model, schedule, partial, full, seeded_generator(99, k), uncond_prob=0.0)["loss"]) for k in range(6)) / 6
+
+
+def test_short_teacher_run_lowers_the_loss(tiny_dataset, tmp_path, pairs):
+    import lightning as L
+
+    from lidar_completion_training.engine import TeacherModule, fit
+
+    config = run_config(tiny_dataset, tmp_path / "teacher", trainer={"max_steps": 25, "checkpoint_every": 25})
+    L.seed_everything(config.trainer.seed, verbose=False)
+    before = fixed_eval_loss(TeacherModule(config).model.eval(), pairs)
+    export = fit(config, progress=False)
+    after = fixed_eval_loss(load_model(export), pairs)
+    assert after < 0.8 * before, (before, after)
+    assert (tmp_path / "teacher" / "logs" / "metrics.csv").is_file()
+
+
+def test_kill_and_resume_ends_on_the_same_step_and_weights(tiny_dataset, tmp_path):
+    from lidar_completion_training.engine import fit
+
+    straight = run_config(tiny_dataset, tmp_path / "straight")
+    reference = load_model(fit(straight, progress=False)).state_dict()
+
+    crashed = run_config(tiny_dataset, tmp_path / "crashed")
+    config_path = tmp_path / "crashed.yaml"
+    config_path.write_text(crashed.to_yaml())
+    last = tmp_path / "crashed" / "checkpoints" / "last.ckpt"
+    proc = subprocess.Popen([sys.executable, "-m", "lidar_completion_training.train", str(config_path), "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert last.exists(), "the run never wrote a checkpoint"
+    done_before = torch.load(last, weights_only=True)["data_step"]
+    assert done_before < straight.trainer.max_steps, "the run finished before it could be killed"
+
+    resumed = load_model(fit(crashed, resume=True, progress=False)).state_dict()
+    assert torch.load(last, weights_only=True)["data_step"] == straight.trainer.max_steps
+    for key, value in reference.items():
+        assert torch.equal(resumed[key], value), key
+
+
+def test_distillation_run_exports_a_student_with_the_teachers_encoder(tiny_dataset, tmp_path):
+    from lidar_completion_training.engine import fit
+
+    torch.manual_seed(0)
+    teacher = CompletionModel(ModelConfig(channel_ratio=0.25))
+    teacher_dir = save_model(teacher, tmp_path / "teacher")
+    config = run_config(
+        tiny_dataset, tmp_path / "student", kind="distill",
+        trainer={"max_steps": 2, "checkpoint_every": 1, "optimizer": "sgd", "lr": 1e-3, "grad_clip": 0.05},
+        distill={"teacher": str(teacher_dir)},
+    )
+    student = load_model(fit(config, progress=False))
+    assert student.config.kind == "student" and student.config.default_steps == 1
+    for key, value in teacher.encoder.state_dict().items():
+        assert torch.equal(student.encoder.state_dict()[key], value)
+    changed = [k for k, v in teacher.denoiser.state_dict().items() if not torch.equal(student.denoiser.state_dict()[k], v)]
+    assert changed, "the student did not move away from the teacher"
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ({"trainer": {"lr": -1}}, "trainer.lr"),
+        ({"data": {"n_full": 1000, "n_part": 96}}, "data.n_full"),
+        ({"distill": {"mode": "magic"}}, "distill.mode"),
+        ({"kind": "distill"}, "distill.teacher"),
+        ({"trainer": {"bogus": 1}}, "trainer.bogus"),
+    ],
+)
+def test_bad_config_values_are_rejected_before_training(tmp_path, override, message):
+    values = yaml.safe_load(run_config(tmp_path, tmp_path / "x").to_yaml())
+    for key, value in override.items():
+        values[key] = values[key] | value if isinstance(value, dict) else value
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(values))
+    with pytest.raises(ValueError, match=message):
+        load_run_config(path)
+    from lidar_completion_training.train import main
+
+    assert main([str(path)]) == 2

@@ -1,0 +1,273 @@
+"""Evaluation: completion metrics on held-out sequences, as a table, JSON, CSV and plots.
+
+    lidar-evaluate --root data/synthetic --sequences 05 --checkpoint MODEL [--steps K] [--guidance W]
+    lidar-evaluate --root ... --sequences 05 --completed DIR        # score files made elsewhere
+    lidar-evaluate report --root ... --sequences 05 --teacher T --student S --sd-student SD [--runs ...]
+
+Every model goes through :class:`~lidar_completion.completer.SceneCompleter` and every
+number through :mod:`.metrics`, so the table measures what the node and the CLI run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .dataset import CompletionDataset, PairConfig
+from .metrics import evaluate_completion
+
+__all__ = ["Setting", "evaluate_setting", "main"]
+
+COLUMNS = ("cd", "jsd_bev", "emd", "fscore", "iou_0.5", "iou_0.2", "iou_0.1", "nfe", "time_s")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One row of the table: a model and how it is sampled (``checkpoint=None``: the input scan)."""
+
+    name: str
+    checkpoint: str | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    refine: bool = False
+
+
+def _scans(root: str, sequences: Sequence[str], max_scans: int | None, stride: int) -> tuple[CompletionDataset, list[int]]:
+    dataset = CompletionDataset(root, list(sequences), PairConfig())
+    indices = list(range(0, len(dataset), stride))[:max_scans]
+    return dataset, indices
+
+
+def evaluate_setting(
+    setting: Setting,
+    dataset: CompletionDataset,
+    indices: Sequence[int],
+    *,
+    preset: str = "lite",
+    n_part: int | None = None,
+    device: str = "cpu",
+    seed: int = 0,
+    keep: dict[int, np.ndarray] | None = None,
+) -> list[dict[str, float]]:
+    """Per-scan metrics (plus ``nfe`` and ``time_s``) of one setting."""
+    from tqdm import tqdm
+
+    completer = None
+    if setting.checkpoint is not None:
+        from lidar_completion.completer import SceneCompleter
+        from lidar_completion.config import load_config
+
+        overrides = {"data.preset": preset, "data.n_part": n_part, "sampling.steps": setting.steps,
+                     "sampling.guidance": setting.guidance, "sampling.seed": seed, "refine": setting.refine, "device": device}
+        completer = SceneCompleter.from_checkpoint(setting.checkpoint, load_config(**overrides))
+    rows = []
+    for index in tqdm(indices, desc=setting.name, leave=False):
+        partial, full = dataset.pair(index)
+        if completer is None:
+            pred, nfe, seconds = partial, 0, 0.0
+        else:
+            result = completer.complete(partial)
+            pred, nfe, seconds = result.points, result.nfe, result.timings_ms["total"] / 1000
+        if keep is not None:
+            keep[index] = pred
+        rows.append(evaluate_completion(pred, full) | {"nfe": nfe, "time_s": seconds})
+    return rows
+
+
+def summarise(rows: list[dict[str, float]]) -> dict[str, float]:
+    return {key: float(np.mean([row[key] for row in rows])) for key in rows[0]}
+
+
+def markdown_table(summary: dict[str, dict[str, float]]) -> str:
+    header = "| setting | CD (m) ↓ | JSD-BEV ↓ | EMD ↓ | F-score ↑ | IoU 0.5 ↑ | IoU 0.2 ↑ | IoU 0.1 ↑ | NFE | time/frame (s) |"
+    lines = [header, "|" + "---|" * 10]
+    for name, s in summary.items():
+        lines.append(
+            f"| {name} | {s['cd']:.3f} | {s['jsd_bev']:.3f} | {s['emd']:.3f} | {s['fscore']:.3f} | "
+            f"{s['iou_0.5']:.3f} | {s['iou_0.2']:.3f} | {s['iou_0.1']:.3f} | {s['nfe']:.0f} | {s['time_s']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def write_outputs(out: Path, summary: dict[str, dict[str, float]], per_scan: dict[str, list[dict[str, float]]]) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown_table(summary)
+    (out / "table.md").write_text(table + "\n")
+    (out / "summary.json").write_text(json.dumps({"summary": summary, "per_scan": per_scan}, indent=2))
+    with open(out / "summary.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["setting", *next(iter(summary.values())).keys()])
+        writer.writeheader()
+        for name, s in summary.items():
+            writer.writerow({"setting": name, **s})
+    _plot_bars(summary, out / "metrics.png")
+    return table
+
+
+def _plot_bars(summary: dict[str, dict[str, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = ("cd", "jsd_bev", "fscore", "iou_0.2", "time_s")
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 4), layout="constrained")
+    names = list(summary)
+    for ax, key in zip(axes, keys):
+        ax.barh(names, [summary[n][key] for n in names], color="tab:blue")
+        ax.set_title(key)
+        ax.invert_yaxis()
+        if ax is not axes[0]:
+            ax.set_yticklabels([])
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_training_curves(runs: Sequence[str], path: Path) -> Path | None:
+    """Loss / CD winner-loser / switch-rate curves from the runs' Lightning CSV logs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    logs = [(Path(r).name, Path(r) / "logs" / "metrics.csv") for r in runs]
+    logs = [(name, csv_path) for name, csv_path in logs if csv_path.is_file()]
+    if not logs:
+        return None
+    fig, axes = plt.subplots(1, len(logs), figsize=(6 * len(logs), 4), layout="constrained", squeeze=False)
+    for ax, (name, csv_path) in zip(axes[0], logs):
+        with open(csv_path) as handle:
+            rows = list(csv.DictReader(handle))
+        for key in rows[0]:
+            if key.startswith("train/") and key not in ("train/mse", "train/reg"):
+                pairs = [(float(r["step"]), float(r[key])) for r in rows if r.get(key)]
+                if pairs:
+                    steps, values = zip(*pairs)
+                    window = max(1, len(values) // 50)
+                    smooth = np.convolve(values, np.ones(window) / window, mode="valid")
+                    ax.plot(steps[: len(smooth)], smooth, label=key.removeprefix("train/"))
+        ax.set_title(name)
+        ax.set_xlabel("optimizer step")
+        ax.legend(fontsize=8)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _render_examples(examples: dict[str, np.ndarray], path: Path) -> None:
+    from lidar_completion.render import render_comparison
+
+    render_comparison(list(examples.items()), path)
+
+
+def _common_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--root", required=True, help="SemanticKITTI-layout root (with maps)")
+    parser.add_argument("--sequences", nargs="+", required=True, help="held-out sequences, e.g. 05")
+    parser.add_argument("--max-scans", type=int, default=None)
+    parser.add_argument("--stride", type=int, default=1, help="use every k-th scan")
+    parser.add_argument("--preset", default="lite")
+    parser.add_argument("--n-part", type=int, default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("out/eval"))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["report"]:
+        return report(argv[1:])
+    parser = argparse.ArgumentParser(prog="lidar-evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common_args(parser)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="model to run through the completion pipeline")
+    source.add_argument("--completed", type=Path, help="directory of completed scans named <sequence>/<NNNNNN>.(ply|npy|bin|pcd)")
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--guidance", type=float)
+    parser.add_argument("--refine", action="store_true")
+    args = parser.parse_args(argv)
+    dataset, indices = _scans(args.root, args.sequences, args.max_scans, args.stride)
+    if args.completed:
+        from lidar_completion.io import PointFileError, read_points
+
+        rows = []
+        for index in indices:
+            sequence, i = dataset.locate(index)
+            matches = sorted((args.completed / sequence.name).glob(f"{i:06d}.*"))
+            if not matches:
+                print(f"lidar-evaluate: no completed file for {sequence.name}/{i:06d}, skipped", file=sys.stderr)
+                continue
+            try:
+                pred = read_points(matches[0])
+            except PointFileError as err:
+                print(f"lidar-evaluate: {err}, skipped", file=sys.stderr)
+                continue
+            rows.append(evaluate_completion(pred, dataset.pair(index)[1]) | {"nfe": 0, "time_s": 0.0})
+        if not rows:
+            print("lidar-evaluate: nothing to evaluate", file=sys.stderr)
+            return 2
+        name = str(args.completed)
+    else:
+        setting = Setting(Path(args.checkpoint).name, args.checkpoint, args.steps, args.guidance, args.refine)
+        rows = evaluate_setting(setting, dataset, indices, preset=args.preset, n_part=args.n_part, device=args.device, seed=args.seed)
+        name = setting.name
+    print(write_outputs(args.out, {name: summarise(rows)}, {name: rows}))
+    print(f"lidar-evaluate: {len(rows)} scans; table, JSON, CSV and plot in {args.out}")
+    return 0
+
+
+def report(argv: Sequence[str]) -> int:
+    """The model-card table: input, teacher (50 steps + guidance, and at the student's
+    steps), plain-distillation student, Distillation-DPO student (with/without refinement)."""
+    parser = argparse.ArgumentParser(prog="lidar-evaluate report", description=report.__doc__)
+    _common_args(parser)
+    parser.add_argument("--teacher", required=True)
+    parser.add_argument("--student", required=True, help="Distillation-DPO student")
+    parser.add_argument("--sd-student", help="plain score-distillation student (ablation)")
+    parser.add_argument("--student-steps", type=int, default=1)
+    parser.add_argument("--teacher-steps", type=int, default=50)
+    parser.add_argument("--teacher-guidance", type=float, default=6.0)
+    parser.add_argument("--runs", nargs="*", default=[], help="training run dirs for the curves plot")
+    parser.add_argument("--examples", type=int, default=1, help="scans drawn in completions.png")
+    args = parser.parse_args(argv)
+    from lidar_completion.checkpoints import load_model
+
+    k = args.student_steps
+    settings = [
+        Setting("input scan only"),
+        Setting(f"teacher, {args.teacher_steps} steps, guidance {args.teacher_guidance:g}", args.teacher, args.teacher_steps, args.teacher_guidance),
+        Setting(f"teacher, {k} step(s), no guidance", args.teacher, k, 1.0),
+    ]
+    if args.sd_student:
+        settings.append(Setting(f"plain distillation student, {k} step(s)", args.sd_student, k, 1.0))
+    settings.append(Setting(f"Distillation-DPO student, {k} step(s)", args.student, k, 1.0))
+    if load_model(args.student).refiner is not None:
+        settings.append(Setting(f"Distillation-DPO student, {k} step(s) + refine", args.student, k, 1.0, True))
+    dataset, indices = _scans(args.root, args.sequences, args.max_scans, args.stride)
+    summary, per_scan, drawn = {}, {}, {}
+    shown = indices[: args.examples]
+    for setting in settings:
+        kept: dict[int, np.ndarray] = {}
+        rows = evaluate_setting(setting, dataset, indices, preset=args.preset, n_part=args.n_part, device=args.device, seed=args.seed, keep=kept)
+        summary[setting.name], per_scan[setting.name] = summarise(rows), rows
+        for index in shown:
+            drawn[f"{setting.name} (scan {index})"] = kept[index]
+        print(f"{setting.name}: CD {summary[setting.name]['cd']:.3f} m, {summary[setting.name]['time_s']:.2f} s/frame", flush=True)
+    for index in shown:
+        drawn[f"ground truth (scan {index})"] = dataset.pair(index)[1]
+    table = write_outputs(args.out, summary, per_scan)
+    _render_examples(drawn, args.out / "completions.png")
+    curves = plot_training_curves(args.runs, args.out / "training_curves.png")
+    print(table)
+    print(f"lidar-evaluate: {len(indices)} scans of {', '.join(args.sequences)}; outputs in {args.out}"
+          + (f"; curves {curves}" if curves else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
