@@ -6,6 +6,11 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# One intra-op thread: the suite runs next to ROS node subprocesses, and OpenMP threads that
+# spin against each other on 2 busy cores make small models up to 10x slower.
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("LIDAR_SHARED_DIR", REPO.parent / "shared"))

@@ -63,6 +63,7 @@ class ModelConfig:
     kind: str = "teacher"  # "teacher" or "student": sets the default steps and guidance
     default_steps: int = 50
     default_guidance: float = 6.0
+    n_part: int | None = None  # scan points the model was trained with (the "model" preset)
     description: str = ""
     format_version: int = FORMAT_VERSION
 
@@ -80,6 +81,8 @@ class ModelConfig:
             raise ValueError(f"kind must be 'teacher' or 'student', got {self.kind!r}")
         if not 1 <= self.default_steps <= self.num_train_timesteps:
             raise ValueError("default_steps must be in [1, num_train_timesteps]")
+        if self.n_part is not None and not 16 <= self.n_part <= 200_000:
+            raise ValueError(f"n_part must be in [16, 200000], got {self.n_part}")
         if self.format_version > FORMAT_VERSION:
             raise ValueError(
                 f"model format {self.format_version} is newer than this library ({FORMAT_VERSION})"

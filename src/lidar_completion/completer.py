@@ -112,6 +112,7 @@ class SceneCompleter:
         self.model = model.to(self.device).eval()
         mc = model.config
         self.steps = self.config.sampling.steps or mc.default_steps
+        self.n_part = self.config.data.resolve_n_part(mc.n_part)
         self.guidance = mc.default_guidance if self.config.sampling.guidance is None else self.config.sampling.guidance
         if self.config.refine and model.refiner is None:
             raise ValueError("refine is on but the checkpoint has no refinement net (set refine: false)")
@@ -135,20 +136,22 @@ class SceneCompleter:
             raise ScanError(f"expected an [N, 3] array of points, got shape {points.shape}")
         xyz = np.ascontiguousarray(points[:, :3], dtype=np.float32)
         xyz = xyz[np.isfinite(xyz).all(axis=1)]
-        r = np.linalg.norm(xyz, axis=1)
+        r = np.linalg.norm(xyz.astype(np.float64), axis=1)  # float64: no overflow on garbage values
         xyz = xyz[(r > data.min_range) & (r < data.max_range)]
         if len(xyz) == 0:
             raise ScanError(
                 f"no finite point between {data.min_range} m and {data.max_range} m "
                 f"(of {len(points)} points)"
             )
-        return farthest_point_sample(xyz, data.points_per_scan), len(xyz)
+        return farthest_point_sample(xyz, self.n_part), len(xyz)
 
     def postprocess(self, completed: np.ndarray, partial: np.ndarray) -> np.ndarray:
+        """Keep points within max range and the input's height band [mean_z - 2 std_z, max_z]
+        (bounds inclusive, so a flat scan keeps its plane)."""
         z = partial[:, 2]
         low, high = z.mean() - 2 * z.std(), z.max()
-        r = np.linalg.norm(completed, axis=1)
-        keep = (r < self.config.data.max_range) & (completed[:, 2] > low) & (completed[:, 2] < high)
+        r = np.linalg.norm(completed.astype(np.float64), axis=1)
+        keep = (r < self.config.data.max_range) & (completed[:, 2] >= low) & (completed[:, 2] <= high)
         return completed[keep]
 
     def _generator(self) -> torch.Generator | None:
@@ -179,8 +182,9 @@ class SceneCompleter:
             x_t, nfe = self.sample(x_init, x_init + noise, scans_enc, generator)
         results = []
         completed = x_t.cpu().numpy()
+        partial_np = partial.cpu().numpy()
         with timer.stage("postprocess"):
-            kept = [self.postprocess(c, p.cpu().numpy()) for c, p in zip(completed, partial)]
+            kept = [self.postprocess(c, p) for c, p in zip(completed, partial_np)]
         for index, points_out in enumerate(kept):
             results.append(
                 CompletionResult(
@@ -194,9 +198,9 @@ class SceneCompleter:
                 )
             )
         if self.config.refine:
-            with timer.stage("refine"):
-                for result in results:
-                    result.points = self.refine(result.points)
+            with timer.stage("refine"):  # refined points obey the same range and height band
+                for result, p in zip(results, partial_np):
+                    result.points = self.postprocess(self.refine(result.points), p)
         timer.ms["total"] = sum(timer.ms.values())
         for result in results:
             result.timings_ms = dict(timer.ms)
@@ -223,6 +227,7 @@ class SceneCompleter:
             x_t = x_init + offsets
         return x_t, nfe
 
+    @torch.inference_mode()
     def refine(self, points: np.ndarray) -> np.ndarray:
         """Six refined points per input point: p + offset_k, k = 1..6."""
         if len(points) == 0:

@@ -14,13 +14,15 @@ from typing import Any
 
 import yaml
 
-__all__ = ["DataConfig", "SamplingConfig", "CompletionConfig", "PRESETS", "load_config"]
+__all__ = ["DataConfig", "SamplingConfig", "CompletionConfig", "PRESETS", "MODEL_PRESET", "load_config"]
 
-# Point budgets: "full" is the published setting (GPU); "lite" keeps a CPU frame in seconds.
+# Point budgets: "full" is the published setting (GPU); "lite" keeps a CPU frame in seconds;
+# "model" (the default) uses the budget the checkpoint was trained with, else "lite".
 PRESETS: dict[str, dict[str, int]] = {
     "full": {"n_part": 18000},
     "lite": {"n_part": 2000},
 }
+MODEL_PRESET = "model"
 
 
 def _check(condition: bool, key: str, message: str) -> None:
@@ -34,12 +36,13 @@ class DataConfig:
 
     min_range: float = 3.5
     max_range: float = 50.0
-    preset: str = "lite"
+    preset: str = MODEL_PRESET
     n_part: int | None = None  # None: take it from the preset
     repeat: int = 10
 
     def __post_init__(self) -> None:
-        _check(self.preset in PRESETS, "data.preset", f"must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        choices = sorted([*PRESETS, MODEL_PRESET])
+        _check(self.preset in choices, "data.preset", f"must be one of {choices}, got {self.preset!r}")
         _check(0 <= self.min_range < self.max_range, "data.min_range", "need 0 <= min_range < max_range")
         _check(self.max_range <= 500, "data.max_range", "must be <= 500 m")
         if self.n_part is not None:
@@ -48,7 +51,16 @@ class DataConfig:
 
     @property
     def points_per_scan(self) -> int:
-        return self.n_part if self.n_part is not None else PRESETS[self.preset]["n_part"]
+        """Budget without knowing the model (the "model" preset reads as lite here)."""
+        return self.resolve_n_part(None)
+
+    def resolve_n_part(self, model_n_part: int | None) -> int:
+        """Explicit ``n_part``, else the preset's, else the model's trained budget, else lite."""
+        if self.n_part is not None:
+            return self.n_part
+        if self.preset == MODEL_PRESET:
+            return model_n_part or PRESETS["lite"]["n_part"]
+        return PRESETS[self.preset]["n_part"]
 
 
 @dataclass(frozen=True)
@@ -74,7 +86,7 @@ class CompletionConfig:
 
     data: DataConfig = field(default_factory=DataConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    refine: bool = True
+    refine: bool = False  # published students ship without a refinement net
     device: str = "auto"
 
     def __post_init__(self) -> None:

@@ -22,10 +22,10 @@ class PointFileError(ValueError):
 
 
 def _read_bin(path: Path) -> np.ndarray:
-    raw = np.fromfile(path, dtype=np.float32)
-    if raw.size % 4:
-        raise PointFileError(f"{path}: size {raw.size * 4} bytes is not a multiple of 16 (x, y, z, remission float32)")
-    return raw.reshape(-1, 4)[:, :3]
+    size = path.stat().st_size
+    if size % 16:
+        raise PointFileError(f"{path}: size {size} bytes is not a multiple of 16 (x, y, z, remission float32)")
+    return np.fromfile(path, dtype=np.float32).reshape(-1, 4)[:, :3]
 
 
 def _read_ply(path: Path) -> np.ndarray:

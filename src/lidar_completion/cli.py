@@ -1,0 +1,246 @@
+"""``lidar-complete``: complete LiDAR scans offline, one file or a whole directory.
+
+    lidar-complete scan.bin                          # -> ./completed/scan.ply
+    lidar-complete velodyne/ --out dense/ --format npy --steps 4
+    lidar-complete scan.ply --out dense.ply --render scan.png
+
+Inputs: KITTI ``.bin``, ``.ply``, ``.pcd``, ``.npy`` (a directory: every such file in it, not
+recursive, in name order). Outputs ``.ply`` or ``.npy``. ``--render`` writes input vs
+completion pictures: a path ending in ``.png`` gets one picture (for a directory, of the first
+scan completed); any other path is a directory that gets ``<scan>.png`` per scan.
+
+Unusable scans are reported on stderr in one line naming the file and skipped. Exit status:
+0 all completed, 1 some skipped, 2 nothing completed or a usage / checkpoint / config error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+
+__all__ = ["build_parser", "default_checkpoint", "main"]
+
+PROG = "lidar-complete"
+INPUT_SUFFIXES = (".bin", ".ply", ".pcd", ".npy")  # == io.SUPPORTED_SUFFIXES, kept import-free
+OUTPUT_FORMATS = ("ply", "npy")
+CONFIG_NAME = "completion_config.yaml"
+
+
+class UsageError(Exception):
+    """Bad arguments, config or checkpoint: exit status 2 with a one-line message."""
+
+
+def shipped_models() -> Path:
+    return Path(__file__).resolve().parent / "models"
+
+
+def default_checkpoint() -> Path:
+    """The shipped lite student, next to the package."""
+    return shipped_models() / "student_lite"
+
+
+def resolve_checkpoint(given: Path | None) -> Path:
+    """A path, or the name of a model shipped in ``lidar_completion/models`` (as the ROS node)."""
+    if given is None:
+        path = default_checkpoint()
+        if not path.exists():
+            raise UsageError(f"no shipped model at {path}; pass --checkpoint PATH")
+        return path
+    if not given.exists() and len(given.parts) == 1 and (shipped_models() / given).exists():
+        return shipped_models() / given
+    return given
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Complete LiDAR scans offline with a diffusion model, one file or a whole directory.",
+        epilog="Exit status: 0 all scans completed, 1 some skipped, 2 none completed or usage error.",
+    )
+    parser.add_argument("input", type=Path, help="a scan file (.bin .ply .pcd .npy) or a directory of them")
+    parser.add_argument("--out", type=Path, default=Path("completed"),
+                        help="output file (single input, ending .ply/.npy) or directory (default: ./completed)")
+    parser.add_argument("--format", choices=OUTPUT_FORMATS, help="output format (default: from --out, else ply)")
+    parser.add_argument("--checkpoint", type=Path, help="model directory, .safetensors, published .ckpt, or the "
+                        "name of a shipped model, e.g. teacher_lite (default: the shipped student_lite)")
+    parser.add_argument("--config", type=Path, help="completion YAML (keys data.*, sampling.*, refine, device)")
+    parser.add_argument("--steps", type=int, help="sampler steps (default: config, else the checkpoint's)")
+    parser.add_argument("--guidance", type=float, help="classifier-free guidance weight; 0 or 1 = off")
+    parser.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None,
+                        help="x6 refinement net (default: config; off when the checkpoint has none)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: config (auto)")
+    parser.add_argument("--seed", type=int, help="sampling seed (default: config, 0)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, one per core)")
+    parser.add_argument("--preset", choices=("lite", "full"), help="point budget: lite 2000 (CPU), full 18000 (GPU)")
+    parser.add_argument("--render", type=Path, metavar="PNG_OR_DIR",
+                        help="input vs completion picture: a .png path, or a directory for one PNG per scan")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def find_inputs(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in INPUT_SUFFIXES)
+        if not files:
+            raise UsageError(f"{path}: no {' / '.join(INPUT_SUFFIXES)} files in this directory")
+        return files
+    if not path.exists():
+        raise UsageError(f"{path}: no such file or directory")
+    if path.suffix.lower() not in INPUT_SUFFIXES:
+        raise UsageError(f"{path}: unsupported suffix (use {', '.join(INPUT_SUFFIXES)})")
+    return [path]
+
+
+def output_paths(inputs: list[Path], out: Path, fmt: str | None, single: bool) -> tuple[list[Path], Path | None]:
+    """Output file per input, and the output directory (None when ``out`` is a file)."""
+    suffix = out.suffix.lower().lstrip(".")
+    if single and suffix in OUTPUT_FORMATS:
+        if fmt is not None and fmt != suffix:
+            raise UsageError(f"--out {out} does not match --format {fmt}")
+        return [out], None
+    if suffix in OUTPUT_FORMATS or (out.exists() and not out.is_dir()):
+        raise UsageError(f"--out {out} must be a directory when the input is a directory")
+    fmt = fmt or "ply"
+    stems = [p.stem for p in inputs]
+    names = [f"{p.stem}_{p.suffix[1:]}" if stems.count(p.stem) > 1 else p.stem for p in inputs]
+    return [out / f"{name}.{fmt}" for name in names], out
+
+
+def render_path(render: Path, scan: Path, first: bool) -> Path | None:
+    if render.suffix.lower() == ".png":
+        return render if first else None
+    return render / f"{scan.stem}.png"
+
+
+def load_completer(args: argparse.Namespace):
+    """Config (defaults < YAML < flags), checkpoint and the completer; UsageError on any problem."""
+    from .checkpoints import CheckpointError, load_model
+    from .completer import SceneCompleter
+    from .config import PRESETS, load_config
+
+    overrides = {
+        "sampling.steps": args.steps,
+        "sampling.guidance": args.guidance,
+        "sampling.seed": args.seed,
+        "refine": args.refine,
+        "device": args.device,
+    }
+    if args.preset:  # the preset's own budget, also over an n_part set in the YAML
+        overrides |= {"data.preset": args.preset, "data.n_part": PRESETS[args.preset]["n_part"]}
+    if args.config is not None and not args.config.is_file():
+        raise UsageError(f"--config {args.config}: no such file")
+    try:
+        config = load_config(args.config, **overrides)
+    except (ValueError, OSError) as err:
+        raise UsageError(str(err)) from None
+
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    try:
+        model = load_model(checkpoint)
+    except CheckpointError as err:
+        raise UsageError(str(err)) from None
+    note = None
+    if config.refine and model.refiner is None:
+        if args.refine:
+            raise UsageError(f"--refine: {checkpoint} has no refinement net")
+        config = config.replace(refine=False)
+        note = f"note: {checkpoint} has no refinement net; completing without refinement"
+    try:
+        return SceneCompleter(model, config), checkpoint, note
+    except (ValueError, RuntimeError) as err:
+        raise UsageError(str(err)) from None
+
+
+def summarise(timings: list[dict[str, float]]) -> str:
+    stages = list(dict.fromkeys(k for t in timings for k in t))
+    medians = " | ".join(f"{s} {statistics.median(t[s] for t in timings if s in t):.0f}" for s in stages)
+    return f"median per scan (ms): {medians}"
+
+
+def run(args: argparse.Namespace) -> int:
+    inputs = find_inputs(args.input)
+    single = not args.input.is_dir()
+    outputs, out_dir = output_paths(inputs, args.out, args.format, single)
+
+    import yaml
+    from tqdm import tqdm
+
+    from .completer import ScanError
+    from .io import PointFileError, read_points, write_points
+    from .render import render_comparison
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    completer, checkpoint, note = load_completer(args)
+    if note:
+        print(note, file=sys.stderr)
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        used = {"checkpoint": str(checkpoint), "version": __version__, "completion": completer.config.to_dict()}
+        (out_dir / CONFIG_NAME).write_text(yaml.safe_dump(used, sort_keys=False))
+
+    setting = (f"steps={completer.steps} guidance={completer.guidance:g} "
+               f"refine={'on' if completer.config.refine else 'off'} n_part={completer.config.data.points_per_scan} "
+               f"device={completer.device}")
+    timings, skipped = [], []
+    bar = tqdm(list(zip(inputs, outputs)), desc=PROG, unit="scan", disable=None, file=sys.stderr)
+    for scan, out in bar:
+        try:
+            if out.resolve() == scan.resolve():
+                raise PointFileError(f"{scan}: output would overwrite the input")
+            points = read_points(scan)
+            result = completer.complete(points)
+            if len(result.points) == 0:
+                raise ScanError("no point left after post-processing (range / height band)")
+            write_points(out, result.points)
+        except PointFileError as err:
+            reason = str(err)
+        except (ScanError, OSError) as err:
+            reason = f"{scan}: {err}"
+        else:
+            timings.append(result.timings_ms)
+            picture = render_path(args.render, scan, len(timings) == 1) if args.render else None
+            if picture is not None:
+                label = f"completion ({completer.steps} step{'s' * (completer.steps > 1)})"
+                render_comparison([("input", points), (label, result.points)], picture,
+                                  max_range=completer.config.data.max_range, title=f"{scan.name}: {setting}")
+            extra = f", picture {picture}" if picture is not None else ""
+            tqdm.write(f"{scan} -> {out}: {len(points):,} -> {len(result.points):,} points "
+                       f"in {result.timings_ms['total'] / 1000:.2f} s{extra}", file=sys.stdout)
+            continue
+        skipped.append(reason)
+        tqdm.write(f"{PROG}: {'error' if single else 'skipped'}: {reason}", file=sys.stderr)
+    bar.close()
+
+    done = len(timings)
+    print(f"completed {done} of {len(inputs)} scan(s) ({setting})")
+    if timings:
+        print(summarise(timings))
+    if skipped and not single:
+        print(f"skipped {len(skipped)} scan(s):", file=sys.stderr)
+        for reason in skipped:
+            print(f"  {reason}", file=sys.stderr)
+    return 0 if not skipped else 1 if done else 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except UsageError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

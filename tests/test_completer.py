@@ -1,0 +1,225 @@
+"""SceneCompleter: pre-/post-processing edge cases, sampler step counts, seeds, refinement, batches.
+
+A tiny random model (channel ratio 0.25) and small point budgets keep every test to seconds;
+what is checked is the pipeline's bookkeeping, not completion quality.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lidar_completion.checkpoints import CompletionModel, ModelConfig
+from lidar_completion.completer import ScanError, SceneCompleter, farthest_point_sample
+from lidar_completion.config import CompletionConfig
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on busy shared cores OpenMP's spinning
+    threads make them up to 10x slower; one thread keeps the timings steady."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model() -> CompletionModel:
+    torch.manual_seed(0)
+    return CompletionModel(ModelConfig(channel_ratio=0.25, refine_channel_ratio=0.25)).eval()
+
+
+def make_completer(model: CompletionModel, **overrides) -> SceneCompleter:
+    values = {"device": "cpu", "refine": False, "data.n_part": 64, "sampling.steps": 1, "sampling.guidance": 0.0}
+    return SceneCompleter(model, CompletionConfig().replace(**(values | overrides)))
+
+
+def ring_scan(n: int, seed: int = 0) -> np.ndarray:
+    """Points 5-40 m around the sensor, z in [-2, 1] m: all inside the default range band."""
+    rng = np.random.default_rng(seed)
+    r, phi = rng.uniform(5, 40, n), rng.uniform(-np.pi, np.pi, n)
+    return np.stack([r * np.cos(phi), r * np.sin(phi), rng.uniform(-2, 1, n)], axis=1).astype(np.float32)
+
+
+# ---------------------------------------------------------------- pre-processing
+
+
+def test_fewer_points_than_n_part_are_repeated(model):
+    scan = ring_scan(10)
+    partial, used = make_completer(model).preprocess(scan)
+    assert partial.shape == (64, 3) and used == 10
+    rows = {tuple(p) for p in partial}
+    assert rows == {tuple(p) for p in scan}  # every point used, nothing invented
+    counts = [np.all(partial == p, axis=1).sum() for p in scan]
+    assert min(counts) >= 6 and max(counts) <= 7  # evenly repeated: 64 = 6 * 10 + 4
+
+
+def test_more_points_than_n_part_are_sampled(model):
+    scan = ring_scan(500)
+    partial, used = make_completer(model).preprocess(scan)
+    assert partial.shape == (64, 3) and used == 500
+    assert len(np.unique(partial, axis=0)) == 64
+    assert {tuple(p) for p in partial} <= {tuple(p) for p in scan}
+
+
+def test_farthest_point_sample_is_deterministic_and_spread():
+    scan = ring_scan(3000, seed=1)
+    first, second = farthest_point_sample(scan, 100), farthest_point_sample(scan, 100)
+    np.testing.assert_array_equal(first, second)
+    random = scan[np.random.default_rng(0).choice(len(scan), 100, replace=False)]
+
+    def min_gap(points):
+        d = np.linalg.norm(points[:, None] - points[None], axis=-1)
+        return d[~np.eye(len(points), dtype=bool)].min()
+
+    assert min_gap(first) > min_gap(random)  # FPS keeps points apart, random sampling does not
+
+
+@pytest.mark.parametrize(
+    "points",
+    [
+        np.full((20, 3), 0.5, np.float32),  # all inside min_range
+        np.full((20, 3), 100.0, np.float32),  # all beyond max_range
+        np.full((20, 3), np.nan, np.float32),
+        np.zeros((0, 3), np.float32),
+    ],
+    ids=["too-close", "too-far", "all-nan", "empty"],
+)
+def test_no_point_in_range_raises(model, points):
+    with pytest.raises(ScanError, match="no finite point"):
+        make_completer(model).complete(points)
+
+
+def test_nan_and_inf_rows_are_dropped(model):
+    scan = ring_scan(200)
+    dirty = scan.copy()
+    dirty[::5, 0] = np.nan
+    dirty[1::7, 2] = np.inf
+    dirty[2::11, 1] = -np.inf
+    finite = np.isfinite(dirty).all(axis=1)
+    completer = make_completer(model)
+    partial, used = completer.preprocess(dirty)
+    assert used == finite.sum() and np.isfinite(partial).all()
+    result = completer.complete(dirty)
+    assert result.input_points == 200 and result.used_points == finite.sum()
+    assert np.isfinite(result.points).all()
+
+
+@pytest.mark.parametrize("shape", [(30,), (30, 2), (2, 30, 3)])
+def test_wrong_shape_raises(model, shape):
+    with pytest.raises(ScanError, match="expected an \\[N, 3\\] array"):
+        make_completer(model).complete(np.ones(shape, np.float32) * 10)
+
+
+def test_extra_channels_are_ignored(model):
+    scan = ring_scan(300)
+    with_remission = np.hstack([scan, np.full((300, 1), 0.3, np.float32)])
+    completer = make_completer(model)
+    np.testing.assert_array_equal(completer.complete(with_remission).points, completer.complete(scan).points)
+
+
+def test_postprocess_keeps_range_and_height_band(model):
+    completer = make_completer(model, **{"data.n_part": 128})
+    scan = ring_scan(400)
+    partial, _ = completer.preprocess(scan)
+    result = completer.complete(scan)
+    z = partial[:, 2]
+    assert len(result.points) > 0 and result.points.dtype == np.float32
+    assert (np.linalg.norm(result.points, axis=1) < 50).all()
+    assert (result.points[:, 2] > z.mean() - 2 * z.std()).all() and (result.points[:, 2] < z.max()).all()
+    assert set(result.timings_ms) == {"preprocess", "encode", "sample", "postprocess", "total"}
+    stages = sum(v for k, v in result.timings_ms.items() if k != "total")
+    assert result.timings_ms["total"] == pytest.approx(stages)
+
+
+# ---------------------------------------------------------------- sampler
+
+
+@pytest.mark.parametrize("guidance", [0.0, 6.0], ids=["unguided", "guided"])
+@pytest.mark.parametrize("steps", [1, 2, 8, 50])
+def test_sampler_runs_the_requested_steps(model, steps, guidance):
+    # 16 points x2 keep a denoiser call to a few ms: this counts calls, it does not judge quality.
+    completer = make_completer(model, **{"sampling.steps": steps, "sampling.guidance": guidance,
+                                         "data.n_part": 16, "data.repeat": 2})
+    timesteps = []
+    hook = model.denoiser.register_forward_hook(lambda mod, args, out: timesteps.append(int(args[2][0])))
+    try:
+        result = completer.complete(ring_scan(100))
+    finally:
+        hook.remove()
+    per_step = 2 if guidance else 1
+    assert result.steps == steps and result.guidance == guidance
+    assert result.nfe == per_step * steps == len(timesteps)
+    distinct = list(dict.fromkeys(timesteps))  # guided: the same t twice in a row
+    assert len(distinct) == steps and distinct == sorted(distinct, reverse=True)
+    assert timesteps == [t for t in distinct for _ in range(per_step)]
+    assert np.isfinite(result.points).all()
+
+
+def test_guidance_one_is_conditional_only(model):
+    completer = make_completer(model, **{"sampling.steps": 2, "sampling.guidance": 1.0, "data.n_part": 16})
+    assert not completer.guided
+    assert completer.complete(ring_scan(50)).nfe == 2
+
+
+def test_steps_and_guidance_default_to_the_checkpoint(model):
+    completer = SceneCompleter(model, CompletionConfig(refine=False, device="cpu"))
+    assert (completer.steps, completer.guidance, completer.guided) == (50, 6.0, True)
+    short = CompletionModel(ModelConfig(channel_ratio=0.25, num_train_timesteps=100))
+    with pytest.raises(ValueError, match="exceeds"):
+        SceneCompleter(short, CompletionConfig(device="cpu", refine=False).replace(**{"sampling.steps": 200}))
+
+
+def test_refine_without_refiner_is_an_error():
+    plain = CompletionModel(ModelConfig(channel_ratio=0.25))
+    with pytest.raises(ValueError, match="no refinement net"):
+        SceneCompleter(plain, CompletionConfig(device="cpu", refine=True))
+
+
+# ---------------------------------------------------------------- seeds, refinement, batches
+
+
+def test_same_seed_same_output_different_seed_different_output(model):
+    scan = ring_scan(300)
+    seeded = lambda seed: make_completer(model, **{"sampling.steps": 2, "sampling.seed": seed}).complete(scan).points
+    first, again, other = seeded(3), seeded(3), seeded(4)
+    np.testing.assert_array_equal(first, again)
+    assert first.shape != other.shape or not np.allclose(first, other)
+
+
+def test_refinement_gives_six_points_per_point(model):
+    scan = ring_scan(300)
+    plain = make_completer(model, refine=False).complete(scan)
+    completer = make_completer(model, refine=True)
+    raw = completer.refine(plain.points)
+    assert raw.shape == (6 * len(plain.points), 3)
+    # Each group of six is its coarse point plus offsets bounded by tanh (|offset| < 1 m).
+    groups = raw.reshape(-1, 6, 3) - plain.points[:, None, :]
+    assert np.abs(groups).max() <= 1.0
+    # The pipeline then applies the same range / height band to the refined points.
+    refined = completer.complete(scan)
+    assert "refine" in refined.timings_ms and np.isfinite(refined.points).all()
+    assert 0 < len(refined.points) <= 6 * len(plain.points)
+    np.testing.assert_allclose(np.sort(refined.points, axis=0), np.sort(completer.postprocess(raw, completer.preprocess(scan)[0]), axis=0), atol=1e-5)
+
+
+def test_batch_of_two_matches_two_single_completions(model):
+    a, b = ring_scan(300, seed=1), ring_scan(150, seed=2)
+    completer = make_completer(model, **{"data.n_part": 64})
+    batch = completer.complete_batch([a, b])
+    singles = [completer.complete(a), completer.complete(b)]
+    assert len(batch) == 2
+    for got, single, scan in zip(batch, singles, (a, b)):
+        assert got.points.ndim == 2 and got.points.shape[1] == 3 and len(got.points) > 0
+        assert np.isfinite(got.points).all()
+        assert (got.input_points, got.used_points, got.nfe) == (len(scan), single.used_points, single.nfe)
+    # One noise draw serves the whole batch, so only the first scan starts from the same noise
+    # as its single run; with one step (no noise added at the last step) it then ends the same,
+    # which also shows the scans do not leak into each other inside the batch.
+    np.testing.assert_allclose(batch[0].points, singles[0].points, atol=1e-4)
+    assert batch[1].points.shape != singles[1].points.shape or not np.allclose(batch[1].points, singles[1].points)
+    assert completer.complete_batch([]) == []
+    with pytest.raises(ScanError):
+        completer.complete_batch([a, np.full((5, 3), 200.0, np.float32)])
