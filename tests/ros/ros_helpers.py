@@ -1,0 +1,230 @@
+"""Helpers for the ROS tests: real node / tool processes and an in-process rclpy peer.
+
+Every test gets its own ROS_DOMAIN_ID (see conftest.py), so parallel runs on one machine
+do not see each other's topics.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+NODE_YAML = REPO / "config" / "completion_node.yaml"
+FASTDDS_PROFILE = REPO / "config" / "fastdds_large_data.xml"
+SHIPPED_STUDENT = REPO / "src" / "lidar_completion" / "models" / "student_lite"
+
+#: Keeps the tiny random model's CPU time small (used when the shipped student is absent).
+TINY_OVERRIDES = {"sampling.steps": 1, "sampling.guidance": 1.0, "data.n_part": 256, "refine": False}
+
+
+def ros_env(domain_id: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        ROS_DOMAIN_ID=str(domain_id),
+        RMW_IMPLEMENTATION=env.get("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp"),
+        ROS_LOCALHOST_ONLY=env.get("ROS_LOCALHOST_ONLY", "1"),
+        ROS_AUTOMATIC_DISCOVERY_RANGE=env.get("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST"),
+        FASTDDS_DEFAULT_PROFILES_FILE=env.get("FASTDDS_DEFAULT_PROFILES_FILE", str(FASTDDS_PROFILE)),
+        PYTHONUNBUFFERED="1",
+        RCUTILS_LOGGING_BUFFERED_STREAM="0",
+        RCUTILS_COLORIZED_OUTPUT="0",
+        OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "2"),
+    )
+    return env
+
+
+def param_args(params: dict[str, Any]) -> list[str]:
+    """``-p name:=value`` pairs (floats keep their decimal point, bools lower case)."""
+    out: list[str] = []
+    for name, value in params.items():
+        text = (str(value).lower() if isinstance(value, bool)
+                else repr(value) if isinstance(value, float) else str(value))
+        out += ["-p", f"{name}:={text}"]
+    return out
+
+
+class Proc:
+    """A child process whose merged stdout/stderr is collected line by line."""
+
+    def __init__(self, cmd: Sequence[str], env: dict[str, str], name: str) -> None:
+        self.name, self.cmd = name, list(cmd)
+        self.lines: list[str] = []
+        self._cv = threading.Condition()
+        self.popen = subprocess.Popen(
+            self.cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+            cwd=REPO,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            with self._cv:
+                self.lines.append(line.rstrip("\n"))
+                self._cv.notify_all()
+        with self._cv:
+            self._cv.notify_all()
+
+    @property
+    def output(self) -> str:
+        with self._cv:
+            return "\n".join(self.lines)
+
+    def wait_for_line(self, pattern: str, timeout: float) -> re.Match:
+        """First output line matching ``pattern``; fails with the output so far on timeout."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        seen = 0
+        with self._cv:
+            while True:
+                for line in self.lines[seen:]:
+                    match = regex.search(line)
+                    if match:
+                        return match
+                seen = len(self.lines)
+                if self.popen.poll() is not None and not self._reader.is_alive():
+                    raise AssertionError(f"{self.name} exited ({self.popen.returncode}) before "
+                                         f"/{pattern}/:\n{self.output_unlocked()}")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(f"{self.name}: no /{pattern}/ within {timeout} s:\n{self.output_unlocked()}")
+                self._cv.wait(min(remaining, 0.5))
+
+    def output_unlocked(self) -> str:
+        return "\n".join(self.lines[-80:])
+
+    def wait(self, timeout: float) -> int:
+        try:
+            code = self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"{self.name} did not exit within {timeout} s:\n{self.output}") from None
+        self._reader.join(5)
+        return code
+
+    def interrupt(self, timeout: float = 30.0, sig: int = signal.SIGINT) -> int:
+        """Send SIGINT (or ``sig``) and wait for a clean exit."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+        return self.wait(timeout)
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait(10)
+
+
+def start_node(domain_id: int, params: dict[str, Any], *, params_file: Path | None = NODE_YAML,
+               ros_args: Sequence[str] = ()) -> Proc:
+    cmd = [sys.executable, "-m", "lidar_completion_ros.node", "--ros-args"]
+    if params_file is not None:
+        cmd += ["--params-file", str(params_file)]
+    cmd += param_args(params) + list(ros_args)
+    return Proc(cmd, ros_env(domain_id), "completion_node")
+
+
+def parse_summary(output: str) -> dict[str, int]:
+    """Counters from the node's final ``summary: key=value ...`` line."""
+    match = re.search(r"summary: (.*)", output)
+    assert match, f"no summary line in node output:\n{output[-3000:]}"
+    return {k: int(v) for k, v in (item.split("=") for item in match.group(1).split())}
+
+
+class Peer:
+    """In-process rclpy node on its own context and domain: publish clouds, collect topics."""
+
+    def __init__(self, domain_id: int, name: str = "test_peer") -> None:
+        import rclpy
+        from rclpy.context import Context
+        from rclpy.executors import SingleThreadedExecutor
+        from rclpy.signals import SignalHandlerOptions
+
+        self.context = Context()
+        rclpy.init(context=self.context, domain_id=domain_id, signal_handler_options=SignalHandlerOptions.NO)
+        self.node = rclpy.create_node(name, context=self.context)
+        self.executor = SingleThreadedExecutor(context=self.context)
+        self.executor.add_node(self.node)
+        self.diagnostics: list[dict[str, str]] = []  # values of our node's status, newest last
+        self.diag_levels: list[int] = []
+        self.received: dict[str, list[Any]] = {}
+
+    def subscribe(self, msg_type: Any, topic: str, reliability: str = "reliable", depth: int = 50) -> list[Any]:
+        from lidar_completion_ros.messages import qos_profile
+
+        bucket = self.received.setdefault(topic, [])
+        self.node.create_subscription(msg_type, topic, bucket.append, qos_profile(reliability, depth))
+        return bucket
+
+    def watch_diagnostics(self) -> None:
+        from diagnostic_msgs.msg import DiagnosticArray
+
+        def on_diag(msg: DiagnosticArray) -> None:
+            for status in msg.status:
+                if status.name.startswith("lidar_completion:"):
+                    self.diagnostics.append({kv.key: kv.value for kv in status.values})
+                    self.diag_levels.append(int.from_bytes(status.level, "little")
+                                            if isinstance(status.level, bytes) else int(status.level))
+
+        self.node.create_subscription(DiagnosticArray, "/diagnostics", on_diag, 50)
+
+    def publisher(self, msg_type: Any, topic: str, reliability: str = "reliable", depth: int = 50) -> Any:
+        from lidar_completion_ros.messages import qos_profile
+
+        return self.node.create_publisher(msg_type, topic, qos_profile(reliability, depth))
+
+    def spin_until(self, predicate: Callable[[], bool], timeout: float, what: str = "condition") -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+            self.executor.spin_once(timeout_sec=0.05)
+
+    def spin_for(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            self.executor.spin_once(timeout_sec=0.05)
+
+    def counters(self) -> dict[str, int]:
+        """Latest diagnostics counters of the node (ints only)."""
+        if not self.diagnostics:
+            return {}
+        return {k: int(v) for k, v in self.diagnostics[-1].items() if re.fullmatch(r"-?\d+", v or "")}
+
+    def close(self) -> None:
+        import rclpy
+
+        self.executor.shutdown(timeout_sec=1.0)
+        self.node.destroy_node()
+        rclpy.try_shutdown(context=self.context)
+
+
+def make_cloud_msg(xyz: np.ndarray, stamp_ns: int, frame_id: str = "velodyne",
+                   extra: dict[str, np.ndarray] | None = None) -> Any:
+    from lidar_completion_ros.messages import time_from_ns
+    from sensor_msgs.msg import PointCloud2, PointField
+    from std_msgs.msg import Header
+
+    from lidar_completion.pointcloud2 import build_cloud
+
+    header = Header(frame_id=frame_id, stamp=time_from_ns(stamp_ns))
+    return build_cloud(xyz, header, PointCloud2, PointField, extra=extra)
+
+
+def shell_points(n: int, rng: np.random.Generator, r_min: float = 5.0, r_max: float = 30.0) -> np.ndarray:
+    """Points on the ground and on walls between ``r_min`` and ``r_max`` metres."""
+    r = rng.uniform(r_min, r_max, n)
+    angle = rng.uniform(-np.pi, np.pi, n)
+    z = np.where(rng.random(n) < 0.5, -1.7, rng.uniform(-1.5, 2.0, n))
+    return np.column_stack([r * np.cos(angle), r * np.sin(angle), z]).astype(np.float32)

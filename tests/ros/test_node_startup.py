@@ -1,0 +1,53 @@
+"""A node that cannot start says why in one line and exits non-zero; SIGTERM ends it cleanly."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+from ros_helpers import TINY_OVERRIDES, start_node
+
+# (case id, parameter overrides, text the FATAL line must contain)
+CASES = [
+    ("missing_checkpoint", {"checkpoint": "/nonexistent/student"}, "checkpoint '/nonexistent/student' not found"),
+    ("out_of_ros_range", {"sampling.steps": 5000}, "sampling.steps"),
+    ("core_config_rule", {"data.min_range": 60.0}, "data.min_range"),
+    ("wrong_type", {"data.max_range": 50}, "data.max_range: expected double"),
+    ("bad_choice", {"device": "gpu"}, "device: must be auto, cpu, cuda"),
+    ("unknown_parameter", {"sampling.step": 3}, "unknown parameter(s) sampling.step"),
+    ("refine_without_refiner", {"refine": True}, "no refinement net"),
+]
+
+
+def test_startup_failures_exit_non_zero_with_one_clear_line(domain_id: int, tiny_checkpoint: Path,
+                                                            tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((tiny_checkpoint / "config.json").read_text())
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    cases = CASES + [("corrupt_checkpoint", {"checkpoint": str(broken)}, f"cannot load checkpoint '{broken}'")]
+    # All at once: each is mostly interpreter + torch start-up.
+    procs = []
+    for _name, overrides, _ in cases:
+        params = {"checkpoint": str(tiny_checkpoint), **TINY_OVERRIDES, "warmup": False, **overrides}
+        procs.append(start_node(domain_id, params))
+    for (name, _, expected), proc in zip(cases, procs, strict=True):
+        code = proc.wait(120)
+        fatal = [line for line in proc.lines if "FATAL" in line]
+        assert code == 2, f"{name}: exit status {code}\n{proc.output}"
+        assert len(fatal) == 1, f"{name}: expected one FATAL line\n{proc.output}"
+        assert "cannot start:" in fatal[0] and expected in fatal[0], f"{name}: {fatal[0]}"
+        assert "Traceback" not in proc.output, f"{name}: traceback shown\n{proc.output}"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_shuts_down_cleanly(domain_id: int, tiny_checkpoint: Path, sig: int) -> None:
+    node = start_node(domain_id, {"checkpoint": str(tiny_checkpoint), **TINY_OVERRIDES, "warmup": False})
+    try:
+        node.wait_for_line(r"ready: /points_raw -> /points_completed", 120)
+        assert node.interrupt(30, sig) == 0, node.output
+        assert "summary: received=0" in node.output
+        assert "Traceback" not in node.output
+    finally:
+        node.kill()
