@@ -134,7 +134,7 @@ def bench_node_overhead(scans: int, domain: int) -> dict[str, Any]:
             msg = build_cloud(scan, Header(frame_id="velodyne", stamp=time_from_ns((i + 1) * 10**8)),
                               PointCloud2, PointField, extra=extra)
             pub.publish(msg)
-            if not spin_until(lambda: len(timings) > i and len(outputs) > i, 120):
+            if not spin_until(lambda i=i: len(timings) > i and len(outputs) > i, 120):
                 raise RuntimeError(f"no answer for scan {i}")
     finally:
         node.send_signal(2)

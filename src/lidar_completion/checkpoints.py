@@ -64,6 +64,7 @@ class ModelConfig:
     default_steps: int = 50
     default_guidance: float = 6.0
     n_part: int | None = None  # scan points the model was trained with (the "model" preset)
+    max_range: float | None = None  # radius it was trained on; the pipeline never goes beyond
     description: str = ""
     format_version: int = FORMAT_VERSION
 
@@ -83,6 +84,8 @@ class ModelConfig:
             raise ValueError("default_steps must be in [1, num_train_timesteps]")
         if self.n_part is not None and not 16 <= self.n_part <= 200_000:
             raise ValueError(f"n_part must be in [16, 200000], got {self.n_part}")
+        if self.max_range is not None and not 3.5 < self.max_range <= 500:
+            raise ValueError(f"max_range must be in (3.5, 500] m, got {self.max_range}")
         if self.format_version > FORMAT_VERSION:
             raise ValueError(
                 f"model format {self.format_version} is newer than this library ({FORMAT_VERSION})"

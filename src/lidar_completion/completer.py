@@ -58,18 +58,17 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def farthest_point_sample(points: np.ndarray, count: int) -> np.ndarray:
-    """``count`` points by farthest-point sampling (fpsample's KD-tree variant, start at
-    row 0 so it is deterministic); repeats points when there are fewer than ``count``."""
+def farthest_point_sample(points: np.ndarray, count: int, start: int = 0) -> np.ndarray:
+    """``count`` points by farthest-point sampling (fpsample's KD-tree "QuickFPS"), starting
+    at row ``start`` (deterministic); repeats points when there are fewer than ``count``."""
     import fpsample
 
     n = len(points)
     if n <= count:
-        reps = np.resize(np.arange(n), count)  # every point once, then wrap around
-        return points[reps]
+        return points[np.resize(np.arange(n), count)]  # every point once, then wrap around
     height = 3 if n < 20_000 else 7 if n < 200_000 else 9  # bucket height per fpsample's guide
-    index = fpsample.bucket_fps_kdline_sampling(points, count, h=height, start_idx=0)
-    return points[np.sort(index)]
+    index = fpsample.bucket_fps_kdline_sampling(points, count, h=height, start_idx=start)
+    return points[np.sort(index.astype(np.int64))]
 
 
 class _Timer:
@@ -113,6 +112,8 @@ class SceneCompleter:
         mc = model.config
         self.steps = self.config.sampling.steps or mc.default_steps
         self.n_part = self.config.data.resolve_n_part(mc.n_part)
+        # A model trained on a smaller radius cannot complete beyond it: cap (documented).
+        self.max_range = min(self.config.data.max_range, mc.max_range or float("inf"))
         self.guidance = mc.default_guidance if self.config.sampling.guidance is None else self.config.sampling.guidance
         if self.config.refine and model.refiner is None:
             raise ValueError("refine is on but the checkpoint has no refinement net (set refine: false)")
@@ -137,10 +138,10 @@ class SceneCompleter:
         xyz = np.ascontiguousarray(points[:, :3], dtype=np.float32)
         xyz = xyz[np.isfinite(xyz).all(axis=1)]
         r = np.linalg.norm(xyz.astype(np.float64), axis=1)  # float64: no overflow on garbage values
-        xyz = xyz[(r > data.min_range) & (r < data.max_range)]
+        xyz = xyz[(r > data.min_range) & (r < self.max_range)]
         if len(xyz) == 0:
             raise ScanError(
-                f"no finite point between {data.min_range} m and {data.max_range} m "
+                f"no finite point between {data.min_range} m and {self.max_range} m "
                 f"(of {len(points)} points)"
             )
         return farthest_point_sample(xyz, self.n_part), len(xyz)
@@ -151,7 +152,7 @@ class SceneCompleter:
         z = partial[:, 2]
         low, high = z.mean() - 2 * z.std(), z.max()
         r = np.linalg.norm(completed.astype(np.float64), axis=1)
-        keep = (r < self.config.data.max_range) & (completed[:, 2] >= low) & (completed[:, 2] <= high)
+        keep = (r < self.max_range) & (completed[:, 2] >= low) & (completed[:, 2] <= high)
         return completed[keep]
 
     def _generator(self) -> torch.Generator | None:

@@ -39,7 +39,7 @@ def ros_env(domain_id: int) -> dict[str, str]:
         PYTHONUNBUFFERED="1",
         RCUTILS_LOGGING_BUFFERED_STREAM="0",
         RCUTILS_COLORIZED_OUTPUT="0",
-        OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "2"),
+        OMP_WAIT_POLICY=env.get("OMP_WAIT_POLICY", "PASSIVE"),  # see node.py: spinning OpenMP vs busy CPUs
     )
     return env
 
@@ -158,6 +158,7 @@ class Peer:
         self.executor.add_node(self.node)
         self.diagnostics: list[dict[str, str]] = []  # values of our node's status, newest last
         self.diag_levels: list[int] = []
+        self.diag_messages: list[str] = []
         self.received: dict[str, list[Any]] = {}
 
     def subscribe(self, msg_type: Any, topic: str, reliability: str = "reliable", depth: int = 50) -> list[Any]:
@@ -176,6 +177,7 @@ class Peer:
                     self.diagnostics.append({kv.key: kv.value for kv in status.values})
                     self.diag_levels.append(int.from_bytes(status.level, "little")
                                             if isinstance(status.level, bytes) else int(status.level))
+                    self.diag_messages.append(status.message)
 
         self.node.create_subscription(DiagnosticArray, "/diagnostics", on_diag, 50)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ CASES = [
     ("wrong_type", {"data.max_range": 50}, "data.max_range: expected double"),
     ("bad_choice", {"device": "gpu"}, "device: must be auto, cpu, cuda"),
     ("unknown_parameter", {"sampling.step": 3}, "unknown parameter(s) sampling.step"),
-    ("refine_without_refiner", {"refine": True}, "no refinement net"),
+    ("refine_without_refiner", {"refine": True}, "with these parameters: refine is on but the checkpoint has no"),
 ]
 
 
@@ -46,6 +47,7 @@ def test_signal_shuts_down_cleanly(domain_id: int, tiny_checkpoint: Path, sig: i
     node = start_node(domain_id, {"checkpoint": str(tiny_checkpoint), **TINY_OVERRIDES, "warmup": False})
     try:
         node.wait_for_line(r"ready: /points_raw -> /points_completed", 120)
+        time.sleep(1.0)  # spinning by now (a signal during start-up also exits 0, without a summary)
         assert node.interrupt(30, sig) == 0, node.output
         assert "summary: received=0" in node.output
         assert "Traceback" not in node.output

@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
+from lidar_completion.completer import farthest_point_sample as fps_from
+
 from .kitti import KittiSequence, static_mask
 from .maps import load_map
 
@@ -51,14 +53,8 @@ def _repeat_to(points: np.ndarray, n: int) -> np.ndarray:
 
 
 def farthest_point_sample(points: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """``n`` points spread by farthest-point sampling (QuickFPS); repeats points when there are fewer."""
-    import fpsample
-
-    if len(points) <= n:
-        return _repeat_to(points, n)
-    height = min(7, int(np.log2(len(points))))
-    index = fpsample.bucket_fps_kdline_sampling(points, n, h=height, start_idx=int(rng.integers(len(points))))
-    return points[index.astype(np.int64)]
+    """``n`` points spread by farthest-point sampling from a random start (the pipeline's sampler)."""
+    return fps_from(points, n, start=int(rng.integers(len(points))))
 
 
 def random_sample(points: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:

@@ -28,7 +28,7 @@ from .dataset import CompletionDataset, PairConfig
 from .objectives import distillation_iteration, seeded_generator, teacher_loss
 from .run_config import RunConfig
 
-__all__ = ["TeacherModule", "DistillationModule", "build_module", "build_trainer", "fit"]
+__all__ = ["TeacherModule", "DistillationModule", "build_module", "build_trainer", "fit", "export_last"]
 
 
 class StepPairs(Dataset):
@@ -85,7 +85,7 @@ class _Base(L.LightningModule):
         pairs = CompletionDataset(
             data.root,
             data.train_sequences,
-            PairConfig(n_part=data.n_part, n_full=data.n_full),
+            PairConfig(n_part=data.n_part, n_full=data.n_full, max_range=data.max_range),
             augment=data.augment,
             seed=trainer.seed,
         )
@@ -114,7 +114,11 @@ class TeacherModule(_Base):
         super().__init__(config)
         m = config.model
         self.model = CompletionModel(
-            ModelConfig(channel_ratio=m.channel_ratio, voxel_size=m.voxel_size, kind="teacher", default_steps=50, default_guidance=6.0, description=m.description)
+            ModelConfig(
+                channel_ratio=m.channel_ratio, voxel_size=m.voxel_size, kind="teacher", default_steps=50,
+                default_guidance=6.0, n_part=config.data.n_part, max_range=config.data.max_range,
+                description=m.description,
+            )
         )
         self.schedule = NoiseSchedule(self.model.config.beta_start, self.model.config.beta_end, self.model.config.num_train_timesteps)
 
@@ -225,7 +229,7 @@ class AtomicCheckpoint(L.Callback):
     def _save(self, trainer: L.Trainer) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         tmp = self.directory / ".last.ckpt.tmp"
-        trainer.save_checkpoint(tmp)
+        trainer.save_checkpoint(tmp, weights_only=False)
         if trainer.is_global_zero:
             os.replace(tmp, self.directory / "last.ckpt")
 
@@ -281,3 +285,14 @@ def fit(config: RunConfig, resume: bool = False, progress: bool = True) -> Path:
     if trainer.is_global_zero:
         module.export(export)
     return export
+
+
+def export_last(config: RunConfig) -> Path:
+    """Export the weights of ``<out_dir>/checkpoints/last.ckpt`` (a stopped or crashed run)."""
+    last = Path(config.trainer.out_dir) / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        raise FileNotFoundError(f"no checkpoint at {last}")
+    module = build_module(config)
+    state = torch.load(last, map_location="cpu", weights_only=True)
+    module.load_state_dict(state["state_dict"])
+    return module.export(Path(config.trainer.out_dir) / "export")

@@ -27,6 +27,7 @@ class DataSection:
     train_sequences: tuple[str, ...] = ("00", "01", "02", "03")
     n_part: int = 2000
     n_full: int = 20000
+    max_range: float = 50.0  # scan and ground-truth radius (published: 50 m)
     augment: bool = True
     num_workers: int = 0
 
@@ -35,6 +36,7 @@ class DataSection:
         _check(16 <= self.n_part <= 200_000, "data.n_part", f"must be in [16, 200000], got {self.n_part}")
         _check(self.n_full % self.n_part == 0, "data.n_full", f"must be a multiple of data.n_part ({self.n_part}), got {self.n_full}")
         _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        _check(3.5 < self.max_range <= 100, "data.max_range", f"must be in (3.5, 100] m, got {self.max_range}")
 
 
 @dataclass(frozen=True)

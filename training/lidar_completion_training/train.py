@@ -26,6 +26,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue from <out_dir>/checkpoints/last.ckpt")
     parser.add_argument("--set", dest="overrides", type=_parse_override, action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--export-only", action="store_true", help="export <out_dir>/checkpoints/last.ckpt (e.g. of a stopped run) and exit")
     args = parser.parse_args(argv)
 
     from .run_config import load_run_config
@@ -35,8 +36,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as err:
         print(f"lidar-train: invalid configuration: {err}", file=sys.stderr)
         return 2
-    from .engine import fit
+    from .engine import export_last, fit
 
+    if args.export_only:
+        export = export_last(config)
+        print(f"lidar-train: exported {config.kind} model from its last checkpoint to {export}")
+        return 0
     export = fit(config, resume=args.resume, progress=not args.no_progress)
     print(f"lidar-train: exported {config.kind} model to {export}")
     return 0

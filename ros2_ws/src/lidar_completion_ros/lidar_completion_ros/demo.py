@@ -1,0 +1,298 @@
+"""The whole job on one machine: bag -> completion node over DDS -> bag, picture and metrics.
+
+    python -m lidar_completion_ros.demo --root out/demo/data --bag out/demo/input_bag --out out/demo
+
+(``scripts/demo.sh`` makes the synthetic sequence, its ground-truth map and the bag first,
+then calls this.) Starts three real processes -- the completion node, ``bag_record`` on
+``points_completed`` and ``bag_replay`` of the bag in lock-step with the node -- and watches
+the node's ``~/debug/timings`` for per-frame latency. Then it scores every completed frame
+against the sequence's ground truth with the training package's metrics (the input scan is
+scored too, as the baseline), prints a table, writes ``metrics.json`` and ``frames.csv``,
+and renders input / completion / ground truth of one frame to ``comparison.png``.
+
+Uses the shipped student (``lidar_completion/models/student_lite``); without it, a random
+tiny model stands in, with a loud warning: the pipeline runs, the numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[4]
+PROG = "demo"
+
+
+def _say(text: str) -> None:
+    print(f"[{PROG}] {text}", flush=True)
+
+
+def _warn_loudly(text: str) -> None:
+    bar = "!" * 100
+    print(f"\n{bar}\n!! WARNING: {text}\n{bar}\n", file=sys.stderr, flush=True)
+
+
+class _Child:
+    """A child process whose output goes to a log file and is kept for parsing."""
+
+    def __init__(self, name: str, cmd: list[str], env: dict[str, str], log: Path) -> None:
+        self.name, self.log = name, log
+        self.lines: list[str] = []
+        self._file = log.open("w")
+        self.popen = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      bufsize=1)
+        self._thread = threading.Thread(target=self._pump, daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        for line in self.popen.stdout:  # type: ignore[union-attr]
+            self.lines.append(line.rstrip("\n"))
+            self._file.write(line)
+            self._file.flush()
+
+    def wait_for(self, pattern: str, timeout: float) -> bool:
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(regex.search(line) for line in list(self.lines)):
+                return True
+            if self.popen.poll() is not None:
+                time.sleep(0.2)
+                return any(regex.search(line) for line in list(self.lines))
+            time.sleep(0.1)
+        return False
+
+    def stop(self, timeout: float = 60.0) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGINT)
+        try:
+            code = self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            code = self.popen.wait(10)
+        self._thread.join(5)
+        self._file.close()
+        return code
+
+
+def _model(out: Path) -> tuple[Path, dict[str, Any], bool]:
+    """(checkpoint, parameter overrides, trained?)."""
+    from lidar_completion_ros.parameters import shipped_models_dir
+
+    shipped = shipped_models_dir() / "student_lite"
+    if (shipped / "config.json").is_file():
+        return shipped, {}, True
+    _warn_loudly(f"no shipped student at {shipped}: using a RANDOM tiny model instead.\n"
+                 "!! The pipeline runs end to end, but the completions and metrics below are meaningless.")
+    import torch
+
+    from lidar_completion.checkpoints import CompletionModel, ModelConfig, save_model
+
+    torch.manual_seed(0)
+    path = save_model(CompletionModel(ModelConfig(channel_ratio=0.25, description="random demo stand-in")),
+                      out / "random_tiny_model")
+    return path, {"sampling.steps": 1, "sampling.guidance": 1.0}, False
+
+
+def _param_args(params: dict[str, Any]) -> list[str]:
+    args: list[str] = []
+    for key, value in params.items():
+        text = (str(value).lower() if isinstance(value, bool)
+                else repr(value) if isinstance(value, float) else str(value))
+        args += ["-p", f"{key}:={text}"]
+    return args
+
+
+def run_pipeline(bag: Path, out: Path, checkpoint: Path, overrides: dict[str, Any], n_scans: int,
+                 domain_id: int, params_file: Path) -> tuple[dict[int, dict[str, float]], dict[str, int], Path]:
+    """Node + recorder + lock-step replay; returns per-stamp timings, node counters, output bag."""
+    import rclpy
+    from diagnostic_msgs.msg import DiagnosticArray
+    from rclpy.context import Context
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.signals import SignalHandlerOptions
+
+    from lidar_completion_ros.messages import stamp_ns
+
+    env = dict(os.environ, ROS_DOMAIN_ID=str(domain_id), PYTHONUNBUFFERED="1")
+    env.setdefault("FASTDDS_DEFAULT_PROFILES_FILE", str(REPO / "config" / "fastdds_large_data.xml"))
+    os.environ.update({k: env[k] for k in ("ROS_DOMAIN_ID", "FASTDDS_DEFAULT_PROFILES_FILE")})
+    py = sys.executable
+    params = {"checkpoint": str(checkpoint), "qos.input.reliability": "reliable", "qos.input.depth": 10,
+              "diagnostics.period": 0.5, **overrides}
+    node = _Child("completion_node", [py, "-m", "lidar_completion_ros.node", "--ros-args", "--params-file",
+                                      str(params_file), *_param_args(params)],
+                  env, out / "node.log")
+    completed_bag = out / "completed_bag"
+    context = Context()
+    rclpy.init(context=context, domain_id=domain_id, signal_handler_options=SignalHandlerOptions.NO)
+    peer = rclpy.create_node("demo_monitor", context=context)
+    executor = SingleThreadedExecutor(context=context)
+    executor.add_node(peer)
+    timings: dict[int, dict[str, float]] = {}
+    subscribers = [0]
+
+    def on_timings(msg: DiagnosticArray) -> None:
+        timings[stamp_ns(msg.header)] = {kv.key: float(kv.value) for kv in msg.status[0].values}
+
+    def on_diagnostics(msg: DiagnosticArray) -> None:
+        for status in msg.status:
+            for kv in status.values:
+                if status.name.startswith("lidar_completion:") and kv.key == "output_subscribers":
+                    subscribers[0] = int(kv.value)
+
+    peer.create_subscription(DiagnosticArray, "/completion_node/debug/timings", on_timings, 50)
+    peer.create_subscription(DiagnosticArray, "/diagnostics", on_diagnostics, 50)
+
+    def spin_until(predicate, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                return False
+            executor.spin_once(timeout_sec=0.05)
+        return True
+
+    recorder = replay = None
+    try:
+        _say("starting the completion node (model load + warm-up inference) ...")
+        if not node.wait_for(r"ready: ", 300):
+            raise RuntimeError(f"the node did not start; see {node.log}:\n" + "\n".join(node.lines[-15:]))
+        recorder = _Child("bag_record", [py, "-m", "lidar_completion_ros.bag_record", "--topic", "points_completed",
+                                         "--out", str(completed_bag), "--count", str(n_scans), "--timeout", "900"],
+                          env, out / "bag_record.log")
+        if not spin_until(lambda: subscribers[0] >= 1, 60):
+            raise RuntimeError("the node never saw the recorder subscribe")
+        _say(f"replaying {bag} through the node over DDS (lock-step: each scan waits for its completion) ...")
+        replay = _Child("bag_replay", [py, "-m", "lidar_completion_ros.bag_replay", str(bag), "--wait-for",
+                                       "points_completed", "--wait-timeout", "300"], env, out / "bag_replay.log")
+        spin_until(lambda: replay.popen.poll() is not None, 1800)
+        spin_until(lambda: recorder.popen.poll() is not None and len(timings) >= n_scans, 30)
+    finally:
+        for child in (replay, recorder):
+            if child is not None:
+                child.stop()
+        node_code = node.stop()
+        executor.shutdown()
+        peer.destroy_node()
+        rclpy.try_shutdown(context=context)
+    match = re.search(r"summary: (.*)", "\n".join(node.lines))
+    counters = {k: int(v) for k, v in (i.split("=") for i in match.group(1).split())} if match else {}
+    if node_code != 0:
+        _say(f"warning: the node exited with status {node_code}; see {node.log}")
+    return timings, counters, completed_bag
+
+
+def score(root: Path, sequence: str, outputs: list, in_stamps: list[int], timings: dict[int, dict[str, float]],
+          max_range: float) -> list[dict[str, Any]]:
+    from lidar_completion_training.dataset import CompletionDataset, PairConfig
+    from lidar_completion_training.metrics import evaluate_completion
+
+    dataset = CompletionDataset(root, [sequence], PairConfig(max_range=max_range))
+    rows = []
+    for cloud in outputs:
+        index = in_stamps.index(cloud.stamp_ns)
+        partial, full = dataset.pair(index)
+        before = evaluate_completion(partial, full, with_emd=False)
+        after = evaluate_completion(cloud.xyz, full, with_emd=False)
+        t = timings.get(cloud.stamp_ns, {})
+        rows.append({
+            "frame": index, "stamp": cloud.stamp_ns / 1e9, "input_points": int(t.get("input_points", 0)),
+            "output_points": len(cloud.xyz), "gt_points": len(full),
+            "processing_ms": t.get("processing_ms", float("nan")), "model_ms": t.get("model_ms", float("nan")),
+            "overhead_ms": t.get("overhead_ms", float("nan")),
+            **{f"input_{k}": v for k, v in before.items()}, **{f"completion_{k}": v for k, v in after.items()},
+        })
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lidar_completion_ros.demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", type=Path, required=True, help="SemanticKITTI-layout root with the map built")
+    parser.add_argument("--sequence", default="00")
+    parser.add_argument("--bag", type=Path, required=True, help="bag of the sequence (lidar-kitti-to-bag)")
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument("--params-file", type=Path, default=REPO / "config" / "completion_node.yaml",
+                        help="node parameter YAML (default: the repository's config/completion_node.yaml)")
+    parser.add_argument("--domain-id", type=int, default=None, help="ROS_DOMAIN_ID (default: random 1..200)")
+    args = parser.parse_args(argv)
+    start = time.monotonic()
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    from lidar_completion.bags import read_clouds
+    from lidar_completion.render import render_comparison
+
+    inputs = list(read_clouds(args.bag))
+    checkpoint, overrides, trained = _model(args.out)
+    domain = args.domain_id or int.from_bytes(os.urandom(1), "little") % 200 + 1
+    _say(f"model {checkpoint}{'' if trained else ' (RANDOM stand-in)'}; {len(inputs)} scans; ROS_DOMAIN_ID={domain}")
+    timings, counters, completed_bag = run_pipeline(args.bag, args.out, checkpoint, overrides, len(inputs), domain,
+                                                  args.params_file)
+    outputs = list(read_clouds(completed_bag)) if completed_bag.exists() else []
+    _say(f"node counters: {counters}")
+    if not outputs:
+        _say("no completed scan came back; see the logs in " + str(args.out))
+        return 1
+
+    max_range = 50.0
+    rows = score(args.root, args.sequence, outputs, [c.stamp_ns for c in inputs], timings, max_range)
+    header = (f"{'frame':>5} {'in pts':>7} {'out pts':>7} {'node ms':>8} {'model ms':>8} {'ovh ms':>6} | "
+              f"{'CD in':>6} {'CD out':>6} | {'F in':>5} {'F out':>5} | {'JSD-BEV in':>10} {'out':>5} | "
+              f"{'IoU.5 in':>8} {'out':>5}")
+    print("\nper frame (CD in metres, F-score at 5-10 cm, IoU on 0.5 m voxels; 'in' = the input scan vs ground truth)")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['frame']:>5} {r['input_points']:>7} {r['output_points']:>7} {r['processing_ms']:>8.0f} "
+              f"{r['model_ms']:>8.0f} {r['overhead_ms']:>6.2f} | {r['input_cd']:>6.3f} {r['completion_cd']:>6.3f} | "
+              f"{r['input_fscore']:>5.3f} {r['completion_fscore']:>5.3f} | {r['input_jsd_bev']:>10.3f} "
+              f"{r['completion_jsd_bev']:>5.3f} | {r['input_iou_0.5']:>8.3f} {r['completion_iou_0.5']:>5.3f}")
+    mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if isinstance(rows[0][k], (int, float))}
+    print("-" * len(header))
+    print(f"{'mean':>5} {mean['input_points']:>7.0f} {mean['output_points']:>7.0f} {mean['processing_ms']:>8.0f} "
+          f"{mean['model_ms']:>8.0f} {mean['overhead_ms']:>6.2f} | {mean['input_cd']:>6.3f} "
+          f"{mean['completion_cd']:>6.3f} | {mean['input_fscore']:>5.3f} {mean['completion_fscore']:>5.3f} | "
+          f"{mean['input_jsd_bev']:>10.3f} {mean['completion_jsd_bev']:>5.3f} | {mean['input_iou_0.5']:>8.3f} "
+          f"{mean['completion_iou_0.5']:>5.3f}")
+
+    # Picture of the middle completed frame: input, completion, ground truth.
+    pick = rows[len(rows) // 2]
+    cloud = next(c for c in outputs if c.stamp_ns == round(pick["stamp"] * 1e9))
+    from lidar_completion_training.dataset import CompletionDataset, PairConfig
+
+    _, full = CompletionDataset(args.root, [args.sequence], PairConfig(max_range=max_range)).pair(pick["frame"])
+    picture = render_comparison(
+        [("input scan", inputs[pick["frame"]].xyz), ("completion (via ROS node)", cloud.xyz), ("ground truth", full)],
+        args.out / "comparison.png", max_range=max_range,
+        title=f"frame {pick['frame']}: CD {pick['input_cd']:.3f} m (input) -> {pick['completion_cd']:.3f} m "
+              f"(completion){'' if trained else '  [RANDOM MODEL]'}",
+    )
+    summary = {"checkpoint": str(checkpoint), "trained_model": trained, "scans": len(inputs),
+               "completed": len(outputs), "node_counters": counters, "frames": rows, "mean": mean,
+               "wall_s": time.monotonic() - start}
+    (args.out / "metrics.json").write_text(json.dumps(summary, indent=2))
+    keys = list(rows[0])
+    (args.out / "frames.csv").write_text(
+        "\n".join([",".join(keys)] + [",".join(str(r[k]) for k in keys) for r in rows]) + "\n")
+    print(f"\ncompleted {len(outputs)}/{len(inputs)} scans (node: {counters.get('dropped', '?')} dropped, "
+          f"{counters.get('rejected', '?')} rejected); mean CD {mean['input_cd']:.3f} m (input) -> "
+          f"{mean['completion_cd']:.3f} m (completion)")
+    print(f"picture: {picture}\nmetrics: {args.out / 'metrics.json'}, {args.out / 'frames.csv'}\n"
+          f"bags:    {args.bag} -> {completed_bag}\nlogs:    {args.out}/node.log, bag_replay.log, bag_record.log")
+    if not trained:
+        _warn_loudly("these numbers come from a RANDOM model (no shipped student found)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""The node's parameter table: names, defaults, ranges and descriptions, in one place.
+
+Why a table: the node declares every parameter from it (with a ``ParameterDescriptor``
+and range), the tests compare it with ``config/completion_node.yaml`` both ways, and the
+parameter table in ``docs/ros.md`` is checked against it. This module imports no ROS
+package, so it is usable and testable without rclpy.
+
+The completion keys (``data.*``, ``sampling.*``, ``refine``, ``device``) are the core
+:class:`lidar_completion.config.CompletionConfig` keys, spelled the same way. Their values
+are validated by *building that config* (:func:`completion_config`), so the core library
+stays the one place where their limits are enforced; the ranges below only describe them to
+``ros2 param describe`` and to rclpy (a test checks that both agree). ROS parameters cannot
+be "unset", so ``None`` in the core config ("use the preset's / checkpoint's value") is
+spelled with a sentinel: ``0`` for ``data.n_part`` and ``sampling.steps``, ``-1`` for
+``sampling.guidance`` and ``sampling.seed``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "COMPLETION_KEYS",
+    "PARAMETERS",
+    "ParamSpec",
+    "completion_config",
+    "defaults",
+    "resolve_checkpoint",
+    "shipped_models_dir",
+]
+
+INT64_MAX = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One ROS parameter: its default fixes the type (bool, int, float or str)."""
+
+    name: str
+    default: bool | int | float | str
+    description: str
+    range: tuple[float, float] | None = None  # inclusive, for int and float parameters
+    choices: tuple[str, ...] | None = None  # for string parameters
+    read_only: bool = False  # needs a restart (checkpoint, device, QoS)
+    none_value: Any = None  # the sentinel that means ``None`` in the core config
+
+    @property
+    def type_name(self) -> str:
+        return {bool: "bool", int: "int", float: "double", str: "string"}[type(self.default)]
+
+    @property
+    def constraints(self) -> str:
+        """Human-readable limits (``ParameterDescriptor.additional_constraints``)."""
+        parts = []
+        if self.range is not None:
+            parts.append(f"range [{self.range[0]:g}, {self.range[1]:g}]")
+        if self.choices is not None:
+            parts.append("one of " + ", ".join(self.choices))
+        if self.none_value is not None:
+            parts.append(f"{self.none_value} = default of the preset/checkpoint")
+        if self.read_only:
+            parts.append("read-only (restart the node to change)")
+        return "; ".join(parts)
+
+
+#: Keys passed to the core CompletionConfig (the rest are the node's own).
+COMPLETION_KEYS = (
+    "device",
+    "refine",
+    "data.preset",
+    "data.n_part",
+    "data.min_range",
+    "data.max_range",
+    "data.repeat",
+    "sampling.steps",
+    "sampling.guidance",
+    "sampling.seed",
+)
+
+PARAMETERS: tuple[ParamSpec, ...] = (
+    # --- model ------------------------------------------------------------------------
+    ParamSpec(
+        "checkpoint", "student_lite",
+        "Model to run: a checkpoint directory (model.safetensors + config.json), a "
+        ".safetensors file, a published .ckpt, or the name of a model shipped in "
+        "lidar_completion/models (e.g. student_lite).",
+        read_only=True,
+    ),
+    ParamSpec(
+        "device", "auto", "Torch device: auto (CUDA when available), cpu, cuda or cuda:N.",
+        choices=("auto", "cpu", "cuda", "cuda:N"), read_only=True,
+    ),
+    ParamSpec("refine", False, "Run the x6 refinement net after sampling (the checkpoint must have one)."),
+    # --- core completion config ---------------------------------------------------------
+    ParamSpec("data.preset", "model",
+              "Point budget: model (what the checkpoint was trained with, else lite), lite (2000 points, CPU) "
+              "or full (18000, GPU).", choices=("model", "lite", "full")),
+    ParamSpec("data.n_part", 0, "Points the scan is farthest-point sampled to; 0 = the preset's.",
+              range=(0, 200_000), none_value=0),
+    ParamSpec("data.min_range", 3.5, "Scan points closer than this (m) are ignored.", range=(0.0, 500.0)),
+    ParamSpec("data.max_range", 50.0, "Scan points beyond this (m) are ignored; output is cut here too.",
+              range=(0.0, 500.0)),
+    ParamSpec("data.repeat", 10, "Each sampled scan point seeds this many output points.", range=(1, 50)),
+    ParamSpec("sampling.steps", 0, "Diffusion sampler steps; 0 = the checkpoint's default (student: 1-8).",
+              range=(0, 1000), none_value=0),
+    ParamSpec("sampling.guidance", -1.0,
+              "Classifier-free guidance weight (0 or 1 = off, one network call per step); "
+              "-1 = the checkpoint's default.", range=(-1.0, 50.0), none_value=-1.0),
+    ParamSpec("sampling.seed", 0, "Sampling noise seed (reproducible output); -1 = a fresh seed per scan.",
+              range=(-1, INT64_MAX), none_value=-1),
+    # --- input handling -------------------------------------------------------------------
+    ParamSpec("max_input_points", 500_000,
+              "Clouds with more finite points are randomly subsampled to this many (counted).",
+              range=(1_000, 50_000_000)),
+    ParamSpec("min_input_points", 100, "Clouds with fewer finite points are rejected (counted).",
+              range=(1, 1_000_000)),
+    ParamSpec("skip_without_subscribers", True,
+              "Skip inference (counted) while nothing subscribes to points_completed."),
+    ParamSpec("warmup", True, "Run one inference on a synthetic scan before subscribing.", read_only=True),
+    # --- QoS --------------------------------------------------------------------------------
+    ParamSpec("qos.input.reliability", "best_effort",
+              "Input QoS reliability: best_effort (SensorData QoS, matches every publisher) or "
+              "reliable (matches reliable publishers only; for lossless bag replay).",
+              choices=("best_effort", "reliable"), read_only=True),
+    ParamSpec("qos.input.depth", 5, "Input QoS history depth (the node still processes only the latest scan).",
+              range=(1, 1000), read_only=True),
+    ParamSpec("qos.output.reliability", "reliable",
+              "Output QoS reliability (reliable matches RViz and recorders of either kind).",
+              choices=("best_effort", "reliable"), read_only=True),
+    ParamSpec("qos.output.depth", 2, "Output QoS history depth.", range=(1, 1000), read_only=True),
+    # --- diagnostics ------------------------------------------------------------------------
+    ParamSpec("diagnostics.period", 1.0, "Seconds between /diagnostics messages.", range=(0.05, 60.0),
+              read_only=True),
+    ParamSpec("diagnostics.warn_processing_ms", 1000.0,
+              "Mean processing time above this (ms, callback to publish) is a WARN.", range=(1.0, 3_600_000.0)),
+    ParamSpec("diagnostics.stale_input_s", 3.0,
+              "No scan for this long (s), after the first one, is a WARN.", range=(0.1, 86_400.0)),
+    ParamSpec("diagnostics.error_after_s", 5.0,
+              "A WARN condition that persists this long (s) escalates to ERROR.", range=(0.0, 86_400.0)),
+    ParamSpec("log_throttle_s", 5.0,
+              "Each kind of rejected or repaired scan is logged at most once per this many seconds.",
+              range=(0.0, 3600.0)),
+)
+
+_BY_NAME = {spec.name: spec for spec in PARAMETERS}
+assert set(COMPLETION_KEYS) <= set(_BY_NAME), "every completion key needs a ParamSpec"
+
+
+def defaults() -> dict[str, Any]:
+    """``{name: default}`` for every parameter."""
+    return {spec.name: spec.default for spec in PARAMETERS}
+
+
+def completion_config(values: dict[str, Any]):
+    """The core :class:`CompletionConfig` from parameter values (sentinels -> ``None``).
+
+    Raises ``ValueError`` naming the key when a value is out of range; this is the only
+    validation the completion keys get, so the limits live in the core library.
+    """
+    from lidar_completion.config import CompletionConfig
+
+    dotted: dict[str, Any] = {}
+    for key in COMPLETION_KEYS:
+        spec = _BY_NAME[key]
+        value = values.get(key, spec.default)
+        if spec.none_value is not None and value == spec.none_value:
+            value = None
+        elif isinstance(spec.default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        dotted[key] = value
+    try:
+        return CompletionConfig.from_dict(dotted)
+    except TypeError as err:  # a dataclass rejecting a keyword: report it like a bad value
+        raise ValueError(str(err)) from None
+
+
+def shipped_models_dir() -> Path:
+    """``lidar_completion/models``: where the core package ships trained checkpoints."""
+    import lidar_completion
+
+    return Path(lidar_completion.__file__).resolve().parent / "models"
+
+
+def resolve_checkpoint(value: str) -> Path:
+    """Path of the ``checkpoint`` parameter: an existing path, or a shipped model's name.
+
+    Raises ``FileNotFoundError`` with one line that says what was tried and what exists.
+    """
+    text = os.path.expandvars(os.path.expanduser(str(value).strip()))
+    if not text:
+        raise FileNotFoundError("parameter 'checkpoint' is empty; set it to a checkpoint path or a shipped model")
+    path = Path(text)
+    if path.exists():
+        return path
+    shipped_dir = shipped_models_dir()
+    if os.sep not in text and "/" not in text and (shipped_dir / text).exists():
+        return shipped_dir / text
+    shipped = sorted(p.name for p in shipped_dir.iterdir()) if shipped_dir.is_dir() else []
+    raise FileNotFoundError(
+        f"checkpoint '{value}' not found: no such file or directory, and no model of that name in "
+        f"{shipped_dir} (shipped models: {', '.join(shipped) or 'none'})"
+    )
