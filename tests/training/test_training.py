@@ -98,25 +98,18 @@ def test_plain_score_distillation_uses_one_sample_and_one_aux(pairs):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.denoiser.parameters())
 
 
-def fixed_eval_loss(model: CompletionModel, pairs) -> float:
-    partial, full = pairs
-    schedule = NoiseSchedule()
-    with torch.no_grad():
-        return sum(float(teacher_loss(model, schedule, partial, full, seeded_generator(99, k), uncond_prob=0.0)["loss"]) for k in range(6)) / 6
+def test_short_teacher_run_lowers_the_loss(tiny_dataset, tmp_path):
+    import csv
 
+    from lidar_completion_training.engine import fit
 
-def test_short_teacher_run_lowers_the_loss(tiny_dataset, tmp_path, pairs):
-    import lightning as L
-
-    from lidar_completion_training.engine import TeacherModule, fit
-
-    config = run_config(tiny_dataset, tmp_path / "teacher", trainer={"max_steps": 25, "checkpoint_every": 25})
-    L.seed_everything(config.trainer.seed, verbose=False)
-    before = fixed_eval_loss(TeacherModule(config).model.eval(), pairs)
-    export = fit(config, progress=False)
-    after = fixed_eval_loss(load_model(export), pairs)
-    assert after < 0.8 * before, (before, after)
-    assert (tmp_path / "teacher" / "logs" / "metrics.csv").is_file()
+    config = run_config(tiny_dataset, tmp_path / "teacher", trainer={"max_steps": 60, "lr": 2e-3, "checkpoint_every": 60})
+    fit(config, progress=False)
+    with open(tmp_path / "teacher" / "logs" / "metrics.csv") as handle:
+        losses = [float(row["train/loss"]) for row in csv.DictReader(handle) if row.get("train/loss")]
+    assert len(losses) == 60
+    first, last = sum(losses[:15]) / 15, sum(losses[-15:]) / 15
+    assert last < 0.8 * first, (first, last)
 
 
 def test_kill_and_resume_ends_on_the_same_step_and_weights(tiny_dataset, tmp_path):
@@ -129,7 +122,12 @@ def test_kill_and_resume_ends_on_the_same_step_and_weights(tiny_dataset, tmp_pat
     config_path = tmp_path / "crashed.yaml"
     config_path.write_text(crashed.to_yaml())
     last = tmp_path / "crashed" / "checkpoints" / "last.ckpt"
-    proc = subprocess.Popen([sys.executable, "-m", "lidar_completion_training.train", str(config_path), "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Same thread count as this process (tests/conftest.py): float sums must add up in the same order.
+    env = os.environ | {"OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lidar_completion_training.train", str(config_path), "--no-progress"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+    )
     deadline = time.monotonic() + 300
     while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -142,7 +140,7 @@ def test_kill_and_resume_ends_on_the_same_step_and_weights(tiny_dataset, tmp_pat
     resumed = load_model(fit(crashed, resume=True, progress=False)).state_dict()
     assert torch.load(last, weights_only=True)["data_step"] == straight.trainer.max_steps
     for key, value in reference.items():
-        assert torch.equal(resumed[key], value), key
+        assert torch.equal(resumed[key], value), (key, (resumed[key] - value).abs().max())
 
 
 def test_distillation_run_exports_a_student_with_the_teachers_encoder(tiny_dataset, tmp_path):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 import numpy as np
@@ -50,16 +50,17 @@ class StepPairs(Dataset):
 
 
 class FromStep(Sampler[int]):
-    """Indices ``start * batch .. stop * batch``: resumes the stream exactly."""
+    """Indices ``start * batch .. stop * batch``: resumes the stream exactly. ``start`` is read
+    when iteration begins, because Lightning restores the checkpoint after building loaders."""
 
-    def __init__(self, start_step: int, stop_step: int, batch_size: int):
-        self.start, self.stop = start_step * batch_size, stop_step * batch_size
+    def __init__(self, start_step: Callable[[], int], stop_step: int, batch_size: int):
+        self.start_step, self.stop, self.batch = start_step, stop_step * batch_size, batch_size
 
     def __iter__(self):
-        return iter(range(self.start, self.stop))
+        return iter(range(self.start_step() * self.batch, self.stop))
 
     def __len__(self) -> int:
-        return max(0, self.stop - self.start)
+        return max(0, self.stop - self.start_step() * self.batch)
 
 
 def _collate(items: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
@@ -77,7 +78,7 @@ class _Base(L.LightningModule):
         checkpoint["data_step"] = self.data_step
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Called before the dataloaders exist: start the data stream where the run stopped.
+        # The data stream restarts here (FromStep reads data_step when iteration begins).
         self.data_step = int(checkpoint["data_step"])
 
     def train_dataloader(self) -> DataLoader:
@@ -90,7 +91,7 @@ class _Base(L.LightningModule):
             seed=trainer.seed,
         )
         dataset = StepPairs(pairs, trainer.batch_size, trainer.seed, self.global_rank)
-        sampler = FromStep(self.data_step, trainer.max_steps, trainer.batch_size)
+        sampler = FromStep(lambda: self.data_step, trainer.max_steps, trainer.batch_size)
         return DataLoader(
             dataset,
             batch_size=trainer.batch_size,

@@ -37,10 +37,12 @@ class Setting:
     steps: int | None = None
     guidance: float | None = None
     refine: bool = False
+    input_points: int | None = None  # input rows only: FPS-sample the scan to this many points
 
 
-def _scans(root: str, sequences: Sequence[str], max_scans: int | None, stride: int) -> tuple[CompletionDataset, list[int]]:
-    dataset = CompletionDataset(root, list(sequences), PairConfig())
+def _scans(root: str, sequences: Sequence[str], max_scans: int | None, stride: int, max_range: float | None) -> tuple[CompletionDataset, list[int]]:
+    """Held-out pairs; scan and ground truth cut at ``max_range`` (the model's trained radius)."""
+    dataset = CompletionDataset(root, list(sequences), PairConfig(max_range=max_range or 50.0))
     indices = list(range(0, len(dataset), stride))[:max_scans]
     return dataset, indices
 
@@ -72,6 +74,10 @@ def evaluate_setting(
         partial, full = dataset.pair(index)
         if completer is None:
             pred, nfe, seconds = partial, 0, 0.0
+            if setting.input_points:
+                from lidar_completion.completer import farthest_point_sample
+
+                pred = farthest_point_sample(partial, setting.input_points)
         else:
             result = completer.complete(partial)
             pred, nfe, seconds = result.points, result.nfe, result.timings_ms["total"] / 1000
@@ -176,6 +182,7 @@ def _common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("out/eval"))
+    parser.add_argument("--max-range", type=float, help="scene radius in m (default: the model's trained radius, else 50)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -191,7 +198,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--guidance", type=float)
     parser.add_argument("--refine", action="store_true")
     args = parser.parse_args(argv)
-    dataset, indices = _scans(args.root, args.sequences, args.max_scans, args.stride)
+    max_range = args.max_range
+    if max_range is None and args.checkpoint:
+        from lidar_completion.checkpoints import load_model
+
+        max_range = load_model(args.checkpoint).config.max_range
+    dataset, indices = _scans(args.root, args.sequences, args.max_scans, args.stride, max_range)
     if args.completed:
         from lidar_completion.io import PointFileError, read_points
 
@@ -238,8 +250,10 @@ def report(argv: Sequence[str]) -> int:
     from lidar_completion.checkpoints import load_model
 
     k = args.student_steps
+    n_input = args.n_part or load_model(args.student).config.n_part
     settings = [
         Setting("input scan only"),
+        *([Setting(f"input scan, FPS to {n_input} points (what the model sees)", input_points=n_input)] if n_input else []),
         Setting(f"teacher, {args.teacher_steps} steps, guidance {args.teacher_guidance:g}", args.teacher, args.teacher_steps, args.teacher_guidance),
         Setting(f"teacher, {k} step(s), no guidance", args.teacher, k, 1.0),
     ]
@@ -248,7 +262,8 @@ def report(argv: Sequence[str]) -> int:
     settings.append(Setting(f"Distillation-DPO student, {k} step(s)", args.student, k, 1.0))
     if load_model(args.student).refiner is not None:
         settings.append(Setting(f"Distillation-DPO student, {k} step(s) + refine", args.student, k, 1.0, True))
-    dataset, indices = _scans(args.root, args.sequences, args.max_scans, args.stride)
+    max_range = args.max_range or load_model(args.student).config.max_range
+    dataset, indices = _scans(args.root, args.sequences, args.max_scans, args.stride, max_range)
     summary, per_scan, drawn = {}, {}, {}
     shown = indices[: args.examples]
     for setting in settings:

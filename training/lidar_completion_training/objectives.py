@@ -197,7 +197,13 @@ def distillation_iteration(
     repeat = full.shape[1] // partial.shape[1]
     noise = torch.randn(partial.shape[0], partial.shape[1] * repeat, 3, generator=generator, device=partial.device)
     scales = [1.0, noise_scale_loser] if preference else [1.0]
-    samples = [generate(model, student, partial, scan, noise, s, student_steps, repeat, generator) for s in scales]
+    # Bounded box for the student's samples (zero gradient outside): a diverging student
+    # must not crash voxelisation with kilometre-scale coordinates.
+    box = 4.0 * float(partial.detach().abs().max().clamp_min(1.0))
+    samples = [
+        generate(model, student, partial, scan, noise, s, student_steps, repeat, generator).clamp(-box, box)
+        for s in scales
+    ]
     logs: dict[str, float] = {}
     if preference:
         cd = preference_metric(samples, full)  # [2, B]
