@@ -114,6 +114,7 @@ class SceneCompleter:
         self.n_part = self.config.data.resolve_n_part(mc.n_part)
         # A model trained on a smaller radius cannot complete beyond it: cap (documented).
         self.max_range = min(self.config.data.max_range, mc.max_range or float("inf"))
+        self.sample_bound = 4.0 * self.max_range
         self.guidance = mc.default_guidance if self.config.sampling.guidance is None else self.config.sampling.guidance
         if self.config.refine and model.refiner is None:
             raise ValueError("refine is on but the checkpoint has no refinement net (set refine: false)")
@@ -225,7 +226,9 @@ class SceneCompleter:
             if len(predictions) == 2:
                 eps = predictions[1] + self.guidance * (predictions[0] - predictions[1])
             offsets = scheduler.step(eps, t, x_t - x_init, generator=generator).prev_sample
-            x_t = x_init + offsets
+            # Keep diverging points (a weak model under strong guidance) inside a box: they are
+            # dropped by post-processing anyway and must not overflow voxel coordinates.
+            x_t = (x_init + offsets).clamp(-self.sample_bound, self.sample_bound)
         return x_t, nfe
 
     @torch.inference_mode()

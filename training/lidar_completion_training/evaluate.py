@@ -52,7 +52,7 @@ def evaluate_setting(
     dataset: CompletionDataset,
     indices: Sequence[int],
     *,
-    preset: str = "lite",
+    preset: str = "model",
     n_part: int | None = None,
     device: str = "cpu",
     seed: int = 0,
@@ -177,7 +177,7 @@ def _common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sequences", nargs="+", required=True, help="held-out sequences, e.g. 05")
     parser.add_argument("--max-scans", type=int, default=None)
     parser.add_argument("--stride", type=int, default=1, help="use every k-th scan")
-    parser.add_argument("--preset", default="lite")
+    parser.add_argument("--preset", default="model", help="point budget: model (the checkpoint's own, default), lite or full")
     parser.add_argument("--n-part", type=int, default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
