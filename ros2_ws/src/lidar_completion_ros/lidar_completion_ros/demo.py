@@ -244,7 +244,10 @@ def main(argv: list[str] | None = None) -> int:
         _say("no completed scan came back; see the logs in " + str(args.out))
         return 1
 
-    max_range = 50.0
+    # Score at the radius the model completes (a lite model is trained on, and capped to, 20 m).
+    from lidar_completion.checkpoints import load_model
+
+    max_range = min(50.0, load_model(checkpoint).config.max_range or 50.0)
     rows = score(args.root, args.sequence, outputs, [c.stamp_ns for c in inputs], timings, max_range)
     header = (f"{'frame':>5} {'in pts':>7} {'out pts':>7} {'node ms':>8} {'model ms':>8} {'ovh ms':>6} | "
               f"{'CD in':>6} {'CD out':>6} | {'F in':>5} {'F out':>5} | {'JSD-BEV in':>10} {'out':>5} | "
