@@ -130,16 +130,17 @@ class CompletionConfig:
 
     def replace(self, **dotted: Any) -> "CompletionConfig":
         """Copy with dotted overrides, e.g. ``replace(**{"sampling.steps": 4})``; None values are ignored."""
-        values = _flatten(self.to_dict())
+        values = flatten_keys(self.to_dict())
         values.update({k: v for k, v in dotted.items() if v is not None})
         return CompletionConfig.from_dict(values)
 
 
-def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_keys(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"data": {"max_range": 50}}`` -> ``{"data.max_range": 50}`` (the ROS parameter names)."""
     flat: dict[str, Any] = {}
     for key, value in values.items():
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten_keys(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat

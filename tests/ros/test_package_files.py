@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import yaml
+from lidar_completion.config import flatten_keys
 from lidar_completion_ros import node as node_module
 from lidar_completion_ros.parameters import COMPLETION_KEYS, PARAMETERS, completion_config, defaults
 
@@ -26,14 +27,6 @@ NODE_YAML = REPO / "config" / "completion_node.yaml"
 DOCUMENTED_ARGS = {"input_topic", "output_topic", "params_file", "checkpoint", "device", "namespace", "use_sim_time"}
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _declared_args(path: Path) -> dict[str, str | None]:
@@ -109,7 +102,7 @@ def test_launch_description_builds(monkeypatch: pytest.MonkeyPatch) -> None:  # 
 def _yaml_parameters() -> dict[str, Any]:
     data = yaml.safe_load(NODE_YAML.read_text())
     assert list(data) == ["/**"], "parameters apply to the node under any name/namespace"
-    return _flatten(data["/**"]["ros__parameters"])
+    return flatten_keys(data["/**"]["ros__parameters"])
 
 
 def test_yaml_keys_match_declared_parameters_both_ways() -> None:
@@ -140,9 +133,8 @@ def test_yaml_builds_a_valid_core_config() -> None:
 
 def test_completion_keys_are_the_core_config_keys() -> None:
     from lidar_completion.config import CompletionConfig
-    from lidar_completion.config import _flatten as core_flatten
 
-    assert set(COMPLETION_KEYS) == set(core_flatten(CompletionConfig().to_dict()))
+    assert set(COMPLETION_KEYS) == set(flatten_keys(CompletionConfig().to_dict()))
 
 
 def _nudge(value: float | int, direction: int) -> float | int:
