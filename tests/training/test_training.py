@@ -183,3 +183,19 @@ def test_bad_config_values_are_rejected_before_training(tmp_path, override, mess
     from lidar_completion_training.train import main
 
     assert main([str(path)]) == 2
+
+
+def test_refinement_run_adds_a_refiner_and_keeps_the_base_model(tiny_dataset, tmp_path):
+    from lidar_completion_training.engine import fit
+
+    torch.manual_seed(0)
+    base = CompletionModel(ModelConfig(channel_ratio=0.25, kind="student", default_steps=1, default_guidance=1.0))
+    base_dir = save_model(base, tmp_path / "base")
+    config = run_config(tiny_dataset, tmp_path / "refine", kind="refine", trainer={"max_steps": 3, "checkpoint_every": 3}, refine={"base": str(base_dir)})
+    refined = load_model(fit(config, progress=False))
+    assert refined.refiner is not None and refined.config.refine_channel_ratio == 0.25
+    for key, value in base.state_dict().items():
+        assert torch.equal(refined.state_dict()[key], value), key
+    with open(tmp_path / "refine" / "logs" / "metrics.csv") as handle:
+        chamfer = [float(row["train/chamfer"]) for row in __import__("csv").DictReader(handle) if row.get("train/chamfer")]
+    assert len(chamfer) == 3 and all(0 < c < 100 for c in chamfer)

@@ -25,7 +25,7 @@ from lidar_completion.checkpoints import CompletionModel, ModelConfig, load_mode
 from lidar_completion.diffusion import NoiseSchedule
 
 from .dataset import CompletionDataset, PairConfig
-from .objectives import distillation_iteration, seeded_generator, teacher_loss
+from .objectives import distillation_iteration, refine_loss, seeded_generator, teacher_loss
 from .run_config import RunConfig
 
 __all__ = ["TeacherModule", "DistillationModule", "build_module", "build_trainer", "fit", "export_last"]
@@ -220,6 +220,31 @@ class DistillationModule(_Base):
         return save_model(self.model, directory)
 
 
+class RefineModule(_Base):
+    """Trains a refinement net (x6 offsets, Chamfer loss) onto an exported teacher/student;
+    the export is that model with its ``refiner`` added."""
+
+    def __init__(self, config: RunConfig):
+        super().__init__(config)
+        base = load_model(config.refine.base)
+        self.model = CompletionModel(ModelConfig(**(base.config.__dict__ | {"refine_channel_ratio": config.refine.channel_ratio})))
+        self.model.load_state_dict(base.state_dict(), strict=False)  # everything but the new refiner
+        self.model.encoder.requires_grad_(False)
+        self.model.denoiser.requires_grad_(False)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        losses = refine_loss(self.model, batch["full"], self._generator(), self.config.refine.jitter)
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=batch["full"].shape[0])
+        self.data_step += 1
+        return losses["loss"]
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.model.refiner.parameters(), lr=self.config.trainer.lr)
+
+    def export(self, directory: str | os.PathLike) -> Path:
+        return save_model(self.model, directory)
+
+
 class AtomicCheckpoint(L.Callback):
     """``last.ckpt`` every N steps, written to a temporary file and renamed into place, so a
     crash mid-write never leaves a truncated checkpoint behind."""
@@ -243,7 +268,7 @@ class AtomicCheckpoint(L.Callback):
 
 
 def build_module(config: RunConfig) -> _Base:
-    return TeacherModule(config) if config.kind == "teacher" else DistillationModule(config)
+    return {"teacher": TeacherModule, "distill": DistillationModule, "refine": RefineModule}[config.kind](config)
 
 
 def build_trainer(config: RunConfig, progress: bool = True) -> L.Trainer:
@@ -255,10 +280,10 @@ def build_trainer(config: RunConfig, progress: bool = True) -> L.Trainer:
         num_nodes=t.num_nodes,
         strategy=t.strategy,
         # Lightning counts optimizer steps; distillation steps two optimizers per batch.
-        max_steps=t.max_steps * (1 if config.kind == "teacher" else 2),
+        max_steps=t.max_steps * (2 if config.kind == "distill" else 1),
         max_epochs=-1,
         precision=t.precision,
-        gradient_clip_val=t.grad_clip if config.kind == "teacher" else None,
+        gradient_clip_val=t.grad_clip if config.kind != "distill" else None,
         logger=L.pytorch.loggers.CSVLogger(out, name="logs", version=""),
         log_every_n_steps=t.log_every,
         callbacks=[AtomicCheckpoint(out / "checkpoints", t.checkpoint_every)],

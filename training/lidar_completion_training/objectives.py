@@ -46,6 +46,7 @@ __all__ = [
     "distillation_iteration",
     "chamfer_preference",
     "seeded_generator",
+    "refine_loss",
 ]
 
 
@@ -239,3 +240,28 @@ def seeded_generator(seed: int, step: int, rank: int = 0, device: torch.device |
     """Randomness of one training step, a pure function of (seed, step, rank)."""
     mixed = int(np.random.SeedSequence([seed, step, rank]).generate_state(1, dtype=np.uint64)[0] >> 1)
     return torch.Generator(device).manual_seed(mixed)
+
+
+def _nearest_sq(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """Differentiable squared distance from each ``src`` point to its nearest ``dst`` point
+    (neighbours found with scipy's KD-tree on detached copies, then gathered with grad)."""
+    from scipy.spatial import cKDTree
+
+    index = cKDTree(dst.detach().cpu().numpy()).query(src.detach().cpu().numpy(), k=1)[1]
+    return ((src - dst[torch.from_numpy(index).to(src.device)]) ** 2).sum(-1)
+
+
+def refine_loss(model: CompletionModel, full: torch.Tensor, generator: torch.Generator, jitter: float = 0.1) -> dict[str, torch.Tensor]:
+    """Refinement net objective: a sparse, jittered sixth of the ground truth goes in, each
+    point plus its 6 predicted offsets must cover the ground truth (Chamfer distance)."""
+    from lidar_completion.sparse import voxelize
+
+    losses = []
+    for scene in full:  # [N, 3] per batch entry
+        keep = torch.randperm(scene.shape[0], generator=generator, device=scene.device)[: scene.shape[0] // 6]
+        coarse = scene[keep] + jitter * torch.randn(keep.shape[0], 3, generator=generator, device=scene.device)
+        offsets = model.refiner(voxelize(coarse, None, model.config.voxel_size))
+        dense = (coarse[:, None, :] + offsets.reshape(-1, 6, 3)).reshape(-1, 3)
+        losses.append(0.5 * (_nearest_sq(dense, scene).sqrt().mean() + _nearest_sq(scene, dense).sqrt().mean()))
+    loss = torch.stack(losses).mean()
+    return {"loss": loss, "chamfer": loss.detach()}

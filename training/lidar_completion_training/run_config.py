@@ -104,7 +104,18 @@ class DistillSection:
         _check(1 <= self.student_steps <= 8, "distill.student_steps", "must be in [1, 8]")
 
 
-_SECTIONS = {"data": DataSection, "model": ModelSection, "trainer": TrainerSection, "teacher": TeacherSection, "distill": DistillSection}
+@dataclass(frozen=True)
+class RefineSection:
+    base: str = ""  # the exported teacher or student that gets the refinement net
+    channel_ratio: float = 0.25
+    jitter: float = 0.1
+
+    def __post_init__(self) -> None:
+        _check(0.05 <= self.channel_ratio <= 4, "refine.channel_ratio", f"must be in [0.05, 4], got {self.channel_ratio}")
+        _check(0 <= self.jitter < 1, "refine.jitter", "must be in [0, 1) m")
+
+
+_SECTIONS = {"data": DataSection, "model": ModelSection, "trainer": TrainerSection, "teacher": TeacherSection, "distill": DistillSection, "refine": RefineSection}
 
 
 @dataclass(frozen=True)
@@ -115,9 +126,12 @@ class RunConfig:
     trainer: TrainerSection = field(default_factory=TrainerSection)
     teacher: TeacherSection = field(default_factory=TeacherSection)
     distill: DistillSection = field(default_factory=DistillSection)
+    refine: RefineSection = field(default_factory=RefineSection)
 
     def __post_init__(self) -> None:
-        _check(self.kind in ("teacher", "distill"), "kind", f"must be teacher or distill, got {self.kind!r}")
+        _check(self.kind in ("teacher", "distill", "refine"), "kind", f"must be teacher, distill or refine, got {self.kind!r}")
+        if self.kind == "refine":
+            _check(bool(self.refine.base) and Path(self.refine.base).exists(), "refine.base", f"exported model {self.refine.base!r} not found")
         if self.kind == "distill":
             _check(bool(self.distill.teacher), "distill.teacher", "path of the teacher export is required")
             _check(Path(self.distill.teacher).exists(), "distill.teacher", f"{self.distill.teacher} does not exist")
