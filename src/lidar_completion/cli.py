@@ -187,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
         (out_dir / CONFIG_NAME).write_text(yaml.safe_dump(used, sort_keys=False))
 
     setting = (f"steps={completer.steps} guidance={completer.guidance:g} "
-               f"refine={'on' if completer.config.refine else 'off'} n_part={completer.config.data.points_per_scan} "
+               f"refine={'on' if completer.config.refine else 'off'} n_part={completer.n_part} "
                f"device={completer.device}")
     timings, skipped = [], []
     bar = tqdm(list(zip(inputs, outputs)), desc=PROG, unit="scan", disable=None, file=sys.stderr)
