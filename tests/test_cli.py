@@ -236,7 +236,7 @@ def test_shipped_model_by_name_and_as_default(capsys, tmp_path, monkeypatch, che
         (shipped / name).mkdir(parents=True)
         for item in checkpoint.iterdir():
             (shipped / name / item.name).write_bytes(item.read_bytes())
-    monkeypatch.setattr(cli, "shipped_models", lambda: shipped)
+    monkeypatch.setattr("lidar_completion.checkpoints.SHIPPED_MODELS", shipped)
     monkeypatch.chdir(tmp_path)
     source = write_points(tmp_path / "scan.npy", ring_scan())
     for extra in ([], ["--checkpoint", "teacher_lite"]):

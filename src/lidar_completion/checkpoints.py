@@ -32,6 +32,8 @@ __all__ = [
     "save_model",
     "load_published",
     "PUBLISHED_PREFIXES",
+    "SHIPPED_MODELS",
+    "find_checkpoint",
 ]
 
 FORMAT_VERSION = 1
@@ -44,6 +46,21 @@ PUBLISHED_PREFIXES: dict[str, tuple[str, str]] = {
     "lidiff": ("partial_enc.", "model."),
 }
 REFINE_PREFIX = "model_refine."
+# Trained checkpoints shipped inside the package (see models/MODEL_CARD.md).
+SHIPPED_MODELS = Path(__file__).resolve().parent / "models"
+
+
+def find_checkpoint(name_or_path: str | os.PathLike) -> Path | None:
+    """An existing path, or the bare name of a shipped model (e.g. ``student_lite``); else None.
+
+    One lookup for the CLI and the ROS node, which each word their own error.
+    """
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    if len(path.parts) == 1 and (SHIPPED_MODELS / path).exists():
+        return SHIPPED_MODELS / path
+    return None
 
 
 class CheckpointError(RuntimeError):

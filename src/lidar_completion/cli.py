@@ -35,25 +35,23 @@ class UsageError(Exception):
     """Bad arguments, config or checkpoint: exit status 2 with a one-line message."""
 
 
-def shipped_models() -> Path:
-    return Path(__file__).resolve().parent / "models"
-
-
 def default_checkpoint() -> Path:
     """The shipped lite student, next to the package."""
-    return shipped_models() / "student_lite"
+    from .checkpoints import SHIPPED_MODELS
+
+    return SHIPPED_MODELS / "student_lite"
 
 
 def resolve_checkpoint(given: Path | None) -> Path:
     """A path, or the name of a model shipped in ``lidar_completion/models`` (as the ROS node)."""
+    from .checkpoints import find_checkpoint
+
     if given is None:
         path = default_checkpoint()
         if not path.exists():
             raise UsageError(f"no shipped model at {path}; pass --checkpoint PATH")
         return path
-    if not given.exists() and len(given.parts) == 1 and (shipped_models() / given).exists():
-        return shipped_models() / given
-    return given
+    return find_checkpoint(given) or given
 
 
 def build_parser() -> argparse.ArgumentParser:

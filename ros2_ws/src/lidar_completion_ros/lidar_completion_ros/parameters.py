@@ -179,9 +179,9 @@ def completion_config(values: dict[str, Any]):
 
 def shipped_models_dir() -> Path:
     """``lidar_completion/models``: where the core package ships trained checkpoints."""
-    import lidar_completion
+    from lidar_completion.checkpoints import SHIPPED_MODELS
 
-    return Path(lidar_completion.__file__).resolve().parent / "models"
+    return SHIPPED_MODELS
 
 
 def resolve_checkpoint(value: str) -> Path:
@@ -192,12 +192,12 @@ def resolve_checkpoint(value: str) -> Path:
     text = os.path.expandvars(os.path.expanduser(str(value).strip()))
     if not text:
         raise FileNotFoundError("parameter 'checkpoint' is empty; set it to a checkpoint path or a shipped model")
-    path = Path(text)
-    if path.exists():
-        return path
+    from lidar_completion.checkpoints import find_checkpoint
+
+    found = find_checkpoint(text)
+    if found is not None:
+        return found
     shipped_dir = shipped_models_dir()
-    if os.sep not in text and "/" not in text and (shipped_dir / text).exists():
-        return shipped_dir / text
     shipped = sorted(p.name for p in shipped_dir.iterdir()) if shipped_dir.is_dir() else []
     raise FileNotFoundError(
         f"checkpoint '{value}' not found: no such file or directory, and no model of that name in "
