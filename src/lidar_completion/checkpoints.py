@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .networks import Denoiser, RefinementNet, ScanEncoder, channel_widths, BASE_CHANNELS
+from .sparse import PointField, voxelize
 
 __all__ = [
     "CheckpointError",
@@ -127,6 +128,11 @@ class CompletionModel(nn.Module):
         self.denoiser = Denoiser(config.channel_ratio)
         ratio = config.refine_channel_ratio
         self.refiner = RefinementNet(ratio) if ratio is not None else None
+        self.backend = "torch"  # sparse-conv backend of voxelize(); not part of the weights
+
+    def voxelize(self, points: torch.Tensor, batch: torch.Tensor | None = None) -> PointField:
+        """The model's voxelisation (its voxel size, on its backend) of [N, 3] points."""
+        return voxelize(points, batch, self.config.voxel_size, backend=self.backend)
 
 
 def _atomic_write(path: Path, write) -> None:

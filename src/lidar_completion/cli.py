@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
+from .config import BACKENDS
 
 __all__ = ["build_parser", "default_checkpoint", "main"]
 
@@ -66,12 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", choices=OUTPUT_FORMATS, help="output format (default: from --out, else ply)")
     parser.add_argument("--checkpoint", type=Path, help="model directory, .safetensors, published .ckpt, or the "
                         "name of a shipped model, e.g. teacher_lite (default: the shipped student_lite)")
-    parser.add_argument("--config", type=Path, help="completion YAML (keys data.*, sampling.*, refine, device)")
+    parser.add_argument("--config", type=Path, help="completion YAML (keys data.*, sampling.*, refine, device, backend)")
     parser.add_argument("--steps", type=int, help="sampler steps (default: config, else the checkpoint's)")
     parser.add_argument("--guidance", type=float, help="classifier-free guidance weight; 0 or 1 = off")
     parser.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None,
                         help="x6 refinement net (default: config; off when the checkpoint has none)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: config (auto)")
+    parser.add_argument("--backend", choices=BACKENDS,
+                        help="sparse convolutions: torch (built in, default) or minkowski (if installed)")
     parser.add_argument("--seed", type=int, help="sampling seed (default: config, 0)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, one per core)")
     parser.add_argument("--preset", choices=("lite", "full"), help="point budget: lite 2000 (CPU), full 18000 (GPU)")
@@ -127,6 +130,7 @@ def load_completer(args: argparse.Namespace):
         "sampling.seed": args.seed,
         "refine": args.refine,
         "device": args.device,
+        "backend": args.backend,
     }
     if args.preset:  # the preset's own budget, also over an n_part set in the YAML
         overrides |= {"data.preset": args.preset, "data.n_part": PRESETS[args.preset]["n_part"]}

@@ -26,7 +26,7 @@ import torch
 from .checkpoints import CompletionModel, load_model
 from .config import CompletionConfig
 from .diffusion import make_sampler
-from .sparse import SparseTensor, voxelize
+from .sparse import SparseTensor
 
 __all__ = ["ScanError", "CompletionResult", "SceneCompleter", "resolve_device", "farthest_point_sample"]
 
@@ -89,7 +89,7 @@ class _Timer:
 def encode_scans(model: CompletionModel, partial: torch.Tensor) -> SparseTensor:
     """Encode a batch of scans [B, n, 3] (the encoder output is reused at every step)."""
     batch = torch.arange(partial.shape[0], device=partial.device).repeat_interleave(partial.shape[1])
-    return model.encoder(voxelize(partial.reshape(-1, 3), batch, model.config.voxel_size))
+    return model.encoder(model.voxelize(partial.reshape(-1, 3), batch))
 
 
 def predict_noise(
@@ -97,7 +97,7 @@ def predict_noise(
 ) -> list[torch.Tensor]:
     """Denoiser output [B, N, 3] for each encoded scan; one voxelisation shared by all."""
     batch = torch.arange(x_t.shape[0], device=x_t.device).repeat_interleave(x_t.shape[1])
-    field_ = voxelize(x_t.reshape(-1, 3), batch, model.config.voxel_size)
+    field_ = model.voxelize(x_t.reshape(-1, 3), batch)
     t = t.expand(x_t.shape[0]) if t.numel() == 1 else t
     return [model.denoiser(field_, scan, t).reshape(x_t.shape) for scan in scans]
 
@@ -108,7 +108,12 @@ class SceneCompleter:
     def __init__(self, model: CompletionModel, config: CompletionConfig | None = None):
         self.config = config or CompletionConfig()
         self.device = resolve_device(self.config.device)
+        if self.config.backend == "minkowski":
+            from .minkowski import require
+
+            require(self.device)  # fails here, with how to install it, not mid-frame
         self.model = model.to(self.device).eval()
+        self.model.backend = self.config.backend
         mc = model.config
         self.steps = self.config.sampling.steps or mc.default_steps
         self.n_part = self.config.data.resolve_n_part(mc.n_part)
@@ -237,5 +242,5 @@ class SceneCompleter:
         if len(points) == 0:
             return points
         p = torch.from_numpy(points).to(self.device)
-        offsets = self.model.refiner(voxelize(p, None, self.model.config.voxel_size))
+        offsets = self.model.refiner(self.model.voxelize(p))
         return (p[:, None, :] + offsets.reshape(-1, 6, 3)).reshape(-1, 3).cpu().numpy()

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["DataConfig", "SamplingConfig", "CompletionConfig", "PRESETS", "MODEL_PRESET", "load_config"]
+__all__ = ["DataConfig", "SamplingConfig", "CompletionConfig", "PRESETS", "MODEL_PRESET", "BACKENDS", "load_config"]
 
 # Point budgets: "full" is the published setting (GPU); "lite" keeps a CPU frame in seconds;
 # "model" (the default) uses the budget the checkpoint was trained with, else "lite".
@@ -23,6 +23,9 @@ PRESETS: dict[str, dict[str, int]] = {
     "lite": {"n_part": 2000},
 }
 MODEL_PRESET = "model"
+# Sparse-convolution backends: the built-in pure-PyTorch one, or MinkowskiEngine 0.5.4 when
+# installed (scripts/install_minkowski.sh); both compute the same thing.
+BACKENDS = ("torch", "minkowski")
 
 
 def _check(condition: bool, key: str, message: str) -> None:
@@ -88,8 +91,10 @@ class CompletionConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     refine: bool = False  # published students ship without a refinement net
     device: str = "auto"
+    backend: str = "torch"  # sparse convolutions: "torch" (built in) or "minkowski" (optional)
 
     def __post_init__(self) -> None:
+        _check(self.backend in BACKENDS, "backend", f"must be one of {list(BACKENDS)}, got {self.backend!r}")
         _check(
             self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
             "device",

@@ -24,6 +24,7 @@ from .sparse import (
     SparseReLU,
     SparseTensor,
     cat,
+    pack,
     voxelize,
 )
 
@@ -149,6 +150,9 @@ def nearest_encoder_rows(x: SparseTensor, encoded: SparseTensor) -> torch.Tensor
         r_rows = torch.nonzero(ref_all[:, 0] == b).squeeze(1)
         if r_rows.numel() == 0:
             continue
+        # Search in lexicographic order, so "first row on ties" is the smallest voxel
+        # whatever order the backend keeps its rows in (the torch backend's is sorted).
+        r_rows = r_rows[torch.argsort(pack(ref_all[r_rows]))]
         query, ref = query_all[q_rows, 1:], ref_all[r_rows, 1:]
         if query.is_cuda:
             local = _nearest_rows_bruteforce(query, ref)
@@ -290,8 +294,3 @@ class Denoiser(SparseUNet):
         """Noise prediction per point of ``field``; ``t`` holds one timestep per batch entry."""
         temb = timestep_embedding(t.reshape(-1), self.embed_dim)
         return self.last(field.slice(self.run(field, (scan, temb))))
-
-
-def encode_points(points: torch.Tensor, batch: torch.Tensor | None, voxel_size: float) -> PointField:
-    """Voxelise points with their positions as features, as the published model does."""
-    return voxelize(points, batch, voxel_size)

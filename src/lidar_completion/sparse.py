@@ -105,7 +105,13 @@ class KernelMap:
 
 @dataclass
 class CoordinateManager:
-    """Coordinate sets per tensor stride and cached kernel maps, shared by one forward."""
+    """Coordinate sets per tensor stride and cached kernel maps, shared by one forward.
+
+    It is also the *backend* of every :class:`SparseTensor` built on it: convolutions ask
+    the tensor's manager to run them (:meth:`convolve`, :meth:`convolve_transpose`,
+    :meth:`coordinates`), so ``lidar_completion.minkowski`` can stand in an object with
+    the same three methods and run the very same networks on MinkowskiEngine.
+    """
 
     keys: dict[int, torch.Tensor] = field(default_factory=dict)
     coords: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -114,6 +120,29 @@ class CoordinateManager:
     def add(self, stride: int, keys: torch.Tensor) -> None:
         self.keys[stride] = keys
         self.coords[stride] = unpack(keys)
+
+    def coordinates(self, stride: int) -> torch.Tensor:
+        """``(batch, x, y, z)`` int64 rows of the stride-``stride`` set, in row order."""
+        return self.coords[stride]
+
+    def convolve(self, x: "SparseTensor", kernel: torch.Tensor, kernel_size: int, stride: int) -> "SparseTensor":
+        """MinkowskiConvolution: k=3/1 stride 1 keeps the coordinates, k=2 s=2 halves them."""
+        if kernel_size == 1:
+            return x.replace(x.feats @ kernel)
+        if stride == 1:
+            kmap = self.submanifold_map(x.stride, kernel_size)
+            return x.replace(_convolve(x.feats, kmap.pairs, kernel, kmap.num_out))
+        kmap = self.downsample_map(x.stride)
+        return SparseTensor(_convolve(x.feats, kmap.pairs, kernel, kmap.num_out), 2 * x.stride, self)
+
+    def convolve_transpose(self, x: "SparseTensor", kernel: torch.Tensor) -> "SparseTensor":
+        """MinkowskiConvolutionTranspose k=2 s=2 onto the finer set that already exists."""
+        fine = x.stride // 2
+        if fine < 1 or fine not in self.keys:
+            raise ValueError(f"no stride-{fine} coordinates to transpose onto")
+        kmap = self.downsample_map(fine)
+        swapped = [(dst, src) for src, dst in kmap.pairs]
+        return SparseTensor(_convolve(x.feats, swapped, kernel, self.keys[fine].numel()), fine, self)
 
     def submanifold_map(self, stride: int, kernel_size: int) -> KernelMap:
         """Neighbours within one coordinate set (stride-1 conv, output coords = input coords)."""
@@ -170,7 +199,7 @@ class SparseTensor:
 
     @property
     def coords(self) -> torch.Tensor:
-        return self.manager.coords[self.stride]
+        return self.manager.coordinates(self.stride)
 
     @property
     def batch(self) -> torch.Tensor:
@@ -208,17 +237,26 @@ def voxelize(
     batch: torch.Tensor | None,
     voxel_size: float,
     feats: torch.Tensor | None = None,
+    backend: str = "torch",
 ) -> PointField:
     """Quantise points to ``round(p / voxel_size)`` and average features per voxel.
 
     This is MinkowskiEngine's ``TensorField(..., UNWEIGHTED_AVERAGE).sparse()`` as used by
-    LiDiff: the default feature is the point position itself.
+    LiDiff: the default feature is the point position itself. The tensors it returns carry
+    their backend: with ``backend="minkowski"`` every convolution applied to them downstream
+    runs on MinkowskiEngine (see :mod:`lidar_completion.minkowski`).
     """
     if points.ndim != 2 or points.shape[1] != 3:
         raise ValueError(f"points must be [N, 3], got {tuple(points.shape)}")
     feats = points if feats is None else feats
     if batch is None:
         batch = torch.zeros(points.shape[0], dtype=torch.long, device=points.device)
+    if backend == "minkowski":
+        from . import minkowski
+
+        return minkowski.voxelize(points, batch, voxel_size, feats)
+    if backend != "torch":
+        raise ValueError(f"unknown sparse backend {backend!r} (use 'torch' or 'minkowski')")
     grid = torch.round(points / voxel_size).long()
     coords = torch.cat([batch.long().view(-1, 1), grid], dim=1)
     keys, inverse = torch.unique(pack(coords), sorted=True, return_inverse=True)
@@ -267,14 +305,7 @@ class SparseConv(nn.Module):
         nn.init.uniform_(self.kernel, -bound, bound)
 
     def forward(self, x: SparseTensor) -> SparseTensor:
-        if self.kernel_size == 1:
-            return x.replace(x.feats @ self.kernel)
-        if self.stride == 1:
-            kmap = x.manager.submanifold_map(x.stride, self.kernel_size)
-            return x.replace(_convolve(x.feats, kmap.pairs, self.kernel, kmap.num_out))
-        kmap = x.manager.downsample_map(x.stride)
-        feats = _convolve(x.feats, kmap.pairs, self.kernel, kmap.num_out)
-        return SparseTensor(feats, 2 * x.stride, x.manager)
+        return x.manager.convolve(x, self.kernel, self.kernel_size, self.stride)
 
     def extra_repr(self) -> str:
         return f"kernel={tuple(self.kernel.shape)}, stride={self.stride}"
@@ -291,13 +322,7 @@ class SparseConvTranspose(nn.Module):
         nn.init.uniform_(self.kernel, -1.0 / (in_channels * 8) ** 0.5, 1.0 / (in_channels * 8) ** 0.5)
 
     def forward(self, x: SparseTensor) -> SparseTensor:
-        fine = x.stride // 2
-        if fine < 1 or fine not in x.manager.keys:
-            raise ValueError(f"no stride-{fine} coordinates to transpose onto")
-        kmap = x.manager.downsample_map(fine)
-        swapped = [(dst, src) for src, dst in kmap.pairs]
-        num_fine = x.manager.keys[fine].numel()
-        return SparseTensor(_convolve(x.feats, swapped, self.kernel, num_fine), fine, x.manager)
+        return x.manager.convolve_transpose(x, self.kernel)
 
 
 class SparseBatchNorm(nn.Module):

@@ -254,13 +254,11 @@ def _nearest_sq(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
 def refine_loss(model: CompletionModel, full: torch.Tensor, generator: torch.Generator, jitter: float = 0.1) -> dict[str, torch.Tensor]:
     """Refinement net objective: a sparse, jittered sixth of the ground truth goes in, each
     point plus its 6 predicted offsets must cover the ground truth (Chamfer distance)."""
-    from lidar_completion.sparse import voxelize
-
     losses = []
     for scene in full:  # [N, 3] per batch entry
         keep = torch.randperm(scene.shape[0], generator=generator, device=scene.device)[: scene.shape[0] // 6]
         coarse = scene[keep] + jitter * torch.randn(keep.shape[0], 3, generator=generator, device=scene.device)
-        offsets = model.refiner(voxelize(coarse, None, model.config.voxel_size))
+        offsets = model.refiner(model.voxelize(coarse))
         dense = (coarse[:, None, :] + offsets.reshape(-1, 6, 3)).reshape(-1, 3)
         losses.append(0.5 * (_nearest_sq(dense, scene).sqrt().mean() + _nearest_sq(scene, dense).sqrt().mean()))
     loss = torch.stack(losses).mean()

@@ -69,6 +69,7 @@ class ParamSpec:
 #: Keys passed to the core CompletionConfig (the rest are the node's own).
 COMPLETION_KEYS = (
     "device",
+    "backend",
     "refine",
     "data.preset",
     "data.n_part",
@@ -92,6 +93,11 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec(
         "device", "auto", "Torch device: auto (CUDA when available), cpu, cuda or cuda:N.",
         choices=("auto", "cpu", "cuda", "cuda:N"), read_only=True,
+    ),
+    ParamSpec(
+        "backend", "torch",
+        "Sparse convolutions: torch (built in) or minkowski (MinkowskiEngine 0.5.4, when installed).",
+        choices=("torch", "minkowski"), read_only=True,
     ),
     ParamSpec("refine", False, "Run the x6 refinement net after sampling (the checkpoint must have one)."),
     # --- core completion config ---------------------------------------------------------

@@ -1,0 +1,127 @@
+"""Optional MinkowskiEngine 0.5.4 backend: the same networks, run on MinkowskiEngine.
+
+This is the only module that imports MinkowskiEngine. It stands in for
+:class:`lidar_completion.sparse.CoordinateManager`: :func:`voxelize` quantises with
+MinkowskiEngine's own ``TensorField(..., UNWEIGHTED_AVERAGE).sparse()`` (as LiDiff does),
+and every convolution on the tensors it returns calls MinkowskiEngine's convolution
+functions with the network's own kernels. So one set of modules and weights runs on
+either backend, and the two can be compared number for number
+(``tests/test_minkowski.py``, ``benchmarks/bench_denoiser.py``).
+
+MinkowskiEngine is not a dependency: install it with ``scripts/install_minkowski.sh``.
+Row order differs from the torch backend (MinkowskiEngine keeps hash-map order); nothing
+downstream depends on it (outputs are read back per point, and the nearest-encoder-voxel
+search breaks ties by coordinates, not rows).
+"""
+
+from __future__ import annotations
+
+import collections
+import collections.abc
+import functools
+from types import ModuleType
+
+import torch
+
+from .sparse import PointField, SparseTensor
+
+__all__ = ["available", "require", "voxelize", "MinkowskiCoordinates", "INSTALL_HINT"]
+
+INSTALL_HINT = "install it with ./scripts/install_minkowski.sh, or use backend: torch"
+
+
+@functools.cache
+def _engine() -> ModuleType | None:
+    """Import MinkowskiEngine once, or None when it is not installed or fails to load."""
+    # Python >= 3.10 dropped these aliases; MinkowskiEngine 0.5.4 still imports them.
+    for name in ("Sequence", "Iterable", "Mapping", "MutableMapping"):
+        if not hasattr(collections, name):
+            setattr(collections, name, getattr(collections.abc, name))
+    try:
+        import MinkowskiEngine as ME
+    except Exception:  # ImportError, or a compiled extension built against another torch
+        return None
+    return ME
+
+
+def available() -> bool:
+    """True when MinkowskiEngine imports in this environment."""
+    return _engine() is not None
+
+
+def require(device: torch.device | str = "cpu") -> ModuleType:
+    """MinkowskiEngine, or a clear error saying why it cannot be used on ``device``."""
+    ME = _engine()
+    if ME is None:
+        raise RuntimeError(f"backend 'minkowski' requested but MinkowskiEngine is not importable: {INSTALL_HINT}")
+    if torch.device(device).type == "cuda" and not ME.is_cuda_available():
+        raise RuntimeError("this MinkowskiEngine build is CPU-only; rebuild with ME_CUDA=1 or use device: cpu")
+    return ME
+
+
+@functools.cache
+def _kernel_generator(kernel_size: int, stride: int):
+    ME = require()
+    return ME.KernelGenerator(kernel_size=kernel_size, stride=stride, dilation=1, dimension=3)
+
+
+class MinkowskiCoordinates:
+    """A MinkowskiEngine ``CoordinateManager`` behind the interface of the torch backend's
+    :class:`~lidar_completion.sparse.CoordinateManager` (``coordinates``, ``convolve``,
+    ``convolve_transpose``), one coordinate-map key per tensor stride."""
+
+    def __init__(self, manager, key_at_stride_1):
+        self.manager = manager
+        self.keys = {1: key_at_stride_1}
+        self._coords: dict[int, torch.Tensor] = {}
+
+    def coordinates(self, stride: int) -> torch.Tensor:
+        if stride not in self._coords:
+            self._coords[stride] = self.manager.get_coordinates(self.keys[stride]).long()
+        return self._coords[stride]
+
+    def _run(self, function, x: SparseTensor, kernel: torch.Tensor, kernel_size: int, stride: int, out_stride: int):
+        ME = require()
+        out_key = ME.CoordinateMapKey(4)  # filled in by MinkowskiEngine, as its modules do
+        feats = function.apply(
+            x.feats, kernel, _kernel_generator(kernel_size, stride), ME.ConvolutionMode.DEFAULT,
+            self.keys[x.stride], out_key, self.manager,
+        )
+        known = self.keys.setdefault(out_stride, out_key)
+        if known.get_key() != out_key.get_key():
+            raise RuntimeError(f"MinkowskiEngine produced a second coordinate map at stride {out_stride}")
+        return SparseTensor(feats, out_stride, self)
+
+    def convolve(self, x: SparseTensor, kernel: torch.Tensor, kernel_size: int, stride: int) -> SparseTensor:
+        if kernel_size == 1:  # MinkowskiConvolution's own shortcut for 1x1x1 kernels
+            return x.replace(x.feats.mm(kernel))
+        ME = require()
+        return self._run(ME.MinkowskiConvolutionFunction(), x, kernel, kernel_size, stride, x.stride * stride)
+
+    def convolve_transpose(self, x: SparseTensor, kernel: torch.Tensor) -> SparseTensor:
+        fine = x.stride // 2
+        if fine not in self.keys:
+            raise ValueError(f"no stride-{fine} coordinates to transpose onto")
+        ME = require()
+        return self._run(ME.MinkowskiConvolutionTransposeFunction(), x, kernel, 2, 2, fine)
+
+
+def voxelize(points: torch.Tensor, batch: torch.Tensor, voxel_size: float, feats: torch.Tensor) -> PointField:
+    """LiDiff's quantisation on MinkowskiEngine: a ``TensorField`` of ``round(p / voxel)``
+    coordinates with unweighted averaging, its ``sparse()`` tensor and the point-to-voxel
+    inverse map used to slice outputs back to the points."""
+    ME = require(points.device)
+    if points.shape[0] == 0:
+        raise ValueError("cannot voxelise an empty point set on MinkowskiEngine")
+    coords = torch.cat([batch.view(-1, 1).to(points.dtype), torch.round(points / voxel_size)], dim=1)
+    field = ME.TensorField(
+        features=feats,
+        coordinates=coords,
+        quantization_mode=ME.SparseTensorQuantizationMode.UNWEIGHTED_AVERAGE,
+        minkowski_algorithm=ME.MinkowskiAlgorithm.SPEED_OPTIMIZED,
+        device=points.device,
+    )
+    sparse = field.sparse()
+    inverse = field.inverse_mapping(sparse.coordinate_map_key).long()
+    manager = MinkowskiCoordinates(field.coordinate_manager, sparse.coordinate_map_key)
+    return PointField(points, inverse, SparseTensor(sparse.F, 1, manager))
