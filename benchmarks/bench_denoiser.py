@@ -1,13 +1,15 @@
-"""Denoiser forward time and peak memory of the pure-PyTorch sparse backend.
+"""Denoiser forward time and peak memory, pure-PyTorch backend vs MinkowskiEngine.
 
     python benchmarks/bench_denoiser.py [--threads 2] [--points 20000 60000 180000] [--ratios 1 0.25]
+                                        [--device cpu|cuda] [--backends torch minkowski]
 
 Input is the real SemanticKITTI scan from ``shared/data`` as the pipeline feeds it: the
-scan sampled to n/10 points, repeated x10, plus unit Gaussian noise. Each row runs in a
-fresh subprocess so its peak RSS is its own. Reference (MinkowskiEngine 0.5.4 CPU build,
-this kind of machine, full width): 2.6 s at 20k, 11 s at 60k, 62 s at 180k points; the
-table prints it beside our time as a ratio (MinkowskiEngine itself is not run here: there is
-no MinkowskiEngine backend yet, see the README).
+scan sampled to n/10 points, repeated x10, plus unit Gaussian noise. Each measurement runs
+in a fresh subprocess so its peak memory is its own. When MinkowskiEngine is installed
+(``scripts/install_minkowski.sh``) the same networks, weights and inputs also run on it and
+the table prints torch / MinkowskiEngine as a ratio; otherwise it prints the ratio to the
+issue's reference (MinkowskiEngine 0.5.4 CPU build, this kind of machine, full width:
+2.6 s at 20k, 11 s at 60k, 62 s at 180k points).
 """
 
 from __future__ import annotations
@@ -40,29 +42,39 @@ def make_inputs(n_points: int, seed: int = 0):
     return part, noisy
 
 
-def run_one(ratio: float, n_points: int, threads: int, repeats: int) -> dict:
+def run_one(ratio: float, n_points: int, threads: int, repeats: int, backend: str, device: str) -> dict:
     import torch
 
     torch.set_num_threads(threads)
+    torch.manual_seed(0)  # the same weights for every backend
     part, noisy = make_inputs(n_points)
     from lidar_completion.networks import Denoiser, ScanEncoder
     from lidar_completion.sparse import voxelize
 
-    encoder, denoiser = ScanEncoder(ratio).eval(), Denoiser(ratio).eval()
+    dev = torch.device(device)
+    encoder, denoiser = ScanEncoder(ratio).eval().to(dev), Denoiser(ratio).eval().to(dev)
+    part, noisy, t = part.to(dev), noisy.to(dev), torch.tensor([500], device=dev)
 
     def forward():
-        scan = encoder(voxelize(part, None, 0.05))
-        return denoiser(voxelize(noisy, None, 0.05), scan, torch.tensor([500]))
+        scan = encoder(voxelize(part, None, 0.05, backend=backend))
+        out = denoiser(voxelize(noisy, None, 0.05, backend=backend), scan, t)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return out
 
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     times = []
     with torch.inference_mode():
         for _ in range(repeats):
             start = time.perf_counter()
-            forward()
+            out = forward()
             times.append(time.perf_counter() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"seconds": min(times), "peak_rss_mib": peak / 1024, "delta_rss_mib": (peak - rss_before) / 1024}
+    row = {"seconds": min(times), "peak_rss_mib": peak / 1024, "delta_rss_mib": (peak - rss_before) / 1024,
+           "checksum": float(out.double().abs().sum())}
+    if dev.type == "cuda":
+        row["peak_rss_mib"] = torch.cuda.max_memory_allocated(dev) / 2**20  # GPU memory instead
+    return row
 
 
 def main() -> None:
@@ -71,23 +83,37 @@ def main() -> None:
     parser.add_argument("--points", type=int, nargs="+", default=[20000, 60000, 180000])
     parser.add_argument("--ratios", type=float, nargs="+", default=[1.0, 0.25])
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--one", nargs=2, metavar=("RATIO", "POINTS"), help=argparse.SUPPRESS)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (memory column: GPU peak allocated)")
+    parser.add_argument("--backends", nargs="+", default=None,
+                        help="default: torch, plus minkowski when MinkowskiEngine is installed")
+    parser.add_argument("--one", nargs=3, metavar=("BACKEND", "RATIO", "POINTS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        ratio, points = args.one
-        print(json.dumps(run_one(float(ratio), int(points), args.threads, args.repeats)))
+        backend, ratio, points = args.one
+        print(json.dumps(run_one(float(ratio), int(points), args.threads, args.repeats, backend, args.device)))
         return
-    print(f"denoiser forward (encoder included), CPU, {args.threads} threads, best of {args.repeats}")
-    header = "| ratio | points | torch s | peak RSS MiB | MinkowskiEngine ref s (cr=1) | torch / ref |"
+    from lidar_completion import minkowski
+
+    backends = args.backends or (["torch", "minkowski"] if minkowski.available() else ["torch"])
+    memory = "peak GPU MiB" if args.device.startswith("cuda") else "peak RSS MiB"
+    print(f"denoiser forward (encoder included), {args.device}, {args.threads} threads, best of {args.repeats}")
+    columns = [f"{b} s | {b} {memory}" for b in backends]
+    compare = "torch / minkowski" if "minkowski" in backends else "torch / ME ref (2.6/11/62 s, cr=1)"
+    header = f"| ratio | points | {' | '.join(columns)} | {compare} |"
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for ratio in args.ratios:
         for points in args.points:
-            cmd = [sys.executable, __file__, "--threads", str(args.threads), "--repeats", str(args.repeats), "--one", str(ratio), str(points)]
-            row = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
-            ref = ME_REFERENCE_S.get(points) if ratio == 1.0 else None
-            ratio_text = f"{row['seconds'] / ref:.2f}" if ref else "-"
-            print(f"| {ratio:g} | {points} | {row['seconds']:.2f} | {row['peak_rss_mib']:.0f} | {ref or '-'} | {ratio_text} |", flush=True)
+            rows = {}
+            for backend in backends:
+                cmd = [sys.executable, __file__, "--threads", str(args.threads), "--repeats", str(args.repeats),
+                       "--device", args.device, "--one", backend, str(ratio), str(points)]
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+                rows[backend] = json.loads(out.strip().splitlines()[-1])
+            base = rows["minkowski"]["seconds"] if "minkowski" in rows else (ME_REFERENCE_S.get(points) if ratio == 1.0 else None)
+            ratio_text = f"{rows['torch']['seconds'] / base:.2f}" if base and "torch" in rows else "-"
+            cells = " | ".join(f"{r['seconds']:.2f} | {r['peak_rss_mib']:.0f}" for r in rows.values())
+            print(f"| {ratio:g} | {points} | {cells} | {ratio_text} |", flush=True)
 
 
 if __name__ == "__main__":

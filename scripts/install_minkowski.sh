@@ -7,9 +7,10 @@
 #   ME_CUDA=1 ./scripts/install_minkowski.sh  # CUDA build (needs nvcc matching torch)
 #
 # ME 0.5.4 is unmaintained: its sdist needs setuptools<60 (numpy.distutils-era setup.py),
-# no build isolation (it imports torch at build time), BLAS headers, C++17 for current
-# torch headers, and `collections.abc` on Python >= 3.10. This script applies exactly those
-# patches to an unpacked sdist and builds it; it changes nothing in this repository.
+# no build isolation (it imports torch at build time), BLAS headers and C++17 for current
+# torch headers; this script provides those and builds it, changing nothing in this
+# repository. Its Python code still imports `collections.Sequence` (gone since Python
+# 3.10): `lidar_completion.minkowski` puts the alias back before importing it.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 source "$repo/scripts/setup_env.sh"
@@ -32,11 +33,6 @@ pip download --disable-pip-version-check -q --no-deps --no-binary :all: --no-bui
 tar -xzf "$work"/MinkowskiEngine-0.5.4.tar.gz -C "$work"
 src="$work/MinkowskiEngine-0.5.4"
 
-# Python >= 3.10 removed the ABC aliases from `collections`.
-grep -rl --include='*.py' -E 'collections\.(Sequence|Iterable|Mapping)|from collections import (Sequence|Iterable|Mapping)' "$src/MinkowskiEngine" \
-  | xargs -r sed -i -E \
-      -e 's/from collections import (Sequence|Iterable|Mapping)/from collections.abc import \1/' \
-      -e 's/collections\.(Sequence|Iterable|Mapping)/collections.abc.\1/g'
 # Current torch headers need C++17 (ME 0.5.4 asks for C++14).
 sed -i 's/-std=c++14/-std=c++17/g' "$src/setup.py"
 

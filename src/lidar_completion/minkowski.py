@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import collections.abc
 import functools
+import warnings
 from types import ModuleType
 
 import torch
@@ -38,7 +39,9 @@ def _engine() -> ModuleType | None:
         if not hasattr(collections, name):
             setattr(collections, name, getattr(collections.abc, name))
     try:
-        import MinkowskiEngine as ME
+        with warnings.catch_warnings():  # "compiled with CPU_ONLY": require() says it when it matters
+            warnings.simplefilter("ignore", UserWarning)
+            import MinkowskiEngine as ME
     except Exception:  # ImportError, or a compiled extension built against another torch
         return None
     return ME
@@ -81,10 +84,12 @@ class MinkowskiCoordinates:
         return self._coords[stride]
 
     def _run(self, function, x: SparseTensor, kernel: torch.Tensor, kernel_size: int, stride: int, out_stride: int):
+        from MinkowskiEngineBackend._C import ConvolutionMode
+
         ME = require()
         out_key = ME.CoordinateMapKey(4)  # filled in by MinkowskiEngine, as its modules do
         feats = function.apply(
-            x.feats, kernel, _kernel_generator(kernel_size, stride), ME.ConvolutionMode.DEFAULT,
+            x.feats, kernel, _kernel_generator(kernel_size, stride), ConvolutionMode.DEFAULT,
             self.keys[x.stride], out_key, self.manager,
         )
         known = self.keys.setdefault(out_stride, out_key)
@@ -96,14 +101,14 @@ class MinkowskiCoordinates:
         if kernel_size == 1:  # MinkowskiConvolution's own shortcut for 1x1x1 kernels
             return x.replace(x.feats.mm(kernel))
         ME = require()
-        return self._run(ME.MinkowskiConvolutionFunction(), x, kernel, kernel_size, stride, x.stride * stride)
+        return self._run(ME.MinkowskiConvolutionFunction, x, kernel, kernel_size, stride, x.stride * stride)
 
     def convolve_transpose(self, x: SparseTensor, kernel: torch.Tensor) -> SparseTensor:
         fine = x.stride // 2
         if fine not in self.keys:
             raise ValueError(f"no stride-{fine} coordinates to transpose onto")
         ME = require()
-        return self._run(ME.MinkowskiConvolutionTransposeFunction(), x, kernel, 2, 2, fine)
+        return self._run(ME.MinkowskiConvolutionTransposeFunction, x, kernel, 2, 2, fine)
 
 
 def voxelize(points: torch.Tensor, batch: torch.Tensor, voxel_size: float, feats: torch.Tensor) -> PointField:

@@ -287,10 +287,11 @@ class Denoiser(SparseUNet):
         if name != "up1":  # published order is (scan, time) except at up1
             w_scan, w_time = w_time, w_scan
         rows = nearest_encoder_rows(x, scan)
-        hidden = (scan_feat @ w_scan.T)[rows] + (time_feat @ w_time.T + first.bias)[x.batch]
+        rows = torch.where(rows >= 0, rows, encoded.shape[0] - 1)  # -1 -> the all-zero row
+        hidden = (scan_feat @ w_scan.T).index_select(0, rows) + (time_feat @ w_time.T + first.bias).index_select(0, x.batch)
         return x * second(latemp[1](hidden))
 
     def forward(self, field: PointField, scan: SparseTensor, t: torch.Tensor) -> torch.Tensor:
         """Noise prediction per point of ``field``; ``t`` holds one timestep per batch entry."""
-        temb = timestep_embedding(t.reshape(-1), self.embed_dim)
+        temb = timestep_embedding(t.reshape(-1), self.embed_dim).to(self.last[0].weight.dtype)
         return self.last(field.slice(self.run(field, (scan, temb))))

@@ -229,7 +229,7 @@ class PointField:
         """Per-point features of a stride-1 tensor on this field's voxels."""
         if tensor.manager is not self.sparse.manager or tensor.stride != 1:
             raise ValueError("can only slice a stride-1 tensor built from this field")
-        return tensor.feats[self.voxel_of_point]
+        return tensor.feats.index_select(0, self.voxel_of_point)
 
 
 def voxelize(
@@ -282,7 +282,8 @@ def _convolve(
         if src is dst and src.numel() == num_out == feats.shape[0]:  # centre tap: identity map
             out.addmm_(feats, weight)
         else:
-            out.index_add_(0, dst, feats[src] @ weight)
+            # index_select, not feats[src]: the same gather, several times faster on CPU.
+            out.index_add_(0, dst, feats.index_select(0, src).mm(weight))
     return out
 
 
