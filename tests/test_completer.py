@@ -207,7 +207,7 @@ def test_refinement_gives_six_points_per_point(model):
 
 def test_batch_of_two_matches_two_single_completions(model):
     a, b = ring_scan(300, seed=1), ring_scan(150, seed=2)
-    completer = make_completer(model, **{"data.n_part": 64})
+    completer = make_completer(model, **{"data.n_part": 64, "sampling.steps": 3})
     batch = completer.complete_batch([a, b])
     singles = [completer.complete(a), completer.complete(b)]
     assert len(batch) == 2
@@ -215,11 +215,10 @@ def test_batch_of_two_matches_two_single_completions(model):
         assert got.points.ndim == 2 and got.points.shape[1] == 3 and len(got.points) > 0
         assert np.isfinite(got.points).all()
         assert (got.input_points, got.used_points, got.nfe) == (len(scan), single.used_points, single.nfe)
-    # One noise draw serves the whole batch, so only the first scan starts from the same noise
-    # as its single run; with one step (no noise added at the last step) it then ends the same,
-    # which also shows the scans do not leak into each other inside the batch.
-    np.testing.assert_allclose(batch[0].points, singles[0].points, atol=1e-4)
-    assert batch[1].points.shape != singles[1].points.shape or not np.allclose(batch[1].points, singles[1].points)
+    # Each scan draws its own noise from its own seeded generator, so a scan completes the
+    # same inside a batch as alone (several steps, SDE noise included): nothing leaks.
+    for got, single in zip(batch, singles):
+        np.testing.assert_allclose(got.points, single.points, atol=1e-4)
     assert completer.complete_batch([]) == []
     with pytest.raises(ScanError):
         completer.complete_batch([a, np.full((5, 3), 200.0, np.float32)])

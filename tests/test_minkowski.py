@@ -151,8 +151,9 @@ def test_full_width_denoiser_and_gradients_agree_on_the_real_scan(real_scan_path
     assert grads_t.keys() == grads_m.keys() and len(grads_t) > 100
     if mode == "eval":
         assert (out_t - out_m).abs().max().item() < 1e-5
+        scale = max(grad.norm().item() for grad in grads_t.values())
         for name, grad in grads_t.items():
-            assert (grad - grads_m[name]).norm().item() <= 1e-5 * max(grad.norm().item(), 1e-8), name
+            assert (grad - grads_m[name]).norm().item() <= 1e-5 * max(grad.norm().item(), 1e-4 * scale), name
         return
     out_64, grads_64 = denoiser_gradients(encoder, denoiser, inputs, "torch", torch.float64)
     assert (out_m - out_64).abs().max().item() <= 3 * (out_t - out_64).abs().max().item() + 1e-6

@@ -22,6 +22,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 
 from .checkpoints import CompletionModel, load_model
 from .config import CompletionConfig
@@ -161,9 +162,11 @@ class SceneCompleter:
         keep = (r < self.max_range) & (completed[:, 2] >= low) & (completed[:, 2] <= high)
         return completed[keep]
 
-    def _generator(self) -> torch.Generator | None:
+    def _generators(self, count: int) -> list[torch.Generator] | None:
+        """One generator per scan, all seeded alike: a scan's noise (initial and at every
+        SDE step) is then the same whatever batch it is completed in."""
         seed = self.config.sampling.seed
-        return None if seed is None else torch.Generator(self.device).manual_seed(seed)
+        return None if seed is None else [torch.Generator(self.device).manual_seed(seed) for _ in range(count)]
 
     def complete(self, points: np.ndarray) -> CompletionResult:
         """Complete one scan ([N, >=3] array, sensor frame, metres)."""
@@ -178,14 +181,14 @@ class SceneCompleter:
         with timer.stage("preprocess"):
             prepared = [self.preprocess(s) for s in scans]
             partial = torch.from_numpy(np.stack([p for p, _ in prepared])).to(self.device)
-        generator = self._generator()
+        generator = self._generators(len(scans))
         with timer.stage("encode"):
             scans_enc = [encode_scans(self.model, partial)]
             if self.guided:  # unconditional = an all-zero scan
                 scans_enc.append(encode_scans(self.model, torch.zeros_like(partial)))
         with timer.stage("sample"):
             x_init = partial.repeat(1, self.config.data.repeat, 1)
-            noise = torch.randn(x_init.shape, generator=generator, device=self.device)
+            noise = randn_tensor(x_init.shape, generator=generator, device=self.device, dtype=x_init.dtype)
             x_t, nfe = self.sample(x_init, x_init + noise, scans_enc, generator)
         results = []
         completed = x_t.cpu().numpy()
@@ -218,7 +221,7 @@ class SceneCompleter:
         x_init: torch.Tensor,
         x_t: torch.Tensor,
         scans: list[SparseTensor],
-        generator: torch.Generator | None,
+        generator: list[torch.Generator] | None,
     ) -> tuple[torch.Tensor, int]:
         """DPM-Solver++ on the offsets ``x_t - x_init``; returns the final points and the NFE."""
         scheduler = make_sampler(self.steps, self.model.config.beta_start, self.model.config.beta_end, self.model.config.num_train_timesteps)
