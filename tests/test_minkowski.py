@@ -69,6 +69,13 @@ def test_voxelize_matches_torch_backend():
 
 
 @needs_me
+def test_minkowski_leaves_torch_thread_count_alone():
+    before = torch.get_num_threads()
+    SparseConv(3, 4, 3)(voxelize(torch.randn(500, 3), None, 0.1, backend="minkowski").sparse)
+    assert torch.get_num_threads() == before
+
+
+@needs_me
 @pytest.mark.parametrize("kind", ["k3s1", "k1", "k2s2", "transpose"])
 def test_single_ops_match_torch_backend(ops, kind):
     points = ops["in_coords"][:, 1:].float() * 0.1

@@ -119,14 +119,25 @@ def voxelize(points: torch.Tensor, batch: torch.Tensor, voxel_size: float, feats
     if points.shape[0] == 0:
         raise ValueError("cannot voxelise an empty point set on MinkowskiEngine")
     coords = torch.cat([batch.view(-1, 1).to(points.dtype), torch.round(points / voxel_size)], dim=1)
+    # MinkowskiEngine sets the process's OpenMP thread count to its manager's (default: all
+    # cores), which would silently change torch's: give it torch's own, and put it back.
+    threads = torch.get_num_threads()
+    manager = ME.CoordinateManager(
+        D=3,
+        num_threads=threads,
+        coordinate_map_type=ME.CoordinateMapType.CUDA if points.is_cuda else ME.CoordinateMapType.CPU,
+        minkowski_algorithm=ME.MinkowskiAlgorithm.SPEED_OPTIMIZED,
+    )
     field = ME.TensorField(
         features=feats,
         coordinates=coords,
         quantization_mode=ME.SparseTensorQuantizationMode.UNWEIGHTED_AVERAGE,
-        minkowski_algorithm=ME.MinkowskiAlgorithm.SPEED_OPTIMIZED,
+        coordinate_manager=manager,
         device=points.device,
     )
     sparse = field.sparse()
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
     inverse = field.inverse_mapping(sparse.coordinate_map_key).long()
     manager = MinkowskiCoordinates(field.coordinate_manager, sparse.coordinate_map_key)
     return PointField(points, inverse, SparseTensor(sparse.F, 1, manager))
