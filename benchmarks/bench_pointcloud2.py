@@ -9,27 +9,11 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from lidar_completion.pointcloud2 import Field, build_cloud, cloud_to_xyz, finite_points
-
-
-@dataclass
-class _Msg:
-    """Stand-in for sensor_msgs/PointCloud2 when the ROS wheels are not installed."""
-
-    header: Any = None
-    height: int = 0
-    width: int = 0
-    fields: Any = None
-    is_bigendian: bool = False
-    point_step: int = 0
-    row_step: int = 0
-    data: Any = None
-    is_dense: bool = False
+from lidar_completion.pointcloud2 import CloudMessage, Field, build_cloud, cloud_to_xyz, finite_points
 
 
 def _classes() -> tuple[str, Callable[..., Any], Callable[..., Any], Any]:
@@ -39,7 +23,7 @@ def _classes() -> tuple[str, Callable[..., Any], Callable[..., Any], Any]:
 
         return "sensor_msgs (rclpy)", PointCloud2, PointField, Header(frame_id="velodyne")
     except ImportError:
-        return "duck-typed stand-in", _Msg, Field, None
+        return "duck-typed stand-in", CloudMessage, Field, None
 
 
 def _median_ms(fn: Callable[[], Any], repeats: int) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -38,22 +39,30 @@ def nets(reference):
     )
 
 
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @torch.no_grad()
-def test_denoiser_reproduces_published_model(reference, nets):
-    encoder, denoiser, _ = nets
+def test_denoiser_reproduces_published_model(reference, nets, device):
+    encoder, denoiser = (copy.deepcopy(net).to(device) for net in nets[:2])  # the fixture stays on CPU
     voxel = float(reference["voxel_size"])
-    scan = encoder(voxelize(reference["partial_points"], None, voxel))
-    noise = denoiser(voxelize(reference["noisy_points"], None, voxel), scan, reference["timestep"])
+    scan = encoder(voxelize(reference["partial_points"].to(device), None, voxel))
+    noise = denoiser(voxelize(reference["noisy_points"].to(device), None, voxel), scan, reference["timestep"].to(device))
     assert noise.shape == reference["predicted_noise"].shape
-    assert (noise - reference["predicted_noise"]).abs().max().item() < 1e-4
+    assert (noise.cpu() - reference["predicted_noise"]).abs().max().item() < 1e-4
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @torch.no_grad()
-def test_refiner_reproduces_published_model(reference, nets):
-    refiner = nets[2]
-    out = refiner(voxelize(reference["refine_input"], None, float(reference["voxel_size"])))
+def test_refiner_reproduces_published_model(reference, nets, device):
+    refiner = copy.deepcopy(nets[2]).to(device)
+    out = refiner(voxelize(reference["refine_input"].to(device), None, float(reference["voxel_size"])))
     assert out.shape == (600, 18)
-    assert (out - reference["refine_output"]).abs().max().item() < 1e-4
+    assert (out.cpu() - reference["refine_output"]).abs().max().item() < 1e-4
 
 
 @torch.no_grad()

@@ -29,6 +29,7 @@ from lidar_completion.pointcloud2 import (
     UINT16,
     UINT32,
     CloudError,
+    CloudMessage,
     Field,
     build_cloud,
     cloud_to_xyz,
@@ -364,24 +365,12 @@ def test_write_rejects(points: np.ndarray, extra: Any, reason: str) -> None:
 
 
 def test_build_cloud_with_plain_factories() -> None:
-    @dataclass
-    class Msg:
-        header: Any = None
-        height: int = 0
-        width: int = 0
-        fields: Any = None
-        is_bigendian: bool = False
-        point_step: int = 0
-        row_step: int = 0
-        data: Any = None
-        is_dense: bool = False
-
     xyz = rand_xyz(7, 11)
     for kind in ("array", "numpy", "bytes"):
-        msg = build_cloud(xyz, "hdr", Msg, Field, data_as=kind)
+        msg = build_cloud(xyz, "hdr", CloudMessage, Field, data_as=kind)
         assert msg.header == "hdr" and msg.width == 7 and msg.height == 1
         np.testing.assert_array_equal(cloud_to_xyz(msg), xyz)
-    assert isinstance(build_cloud(xyz, None, Msg, Field).data, array.array)
+    assert isinstance(build_cloud(xyz, None, CloudMessage, Field).data, array.array)
 
 
 # --- hypothesis: random valid layouts ---------------------------------------------------

@@ -25,7 +25,6 @@ from .sparse import (
     SparseTensor,
     cat,
     pack,
-    voxelize,
 )
 
 __all__ = [

@@ -31,6 +31,7 @@ __all__ = [
     "UINT32",
     "CloudData",
     "CloudError",
+    "CloudMessage",
     "Field",
     "PointCloud2Like",
     "build_cloud",
@@ -272,6 +273,22 @@ class CloudData:
             out.frombytes(self.data.data)  # the ndarray's buffer, no intermediate copy
             return out
         raise ValueError(f"unknown data kind {kind!r}")
+
+
+@dataclass
+class CloudMessage:
+    """A plain PointCloud2 with the message's attributes, for code and tests that run
+    without the ROS message packages (``build_cloud(xyz, None, CloudMessage, Field)``)."""
+
+    header: Any = None
+    height: int = 0
+    width: int = 0
+    fields: Any = None
+    is_bigendian: bool = False
+    point_step: int = 0
+    row_step: int = 0
+    data: Any = None
+    is_dense: bool = False
 
 
 def _code_of(dt: np.dtype, name: str) -> int:
