@@ -44,11 +44,6 @@ _COORD_BIAS = 1 << (_COORD_BITS - 1)
 _COORD_MASK = (1 << _COORD_BITS) - 1
 _MAX_BATCH = (1 << (63 - 3 * _COORD_BITS)) - 1
 
-# Offsets are processed in groups of about this many bytes of gathered inputs + products:
-# one gather and one scatter per group instead of per offset (their fixed cost dominates
-# narrow layers), while a wide layer's offsets still go one at a time (bounded memory).
-_GROUP_BYTES = 16 << 20
-
 
 def pack(coords: torch.Tensor) -> torch.Tensor:
     """Pack int64 ``(batch, x, y, z)`` rows into sortable int64 keys."""
@@ -111,34 +106,6 @@ class KernelMap:
     pairs: list[tuple[torch.Tensor, torch.Tensor]]
     num_out: int
     table: torch.Tensor | None = None
-    _groups: dict[int, list] = field(default_factory=dict, repr=False)
-
-    def groups(self, row_bytes: int, num_in: int) -> list[tuple[list[tuple[int, int]], torch.Tensor, torch.Tensor]]:
-        """Offsets in groups of about ``_GROUP_BYTES`` (``row_bytes`` per pair): per group the
-        (offset, pair count) list and the concatenated input and output rows. Cached: a
-        U-Net applies each map several times. The identity centre tap is left out (it is
-        one dense GEMM, see :func:`_convolve`)."""
-        if row_bytes not in self._groups:
-            groups, members, rows = [], [], 0
-
-            def close() -> None:
-                src = torch.cat([self.pairs[k][0] for k, _ in members])
-                dst = torch.cat([self.pairs[k][1] for k, _ in members])
-                groups.append((list(members), src, dst))
-                members.clear()
-
-            for k, (src, dst) in enumerate(self.pairs):
-                if src.numel() == 0 or _is_identity(src, dst, self.num_out, num_in):
-                    continue
-                if members and (rows + src.numel()) * row_bytes > _GROUP_BYTES:
-                    close()
-                    rows = 0
-                members.append((k, src.numel()))
-                rows += src.numel()
-            if members:
-                close()
-            self._groups[row_bytes] = groups
-        return self._groups[row_bytes]
 
     @property
     def density(self) -> float:
@@ -194,19 +161,18 @@ class CoordinateManager:
             gathered_bytes = kmap.table.numel() * x.feats.shape[1] * x.feats.element_size()
             if gathered_bytes <= _TABLE_CONV_MAX_BYTES:
                 return x.replace(_convolve_table(x.feats, kmap.table, kernel))
-            return x.replace(_convolve(x.feats, kmap, kernel))
+            return x.replace(_convolve(x.feats, kmap.pairs, kernel, kmap.num_out))
         kmap = self.downsample_map(x.stride)
-        return SparseTensor(_convolve(x.feats, kmap, kernel), 2 * x.stride, self)
+        return SparseTensor(_convolve(x.feats, kmap.pairs, kernel, kmap.num_out), 2 * x.stride, self)
 
     def convolve_transpose(self, x: "SparseTensor", kernel: torch.Tensor) -> "SparseTensor":
         """MinkowskiConvolutionTranspose k=2 s=2 onto the finer set that already exists."""
         fine = x.stride // 2
         if fine < 1 or fine not in self.keys:
             raise ValueError(f"no stride-{fine} coordinates to transpose onto")
-        if ("up", fine) not in self._maps:  # the downsampling pairs, inputs and outputs swapped
-            down = self.downsample_map(fine)
-            self._maps[("up", fine)] = KernelMap([(dst, src) for src, dst in down.pairs], self.keys[fine].numel())
-        return SparseTensor(_convolve(x.feats, self._maps[("up", fine)], kernel), fine, self)
+        kmap = self.downsample_map(fine)
+        swapped = [(dst, src) for src, dst in kmap.pairs]
+        return SparseTensor(_convolve(x.feats, swapped, kernel, self.keys[fine].numel()), fine, self)
 
     def submanifold_map(self, stride: int, kernel_size: int) -> KernelMap:
         """Neighbours within one coordinate set (stride-1 conv, output coords = input coords):
@@ -335,26 +301,48 @@ def voxelize(
     return PointField(points, inverse, sparse)
 
 
-def _is_identity(src: torch.Tensor, dst: torch.Tensor, num_out: int, num_in: int) -> bool:
-    """The submanifold centre tap: every row maps to itself."""
-    return src is dst and src.numel() == num_out == num_in
+# Offsets are processed in groups of about this many bytes of gathered inputs + products:
+# one gather and one scatter per group instead of per offset (their fixed cost dominates
+# narrow layers), while a wide layer's offsets still go one at a time (bounded memory).
+_GROUP_BYTES = 16 << 20
 
 
-def _convolve(feats: torch.Tensor, kmap: KernelMap, kernel: torch.Tensor) -> torch.Tensor:
-    """out[o] = sum over (i, o) pairs of offset k: feats[i] @ kernel[k] (gather-GEMM-scatter),
-    one gather and one scatter per group of offsets (:meth:`KernelMap.groups`)."""
-    out = feats.new_zeros(kmap.num_out, kernel.shape[-1])
-    for k, (src, dst) in enumerate(kmap.pairs):
-        if _is_identity(src, dst, kmap.num_out, feats.shape[0]):
-            out.addmm_(feats, kernel[k])
+def _convolve(
+    feats: torch.Tensor,
+    pairs: list[tuple[torch.Tensor, torch.Tensor]],
+    kernel: torch.Tensor,
+    num_out: int,
+) -> torch.Tensor:
+    """out[o] = sum over (i, o) pairs of offset k: feats[i] @ kernel[k] (gather-GEMM-scatter)."""
+    out = feats.new_zeros(num_out, kernel.shape[-1])
     row_bytes = (feats.shape[1] + kernel.shape[-1]) * feats.element_size()
-    for members, src, dst in kmap.groups(row_bytes, feats.shape[0]):
+    group: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+
+    def flush() -> None:
+        src = torch.cat([s for _, s, _ in group]) if len(group) > 1 else group[0][1]
+        dst = torch.cat([d for _, _, d in group]) if len(group) > 1 else group[0][2]
         # index_select, not feats[src]: the same gather, several times faster on CPU.
         gathered, products, start = feats.index_select(0, src), [], 0
-        for k, count in members:
-            products.append(gathered[start : start + count].mm(kernel[k]))
-            start += count
+        for k, s, _ in group:
+            products.append(gathered[start : start + s.numel()].mm(kernel[k]))
+            start += s.numel()
         out.index_add_(0, dst, torch.cat(products) if len(products) > 1 else products[0])
+        group.clear()
+
+    rows = 0
+    for k, (src, dst) in enumerate(pairs):
+        if src.numel() == 0:
+            continue
+        if src is dst and src.numel() == num_out == feats.shape[0]:  # centre tap: identity map
+            out.addmm_(feats, kernel[k])
+            continue
+        if group and (rows + src.numel()) * row_bytes > _GROUP_BYTES:
+            flush()
+            rows = 0
+        group.append((k, src, dst))
+        rows += src.numel()
+    if group:
+        flush()
     return out
 
 
