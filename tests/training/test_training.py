@@ -17,7 +17,7 @@ import yaml
 from lidar_completion.checkpoints import CompletionModel, ModelConfig, load_model, save_model
 from lidar_completion.diffusion import NoiseSchedule
 from lidar_completion_training.dataset import CompletionDataset, PairConfig
-from lidar_completion_training.objectives import distillation_iteration, seeded_generator, teacher_loss
+from lidar_completion_training.objectives import distillation_iteration, seeded_generator
 from lidar_completion_training.run_config import RunConfig, load_run_config
 
 N_PART, N_FULL = 96, 960
