@@ -19,6 +19,7 @@ from lidar_completion.diffusion import NoiseSchedule
 from lidar_completion_training.dataset import CompletionDataset, PairConfig
 from lidar_completion_training.objectives import distillation_iteration, seeded_generator
 from lidar_completion_training.run_config import RunConfig, load_run_config
+from lidar_completion import minkowski
 
 N_PART, N_FULL = 96, 960
 
@@ -170,6 +171,7 @@ def test_distillation_run_exports_a_student_with_the_teachers_encoder(tiny_datas
         ({"distill": {"mode": "magic"}}, "distill.mode"),
         ({"kind": "distill"}, "distill.teacher"),
         ({"trainer": {"bogus": 1}}, "trainer.bogus"),
+        ({"trainer": {"backend": "spconv"}}, "trainer.backend"),
     ],
 )
 def test_bad_config_values_are_rejected_before_training(tmp_path, override, message):
@@ -199,3 +201,27 @@ def test_refinement_run_adds_a_refiner_and_keeps_the_base_model(tiny_dataset, tm
     with open(tmp_path / "refine" / "logs" / "metrics.csv") as handle:
         chamfer = [float(row["train/chamfer"]) for row in __import__("csv").DictReader(handle) if row.get("train/chamfer")]
     assert len(chamfer) == 3 and all(0 < c < 100 for c in chamfer)
+
+
+@pytest.mark.skipif(not minkowski.available(), reason="MinkowskiEngine not installed (optional)")
+def test_teacher_trains_on_minkowski(tiny_dataset, tmp_path):
+    """``trainer.backend: minkowski`` trains, and two SGD steps from the same seed land where
+    the torch backend's do. Training-mode BatchNorm over a tiny model and scan amplifies
+    float32 rounding (per-gradient parity against float64 is checked at full width in
+    tests/test_minkowski.py), so the end points are compared to the size of the update."""
+    from lidar_completion_training.engine import fit
+
+    weights = {}
+    for backend, lr in (("init", 1e-12), ("torch", 1e-3), ("minkowski", 1e-3)):
+        config = run_config(tiny_dataset, tmp_path / backend, trainer={
+            "max_steps": 2 if lr > 1e-6 else 1, "optimizer": "sgd", "lr": lr,
+            "backend": "torch" if backend == "init" else backend})
+        weights[backend] = load_model(fit(config, progress=False)).state_dict()
+    trained = [k for k, v in weights["init"].items() if v.is_floating_point() and "running" not in k]
+
+    def norm(a: str, b: str) -> float:
+        return sum(float((weights[a][k] - weights[b][k]).double().norm()) ** 2 for k in trained) ** 0.5
+
+    update, gap = norm("torch", "init"), norm("minkowski", "torch")
+    assert update > 0.1 and norm("minkowski", "init") > 0.1
+    assert gap < 0.1 * update, (gap, update)

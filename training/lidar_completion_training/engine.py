@@ -74,6 +74,14 @@ class _Base(L.LightningModule):
         self.data_step = 0  # batches trained on (not optimizer steps: distillation has two)
         self.save_hyperparameters({"run": config.to_dict()})
 
+    def on_fit_start(self) -> None:
+        """Run the sparse convolutions on the configured backend (checked on this device)."""
+        if self.config.trainer.backend == "minkowski":
+            from lidar_completion.minkowski import require
+
+            require(self.device)
+        self.model.backend = self.config.trainer.backend
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["data_step"] = self.data_step
 

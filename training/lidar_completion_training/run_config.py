@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from lidar_completion.config import BACKENDS
+
 __all__ = ["RunConfig", "load_run_config"]
 
 
@@ -66,6 +68,7 @@ class TrainerSection:
     num_nodes: int = 1
     strategy: str = "auto"
     precision: str = "32-true"
+    backend: str = "torch"  # sparse convolutions: torch, or minkowski (MinkowskiEngine, if installed)
 
     def __post_init__(self) -> None:
         _check(self.max_steps >= 1, "trainer.max_steps", "must be >= 1")
@@ -76,6 +79,7 @@ class TrainerSection:
         _check(self.checkpoint_every >= 1, "trainer.checkpoint_every", "must be >= 1")
         _check(self.accelerator in ("auto", "cpu", "gpu", "cuda"), "trainer.accelerator", f"unknown accelerator {self.accelerator!r}")
         _check(self.num_nodes >= 1, "trainer.num_nodes", "must be >= 1")
+        _check(self.backend in BACKENDS, "trainer.backend", f"must be one of {list(BACKENDS)}, got {self.backend!r}")
 
 
 @dataclass(frozen=True)
