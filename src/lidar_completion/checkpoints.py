@@ -130,6 +130,17 @@ class CompletionModel(nn.Module):
         self.refiner = RefinementNet(ratio) if ratio is not None else None
         self.backend = "torch"  # sparse-conv backend of voxelize(); not part of the weights
 
+    def use_backend(self, backend: str, device: torch.device | str = "cpu") -> None:
+        """Run the sparse convolutions on ``backend`` ("torch" or "minkowski"); fails now,
+        saying how to install it, if MinkowskiEngine cannot run on ``device``."""
+        if backend == "minkowski":
+            from .minkowski import require
+
+            require(device)
+        elif backend != "torch":
+            raise ValueError(f"unknown sparse backend {backend!r} (use 'torch' or 'minkowski')")
+        self.backend = backend
+
     def voxelize(self, points: torch.Tensor, batch: torch.Tensor | None = None) -> PointField:
         """The model's voxelisation (its voxel size, on its backend) of [N, 3] points."""
         return voxelize(points, batch, self.config.voxel_size, backend=self.backend)

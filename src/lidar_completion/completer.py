@@ -109,12 +109,8 @@ class SceneCompleter:
     def __init__(self, model: CompletionModel, config: CompletionConfig | None = None):
         self.config = config or CompletionConfig()
         self.device = resolve_device(self.config.device)
-        if self.config.backend == "minkowski":
-            from .minkowski import require
-
-            require(self.device)  # fails here, with how to install it, not mid-frame
+        model.use_backend(self.config.backend, self.device)  # fails here, not mid-frame
         self.model = model.to(self.device).eval()
-        self.model.backend = self.config.backend
         mc = model.config
         self.steps = self.config.sampling.steps or mc.default_steps
         self.n_part = self.config.data.resolve_n_part(mc.n_part)

@@ -83,12 +83,14 @@ class MinkowskiCoordinates:
             self._coords[stride] = self.manager.get_coordinates(self.keys[stride]).long()
         return self._coords[stride]
 
-    def _run(self, function, x: SparseTensor, kernel: torch.Tensor, kernel_size: int, stride: int, out_stride: int):
+    def _run(self, function: str, x: SparseTensor, kernel: torch.Tensor, kernel_size: int, stride: int, out_stride: int):
+        """MinkowskiEngine's autograd ``function`` (a name in its namespace) from ``x``'s
+        coordinate map onto the one at ``out_stride``."""
         from MinkowskiEngineBackend._C import ConvolutionMode
 
         ME = require()
         out_key = ME.CoordinateMapKey(4)  # filled in by MinkowskiEngine, as its modules do
-        feats = function.apply(
+        feats = getattr(ME, function).apply(
             x.feats, kernel, _kernel_generator(kernel_size, stride), ConvolutionMode.DEFAULT,
             self.keys[x.stride], out_key, self.manager,
         )
@@ -100,15 +102,13 @@ class MinkowskiCoordinates:
     def convolve(self, x: SparseTensor, kernel: torch.Tensor, kernel_size: int, stride: int) -> SparseTensor:
         if kernel_size == 1:  # MinkowskiConvolution's own shortcut for 1x1x1 kernels
             return x.replace(x.feats.mm(kernel))
-        ME = require()
-        return self._run(ME.MinkowskiConvolutionFunction, x, kernel, kernel_size, stride, x.stride * stride)
+        return self._run("MinkowskiConvolutionFunction", x, kernel, kernel_size, stride, x.stride * stride)
 
     def convolve_transpose(self, x: SparseTensor, kernel: torch.Tensor) -> SparseTensor:
         fine = x.stride // 2
         if fine not in self.keys:
             raise ValueError(f"no stride-{fine} coordinates to transpose onto")
-        ME = require()
-        return self._run(ME.MinkowskiConvolutionTransposeFunction, x, kernel, 2, 2, fine)
+        return self._run("MinkowskiConvolutionTransposeFunction", x, kernel, 2, 2, fine)
 
 
 def voxelize(points: torch.Tensor, batch: torch.Tensor, voxel_size: float, feats: torch.Tensor) -> PointField:
@@ -122,7 +122,7 @@ def voxelize(points: torch.Tensor, batch: torch.Tensor, voxel_size: float, feats
     # MinkowskiEngine sets the process's OpenMP thread count to its manager's (default: all
     # cores), which would silently change torch's: give it torch's own, and put it back.
     threads = torch.get_num_threads()
-    manager = ME.CoordinateManager(
+    engine_manager = ME.CoordinateManager(
         D=3,
         num_threads=threads,
         coordinate_map_type=ME.CoordinateMapType.CUDA if points.is_cuda else ME.CoordinateMapType.CPU,
@@ -132,12 +132,12 @@ def voxelize(points: torch.Tensor, batch: torch.Tensor, voxel_size: float, feats
         features=feats,
         coordinates=coords,
         quantization_mode=ME.SparseTensorQuantizationMode.UNWEIGHTED_AVERAGE,
-        coordinate_manager=manager,
+        coordinate_manager=engine_manager,
         device=points.device,
     )
     sparse = field.sparse()
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     inverse = field.inverse_mapping(sparse.coordinate_map_key).long()
-    manager = MinkowskiCoordinates(field.coordinate_manager, sparse.coordinate_map_key)
-    return PointField(points, inverse, SparseTensor(sparse.F, 1, manager))
+    coordinates = MinkowskiCoordinates(engine_manager, sparse.coordinate_map_key)
+    return PointField(points, inverse, SparseTensor(sparse.F, 1, coordinates))

@@ -45,17 +45,22 @@ _COORD_MASK = (1 << _COORD_BITS) - 1
 _MAX_BATCH = (1 << (63 - 3 * _COORD_BITS)) - 1
 
 
-def pack(coords: torch.Tensor) -> torch.Tensor:
-    """Pack int64 ``(batch, x, y, z)`` rows into sortable int64 keys."""
-    if coords.numel() == 0:
-        return coords.new_zeros(0)
-    lo, hi = -_COORD_BIAS, _COORD_BIAS - 1
-    xyz = coords[:, 1:]
-    if bool((xyz < lo).any() or (xyz > hi).any()):
+def _check_coordinate_range(coords: torch.Tensor, margin: int = 0) -> None:
+    """Raise unless every x, y, z of ``(batch, x, y, z)`` rows, moved by up to ``margin``
+    voxels, still fits the packed key."""
+    lo, hi = -_COORD_BIAS + margin, _COORD_BIAS - 1 - margin
+    if coords.numel() and (int(coords[:, 1:].min()) < lo or int(coords[:, 1:].max()) > hi):
         raise ValueError(
             f"voxel coordinates outside [{lo}, {hi}]: the scan is too large for the voxel "
             "size (check units and the range filter)"
         )
+
+
+def pack(coords: torch.Tensor) -> torch.Tensor:
+    """Pack int64 ``(batch, x, y, z)`` rows into sortable int64 keys."""
+    if coords.numel() == 0:
+        return coords.new_zeros(0)
+    _check_coordinate_range(coords)
     if bool((coords[:, 0] < 0).any() or (coords[:, 0] > _MAX_BATCH).any()):
         raise ValueError(f"batch index outside [0, {_MAX_BATCH}]")
     key = coords[:, 0]
@@ -107,27 +112,11 @@ class KernelMap:
     num_out: int
     table: torch.Tensor | None = None
 
-    @property
-    def density(self) -> float:
-        """Share of (output, offset) slots that have an input."""
-        slots = self.num_out * len(self.pairs)
-        return sum(src.numel() for src, _ in self.pairs) / slots if slots else 0.0
-
 
 def _packed_shifts(offsets: torch.Tensor) -> torch.Tensor:
     """Key differences of xyz shifts: ``pack(c + o) == pack(c) + shift(o)`` as long as every
     shifted coordinate stays in the packed range (no carry between fields)."""
     return (offsets[:, 0] << (2 * _COORD_BITS)) + (offsets[:, 1] << _COORD_BITS) + offsets[:, 2]
-
-
-def _check_reach(coords: torch.Tensor, reach: int) -> None:
-    if coords.numel() and (
-        int(coords[:, 1:].min()) - reach < -_COORD_BIAS or int(coords[:, 1:].max()) + reach > _COORD_BIAS - 1
-    ):
-        raise ValueError(
-            f"voxel coordinates outside [{-_COORD_BIAS + reach}, {_COORD_BIAS - 1 - reach}]: the scan is "
-            "too large for the voxel size (check units and the range filter)"
-        )
 
 
 @dataclass
@@ -181,7 +170,7 @@ class CoordinateManager:
         if cache_key not in self._maps:
             keys, coords = self.keys[stride], self.coords[stride]
             offsets = kernel_offsets(kernel_size, keys.device) * stride
-            _check_reach(coords, int(offsets.abs().max()))
+            _check_coordinate_range(coords, margin=int(offsets.abs().max()))
             query = keys[None, :] + _packed_shifts(offsets)[:, None]  # [K, N]
             found = lookup(keys, query.reshape(-1)).reshape(query.shape)
             rows = torch.arange(keys.numel(), device=keys.device)

@@ -30,8 +30,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.ros)
 
 
-@pytest.fixture
-def domain_id() -> int:
+def _unused_domain_id() -> int:
     """A ROS_DOMAIN_ID in 1..200 not used by another test of this run."""
     while True:
         candidate = _rng.randint(1, 200)
@@ -40,13 +39,14 @@ def domain_id() -> int:
             return candidate
 
 
+@pytest.fixture
+def domain_id() -> int:
+    return _unused_domain_id()
+
+
 @pytest.fixture(scope="module")
 def module_domain_id() -> int:
-    while True:
-        candidate = _rng.randint(1, 200)
-        if candidate not in _used_domains:
-            _used_domains.add(candidate)
-            return candidate
+    return _unused_domain_id()
 
 
 @dataclass(frozen=True)

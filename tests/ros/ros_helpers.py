@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from lidar_completion_ros.parameters import parameter_args
+
 REPO = Path(__file__).resolve().parents[2]
 NODE_YAML = REPO / "config" / "completion_node.yaml"
 FASTDDS_PROFILE = REPO / "config" / "fastdds_large_data.xml"
@@ -42,16 +44,6 @@ def ros_env(domain_id: int) -> dict[str, str]:
         OMP_WAIT_POLICY=env.get("OMP_WAIT_POLICY", "PASSIVE"),  # see node.py: spinning OpenMP vs busy CPUs
     )
     return env
-
-
-def param_args(params: dict[str, Any]) -> list[str]:
-    """``-p name:=value`` pairs (floats keep their decimal point, bools lower case)."""
-    out: list[str] = []
-    for name, value in params.items():
-        text = (str(value).lower() if isinstance(value, bool)
-                else repr(value) if isinstance(value, float) else str(value))
-        out += ["-p", f"{name}:={text}"]
-    return out
 
 
 class Proc:
@@ -131,7 +123,7 @@ def start_node(domain_id: int, params: dict[str, Any], *, params_file: Path | No
     cmd = [sys.executable, "-m", "lidar_completion_ros.node", "--ros-args"]
     if params_file is not None:
         cmd += ["--params-file", str(params_file)]
-    cmd += param_args(params) + list(ros_args)
+    cmd += parameter_args(params) + list(ros_args)
     return Proc(cmd, ros_env(domain_id), "completion_node")
 
 

@@ -76,11 +76,7 @@ class _Base(L.LightningModule):
 
     def on_fit_start(self) -> None:
         """Run the sparse convolutions on the configured backend (checked on this device)."""
-        if self.config.trainer.backend == "minkowski":
-            from lidar_completion.minkowski import require
-
-            require(self.device)
-        self.model.backend = self.config.trainer.backend
+        self.model.use_backend(self.config.trainer.backend, self.device)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["data_step"] = self.data_step

@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from lidar_completion_ros.parameters import parameter_args
+
 REPO = Path(__file__).resolve().parents[4]
 PROG = "demo"
 
@@ -105,15 +107,6 @@ def _model(out: Path) -> tuple[Path, dict[str, Any], bool]:
     return path, {"sampling.steps": 1, "sampling.guidance": 1.0}, False
 
 
-def _param_args(params: dict[str, Any]) -> list[str]:
-    args: list[str] = []
-    for key, value in params.items():
-        text = (str(value).lower() if isinstance(value, bool)
-                else repr(value) if isinstance(value, float) else str(value))
-        args += ["-p", f"{key}:={text}"]
-    return args
-
-
 def run_pipeline(bag: Path, out: Path, checkpoint: Path, overrides: dict[str, Any], n_scans: int,
                  domain_id: int, params_file: Path) -> tuple[dict[int, dict[str, float]], dict[str, int], Path]:
     """Node + recorder + lock-step replay; returns per-stamp timings, node counters, output bag."""
@@ -132,7 +125,7 @@ def run_pipeline(bag: Path, out: Path, checkpoint: Path, overrides: dict[str, An
     params = {"checkpoint": str(checkpoint), "qos.input.reliability": "reliable", "qos.input.depth": 10,
               "diagnostics.period": 0.5, **overrides}
     node = _Child("completion_node", [py, "-m", "lidar_completion_ros.node", "--ros-args", "--params-file",
-                                      str(params_file), *_param_args(params)],
+                                      str(params_file), *parameter_args(params)],
                   env, out / "node.log")
     completed_bag = out / "completed_bag"
     context = Context()

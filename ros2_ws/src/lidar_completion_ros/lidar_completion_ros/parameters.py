@@ -28,6 +28,7 @@ __all__ = [
     "ParamSpec",
     "completion_config",
     "defaults",
+    "parameter_args",
     "resolve_checkpoint",
     "shipped_models_dir",
 ]
@@ -209,3 +210,14 @@ def resolve_checkpoint(value: str) -> Path:
         f"checkpoint '{value}' not found: no such file or directory, and no model of that name in "
         f"{shipped_dir} (shipped models: {', '.join(shipped) or 'none'})"
     )
+
+
+def parameter_args(params: dict[str, Any]) -> list[str]:
+    """``-p name:=value`` command-line pairs for ``--ros-args`` (floats keep their decimal
+    point, bools are lower case), so ROS types the values as the node declares them."""
+    out: list[str] = []
+    for name, value in params.items():
+        text = (str(value).lower() if isinstance(value, bool)
+                else repr(value) if isinstance(value, float) else str(value))
+        out += ["-p", f"{name}:={text}"]
+    return out
