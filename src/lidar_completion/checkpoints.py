@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .config import SAMPLERS
 from .networks import Denoiser, RefinementNet, ScanEncoder, channel_widths, BASE_CHANNELS
 from .sparse import PointField, voxelize
 
@@ -81,6 +82,10 @@ class ModelConfig:
     kind: str = "teacher"  # "teacher" or "student": sets the default steps and guidance
     default_steps: int = 50
     default_guidance: float = 6.0
+    # Sampler the model runs with by default: "dpmsolver++" (published) or "ve" (consistent
+    # with the local training process; see diffusion.py), from start timestep t0 (None: T - 1).
+    sampler: str = "dpmsolver++"
+    t0: int | None = None
     n_part: int | None = None  # scan points the model was trained with (the "model" preset)
     max_range: float | None = None  # radius it was trained on; the pipeline never goes beyond
     description: str = ""
@@ -100,6 +105,10 @@ class ModelConfig:
             raise ValueError(f"kind must be 'teacher' or 'student', got {self.kind!r}")
         if not 1 <= self.default_steps <= self.num_train_timesteps:
             raise ValueError("default_steps must be in [1, num_train_timesteps]")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {list(SAMPLERS)}, got {self.sampler!r}")
+        if self.t0 is not None and not 1 <= self.t0 < self.num_train_timesteps:
+            raise ValueError(f"t0 must be in [1, {self.num_train_timesteps - 1}], got {self.t0}")
         if self.n_part is not None and not 16 <= self.n_part <= 200_000:
             raise ValueError(f"n_part must be in [16, 200000], got {self.n_part}")
         if self.max_range is not None and not 3.5 < self.max_range <= 500:

@@ -5,8 +5,9 @@ The ROS node, the offline CLI, the benchmarks, evaluation and training validatio
 
 1. pre-process: finite points with ``min_range < r < max_range``, farthest-point sampled
    to ``n_part`` (repeated when the scan has fewer);
-2. sample: start at ``x_init + eps`` with ``x_init`` = scan repeated x``repeat``; K steps of
-   DPM-Solver++ on the offsets, optional classifier-free guidance;
+2. sample: start at ``x_init + sigma eps`` with ``x_init`` = scan repeated x``repeat``; K steps
+   of the model's sampler (published DPM-Solver++ on the offsets, or the VE steps consistent
+   with training from a start timestep t0; :mod:`.diffusion`), optional classifier-free guidance;
 3. post-process: drop points beyond ``max_range`` or outside the input's height band
    ``[mean_z - 2 std_z, max_z]``;
 4. refine (optional): the refinement net adds 6 offsets per point (x6 points).
@@ -26,7 +27,8 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .checkpoints import CompletionModel, load_model
 from .config import CompletionConfig
-from .diffusion import make_sampler
+from . import diffusion
+from .networks import Denoiser
 from .sparse import SparseTensor
 
 __all__ = ["ScanError", "CompletionResult", "SceneCompleter", "resolve_device", "farthest_point_sample"]
@@ -94,13 +96,19 @@ def encode_scans(model: CompletionModel, partial: torch.Tensor) -> SparseTensor:
 
 
 def predict_noise(
-    model: CompletionModel, x_t: torch.Tensor, scans: Sequence[SparseTensor], t: torch.Tensor
+    model: CompletionModel,
+    x_t: torch.Tensor,
+    scans: Sequence[SparseTensor],
+    t: torch.Tensor,
+    denoiser: Denoiser | None = None,
 ) -> list[torch.Tensor]:
-    """Denoiser output [B, N, 3] for each encoded scan; one voxelisation shared by all."""
+    """Output [B, N, 3] of ``denoiser`` (default: the model's own; distillation passes the
+    teacher, student or an auxiliary net) for each encoded scan; one voxelisation for all."""
+    denoiser = model.denoiser if denoiser is None else denoiser
     batch = torch.arange(x_t.shape[0], device=x_t.device).repeat_interleave(x_t.shape[1])
     field_ = model.voxelize(x_t.reshape(-1, 3), batch)
     t = t.expand(x_t.shape[0]) if t.numel() == 1 else t
-    return [model.denoiser(field_, scan, t).reshape(x_t.shape) for scan in scans]
+    return [denoiser(field_, scan, t).reshape(x_t.shape) for scan in scans]
 
 
 class SceneCompleter:
@@ -112,7 +120,10 @@ class SceneCompleter:
         model.use_backend(self.config.backend, self.device)  # fails here, not mid-frame
         self.model = model.to(self.device).eval()
         mc = model.config
-        self.steps = self.config.sampling.steps or mc.default_steps
+        sampling = self.config.sampling
+        self.steps = sampling.steps or mc.default_steps
+        self.sampler = sampling.sampler or mc.sampler
+        self.t0 = sampling.t0 if sampling.t0 is not None else mc.t0
         self.n_part = self.config.data.resolve_n_part(mc.n_part)
         # A model trained on a smaller radius cannot complete beyond it: cap (documented).
         self.max_range = min(self.config.data.max_range, mc.max_range or float("inf"))
@@ -120,8 +131,10 @@ class SceneCompleter:
         self.guidance = mc.default_guidance if self.config.sampling.guidance is None else self.config.sampling.guidance
         if self.config.refine and model.refiner is None:
             raise ValueError("refine is on but the checkpoint has no refinement net (set refine: false)")
-        if self.steps > mc.num_train_timesteps:
-            raise ValueError(f"sampling.steps={self.steps} exceeds the model's {mc.num_train_timesteps} timesteps")
+        if self.t0 is not None and not 1 <= self.t0 < mc.num_train_timesteps:
+            raise ValueError(f"sampling.t0={self.t0} outside the model's timesteps [1, {mc.num_train_timesteps - 1}]")
+        if self.steps > (mc.num_train_timesteps if self.t0 is None else self.t0 + 1):
+            raise ValueError(f"sampling.steps={self.steps} exceeds the timesteps available from t0 ({self.t0 or mc.num_train_timesteps - 1})")
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, config: CompletionConfig | None = None) -> "SceneCompleter":
@@ -185,7 +198,7 @@ class SceneCompleter:
         with timer.stage("sample"):
             x_init = partial.repeat(1, self.config.data.repeat, 1)
             noise = randn_tensor(x_init.shape, generator=generator, device=self.device, dtype=x_init.dtype)
-            x_t, nfe = self.sample(x_init, x_init + noise, scans_enc, generator)
+            x_t, nfe = self.sample(x_init, noise, scans_enc, generator)
         results = []
         completed = x_t.cpu().numpy()
         partial_np = partial.cpu().numpy()
@@ -215,24 +228,25 @@ class SceneCompleter:
     def sample(
         self,
         x_init: torch.Tensor,
-        x_t: torch.Tensor,
+        noise: torch.Tensor,
         scans: list[SparseTensor],
         generator: list[torch.Generator] | None,
     ) -> tuple[torch.Tensor, int]:
-        """DPM-Solver++ on the offsets ``x_t - x_init``; returns the final points and the NFE."""
-        scheduler = make_sampler(self.steps, self.model.config.beta_start, self.model.config.beta_end, self.model.config.num_train_timesteps)
+        """The model's sampler from ``x_init`` + scaled ``noise``; returns the points and the NFE."""
         nfe = 0
-        for t in scheduler.timesteps:
-            t_dev = t.to(self.device).reshape(1)
-            predictions = predict_noise(self.model, x_t, scans, t_dev)
+
+        def guided_noise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            nonlocal nfe
+            predictions = predict_noise(self.model, x_t, scans, t)
             nfe += len(predictions)
-            eps = predictions[0]
             if len(predictions) == 2:
-                eps = predictions[1] + self.guidance * (predictions[0] - predictions[1])
-            offsets = scheduler.step(eps, t, x_t - x_init, generator=generator).prev_sample
-            # Keep diverging points (a weak model under strong guidance) inside a box: they are
-            # dropped by post-processing anyway and must not overflow voxel coordinates.
-            x_t = (x_init + offsets).clamp(-self.sample_bound, self.sample_bound)
+                return predictions[1] + self.guidance * (predictions[0] - predictions[1])
+            return predictions[0]
+
+        sampler = diffusion.make_sampler(self.model.config, self.sampler, self.steps, self.t0)
+        # Diverging points (a weak model under strong guidance) stay inside a box: they are
+        # dropped by post-processing anyway and must not overflow voxel coordinates.
+        x_t = diffusion.sample(guided_noise, sampler, x_init, noise, generator, bound=self.sample_bound)
         return x_t, nfe
 
     @torch.inference_mode()

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["DataConfig", "SamplingConfig", "CompletionConfig", "PRESETS", "MODEL_PRESET", "BACKENDS", "load_config"]
+__all__ = ["DataConfig", "SamplingConfig", "CompletionConfig", "PRESETS", "MODEL_PRESET", "BACKENDS", "SAMPLERS", "load_config"]
 
 # Point budgets: "full" is the published setting (GPU); "lite" keeps a CPU frame in seconds;
 # "model" (the default) uses the budget the checkpoint was trained with, else "lite".
@@ -26,6 +26,9 @@ MODEL_PRESET = "model"
 # Sparse-convolution backends: the built-in pure-PyTorch one, or MinkowskiEngine 0.5.4 when
 # installed (scripts/install_minkowski.sh); both compute the same thing.
 BACKENDS = ("torch", "minkowski")
+# Diffusion samplers (lidar_completion.diffusion): the published DPM-Solver++ on the offsets,
+# or deterministic steps of the variance-exploding process the models are trained with.
+SAMPLERS = ("dpmsolver++", "ve")
 
 
 def _check(condition: bool, key: str, message: str) -> None:
@@ -73,6 +76,8 @@ class SamplingConfig:
     steps: int | None = None
     guidance: float | None = None
     seed: int | None = 0
+    sampler: str | None = None  # "dpmsolver++" (published) or "ve"; None: the checkpoint's own
+    t0: int | None = None  # start timestep (scan noised to t0); None: the checkpoint's own
 
     def __post_init__(self) -> None:
         if self.steps is not None:
@@ -81,6 +86,10 @@ class SamplingConfig:
             _check(0 <= self.guidance <= 50, "sampling.guidance", f"must be in [0, 50], got {self.guidance}")
         if self.seed is not None:
             _check(0 <= self.seed < 2**63, "sampling.seed", "must be a non-negative integer")
+        if self.sampler is not None:
+            _check(self.sampler in SAMPLERS, "sampling.sampler", f"must be one of {list(SAMPLERS)}, got {self.sampler!r}")
+        if self.t0 is not None:
+            _check(1 <= self.t0 <= 999, "sampling.t0", f"must be in [1, 999], got {self.t0}")
 
 
 @dataclass(frozen=True)

@@ -90,7 +90,7 @@ class _Base(L.LightningModule):
         pairs = CompletionDataset(
             data.root,
             data.train_sequences,
-            PairConfig(n_part=data.n_part, n_full=data.n_full, max_range=data.max_range),
+            PairConfig(n_part=data.n_part, n_full=data.n_full, max_range=data.max_range, crop_radius=data.crop_radius),
             augment=data.augment,
             seed=trainer.seed,
         )
@@ -121,15 +121,17 @@ class TeacherModule(_Base):
         self.model = CompletionModel(
             ModelConfig(
                 channel_ratio=m.channel_ratio, voxel_size=m.voxel_size, kind="teacher", default_steps=50,
-                default_guidance=6.0, n_part=config.data.n_part, max_range=config.data.max_range,
-                description=m.description,
+                default_guidance=m.guidance, sampler=m.sampler, t0=m.t0, n_part=config.data.n_part,
+                max_range=config.data.max_range, description=m.description,
             )
         )
-        self.schedule = NoiseSchedule(self.model.config.beta_start, self.model.config.beta_end, self.model.config.num_train_timesteps)
+        self.schedule = NoiseSchedule.of(self.model.config)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         t = self.config.teacher
-        losses = teacher_loss(self.model, self.schedule, batch["partial"], batch["full"], self._generator(), t.uncond_prob, t.reg_weight)
+        losses = teacher_loss(
+            self.model, self.schedule, batch["partial"], batch["full"], self._generator(), t.uncond_prob, t.reg_weight, t.max_timestep
+        )
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=batch["partial"].shape[0])
         self.data_step += 1
         return losses["loss"]
@@ -172,7 +174,7 @@ class DistillationModule(_Base):
         self.aux = torch.nn.ModuleList(copy.deepcopy(teacher.denoiser) for _ in range(2 if d.mode == "dpo" else 1))
         for frozen in (self.model.encoder, self.teacher):
             frozen.requires_grad_(False)
-        self.schedule = NoiseSchedule(self.model.config.beta_start, self.model.config.beta_end, self.model.config.num_train_timesteps)
+        self.schedule = NoiseSchedule.of(self.model.config)
 
     def _freeze_batchnorm(self) -> None:
         for net in (self.model, self.teacher, self.aux):
@@ -208,6 +210,8 @@ class DistillationModule(_Base):
             noise_scale_loser=d.noise_scale_loser,
             loser_weight=d.loser_weight,
             student_steps=d.student_steps,
+            repeat=self.config.data.n_full // self.config.data.n_part,
+            max_timestep=d.max_timestep or self.model.config.t0,
         )
         self.log_dict({f"train/{k}": v for k, v in losses.logs.items()}, prog_bar=True, batch_size=batch["partial"].shape[0])
         self.data_step += 1

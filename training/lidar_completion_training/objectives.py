@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from lidar_completion.checkpoints import CompletionModel
 from lidar_completion.completer import encode_scans, predict_noise
-from lidar_completion.diffusion import NoiseSchedule, make_sampler
+from lidar_completion.diffusion import NoiseSchedule, make_sampler, sample
 from lidar_completion.networks import Denoiser
 from lidar_completion.sparse import SparseTensor
 
@@ -50,20 +50,19 @@ __all__ = [
 ]
 
 
-def _noise_step(schedule: NoiseSchedule, x0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Random timestep per scan, noise, and the locally noised points."""
-    t = torch.randint(0, schedule.num_train_timesteps, (x0.shape[0],), generator=generator, device=x0.device)
+def _noise_step(
+    schedule: NoiseSchedule, x0: torch.Tensor, generator: torch.Generator, max_timestep: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random timestep per scan in [0, max_timestep] (default all), noise, and the locally noised points."""
+    high = schedule.num_train_timesteps if max_timestep is None else max_timestep + 1
+    t = torch.randint(0, high, (x0.shape[0],), generator=generator, device=x0.device)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device)
     return t, noise, schedule.add_noise(x0, noise, t)
 
 
 def _predict(model: CompletionModel, denoiser: Denoiser, x_t: torch.Tensor, scan: SparseTensor, t: torch.Tensor) -> torch.Tensor:
     """Noise prediction of ``denoiser`` (any of teacher / student / auxiliary) on [B, N, 3]."""
-    original, model.denoiser = model.denoiser, denoiser
-    try:
-        return predict_noise(model, x_t, [scan], t)[0]
-    finally:
-        model.denoiser = original
+    return predict_noise(model, x_t, [scan], t, denoiser)[0]
 
 
 def teacher_loss(
@@ -74,13 +73,15 @@ def teacher_loss(
     generator: torch.Generator,
     uncond_prob: float = 0.1,
     reg_weight: float = 5.0,
+    max_timestep: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """LiDiff objective: MSE(eps_hat, eps) + reg_weight * (mean(eps_hat)^2 + (std(eps_hat) - 1)^2).
 
     The condition is dropped (all-zero scan) with probability ``uncond_prob`` per batch so
-    classifier-free guidance works at inference.
+    classifier-free guidance works at inference. ``max_timestep`` limits training to the
+    noise levels the sampler visits (it starts at t0).
     """
-    t, noise, x_t = _noise_step(schedule, full, generator)
+    t, noise, x_t = _noise_step(schedule, full, generator, max_timestep)
     drop = torch.rand((), generator=generator, device=full.device).item() < uncond_prob
     if drop:
         # An all-zero scan is one voxel per batch entry: batch statistics are meaningless
@@ -107,17 +108,15 @@ def generate(
     steps: int = 1,
     repeat: int = 10,
     generator: torch.Generator | None = None,
+    bound: float | None = None,
 ) -> torch.Tensor:
-    """The student's completion from ``x_init + noise_scale * noise`` in ``steps`` DPM-Solver++
-    steps, differentiable w.r.t. the student (same sampler as the inference pipeline)."""
-    schedule = model.config
-    sampler = make_sampler(steps, schedule.beta_start, schedule.beta_end, schedule.num_train_timesteps)
+    """The student's completion from ``x_init + noise_scale * start_scale * noise`` with the
+    model's own sampler (kind and t0 from its config) in ``steps`` steps — the very loop the
+    inference pipeline runs — differentiable w.r.t. the student."""
+    mc = model.config
+    sampler = make_sampler(mc, mc.sampler, steps, mc.t0)
     x_init = partial.repeat(1, repeat, 1)
-    x_t = x_init + noise_scale * noise
-    for t in sampler.timesteps:
-        eps = _predict(model, generator_net, x_t, scan, t.to(partial.device).reshape(1))
-        x_t = x_init + sampler.step(eps, t, x_t - x_init, generator=generator).prev_sample
-    return x_t
+    return sample(lambda x_t, t: _predict(model, generator_net, x_t, scan, t), sampler, x_init, noise_scale * noise, generator, bound)
 
 
 def chamfer_preference(samples: list[torch.Tensor], full: torch.Tensor) -> torch.Tensor:
@@ -180,6 +179,8 @@ def distillation_iteration(
     noise_scale_loser: float = 1.1,
     loser_weight: float = 1.0,
     student_steps: int = 1,
+    repeat: int | None = None,
+    max_timestep: int | None = None,
     preference_metric: Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor] = chamfer_preference,
 ) -> DistillationLosses:
     """One Distillation-DPO iteration (or plain score distillation when ``preference`` is
@@ -195,7 +196,7 @@ def distillation_iteration(
     """
     with torch.no_grad():
         scan = encode_scans(model, partial)  # the encoder is frozen
-    repeat = full.shape[1] // partial.shape[1]
+    repeat = repeat or full.shape[1] // partial.shape[1]
     noise = torch.randn(partial.shape[0], partial.shape[1] * repeat, 3, generator=generator, device=partial.device)
     scales = [1.0, noise_scale_loser] if preference else [1.0]
     # Bounded box for the student's samples (zero gradient outside): a diverging student
@@ -220,13 +221,14 @@ def distillation_iteration(
         logs["cd_sample"] = float(preference_metric(samples, full)[0].mean())
 
     aux_loss = partial.new_zeros(())
-    for aux, sample in zip(aux_nets, ranked):
-        t, eps, x_t = _noise_step(schedule, sample.detach(), generator)
+    for aux, ranked_sample in zip(aux_nets, ranked):
+        t, eps, x_t = _noise_step(schedule, ranked_sample.detach(), generator, max_timestep)
         aux_loss = aux_loss + F.mse_loss(_predict(model, aux, x_t, scan, t), eps)
     step_aux(aux_loss)
 
     # Same t and noise for winner and loser, as published.
-    t = torch.randint(0, schedule.num_train_timesteps, (partial.shape[0],), generator=generator, device=partial.device)
+    high = schedule.num_train_timesteps if max_timestep is None else max_timestep + 1
+    t = torch.randint(0, high, (partial.shape[0],), generator=generator, device=partial.device)
     eps = torch.randn(ranked[0].shape, generator=generator, device=partial.device)
     gen_loss = _dmd_surrogate(model, schedule, teacher, aux_nets[0], ranked[0], scan, t, eps).mean()
     if preference:

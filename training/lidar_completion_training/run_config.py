@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from lidar_completion.config import BACKENDS
+from lidar_completion.config import BACKENDS, SAMPLERS
 
 __all__ = ["RunConfig", "load_run_config"]
 
@@ -32,6 +32,10 @@ class DataSection:
     max_range: float = 50.0  # scan and ground-truth radius (published: 50 m)
     augment: bool = True
     num_workers: int = 0
+    # Train on discs of this radius (metres, around a random scan point) cut from the scene
+    # at the scene's point density; the networks are fully convolutional, so the model then
+    # completes whole scenes at that density. None: whole scenes.
+    crop_radius: float | None = None
 
     def __post_init__(self) -> None:
         _check(len(self.train_sequences) > 0, "data.train_sequences", "must not be empty")
@@ -39,6 +43,8 @@ class DataSection:
         _check(self.n_full % self.n_part == 0, "data.n_full", f"must be a multiple of data.n_part ({self.n_part}), got {self.n_full}")
         _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
         _check(3.5 < self.max_range <= 100, "data.max_range", f"must be in (3.5, 100] m, got {self.max_range}")
+        if self.crop_radius is not None:
+            _check(1.0 <= self.crop_radius <= self.max_range, "data.crop_radius", f"must be in [1, max_range] m or null, got {self.crop_radius}")
 
 
 @dataclass(frozen=True)
@@ -46,8 +52,16 @@ class ModelSection:
     channel_ratio: float = 0.25
     voxel_size: float = 0.05
     description: str = ""
+    # How the exported model samples by default (ModelConfig): the sampler kind, its start
+    # timestep t0 (null: T - 1) and the teacher's guidance weight.
+    sampler: str = "dpmsolver++"
+    t0: int | None = None
+    guidance: float = 6.0
 
     def __post_init__(self) -> None:
+        _check(self.sampler in SAMPLERS, "model.sampler", f"must be one of {list(SAMPLERS)}, got {self.sampler!r}")
+        _check(self.t0 is None or 1 <= self.t0 <= 999, "model.t0", f"must be in [1, 999] or null, got {self.t0}")
+        _check(0 <= self.guidance <= 50, "model.guidance", f"must be in [0, 50], got {self.guidance}")
         _check(0.05 <= self.channel_ratio <= 4, "model.channel_ratio", f"must be in [0.05, 4], got {self.channel_ratio}")
         _check(0 < self.voxel_size <= 1, "model.voxel_size", f"must be in (0, 1] m, got {self.voxel_size}")
 
@@ -86,8 +100,10 @@ class TrainerSection:
 class TeacherSection:
     uncond_prob: float = 0.1
     reg_weight: float = 5.0
+    max_timestep: int | None = None  # train on t in [0, max_timestep] (the sampler's range); null: all
 
     def __post_init__(self) -> None:
+        _check(self.max_timestep is None or 1 <= self.max_timestep <= 999, "teacher.max_timestep", "must be in [1, 999] or null")
         _check(0 <= self.uncond_prob < 1, "teacher.uncond_prob", "must be in [0, 1)")
         _check(self.reg_weight >= 0, "teacher.reg_weight", "must be >= 0")
 
@@ -100,8 +116,10 @@ class DistillSection:
     loser_weight: float = 1.0
     student_steps: int = 1
     aux_lr: float | None = None
+    max_timestep: int | None = None  # score-distillation timesteps in [0, max_timestep]; null: the teacher's t0, else all
 
     def __post_init__(self) -> None:
+        _check(self.max_timestep is None or 1 <= self.max_timestep <= 999, "distill.max_timestep", "must be in [1, 999] or null")
         _check(self.mode in ("dpo", "sd"), "distill.mode", f"must be dpo or sd, got {self.mode!r}")
         _check(self.noise_scale_loser > 0 and self.noise_scale_loser != 1.0, "distill.noise_scale_loser", "must be > 0 and != 1")
         _check(self.loser_weight >= 0, "distill.loser_weight", "must be >= 0")
@@ -134,6 +152,8 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _check(self.kind in ("teacher", "distill", "refine"), "kind", f"must be teacher, distill or refine, got {self.kind!r}")
+        if self.data.crop_radius is not None:
+            _check(self.trainer.batch_size == 1, "trainer.batch_size", "must be 1 with data.crop_radius (crops differ in size)")
         if self.kind == "refine":
             _check(bool(self.refine.base) and Path(self.refine.base).exists(), "refine.base", f"exported model {self.refine.base!r} not found")
         if self.kind == "distill":
