@@ -68,6 +68,7 @@ from .parameters import (
     COMPLETION_KEYS,
     PARAMETERS,
     ParamSpec,
+    check_values,
     completion_config,
     resolve_checkpoint,
 )
@@ -181,7 +182,8 @@ class CompletionNode(Node):
 
         self._values = self._declare_parameters()
         self._check_unknown_overrides()
-        try:
+        try:  # every value, before the (slow) model load
+            check_values(self._values)
             config = completion_config(self._values)
         except ValueError as err:
             raise StartupError(f"invalid parameter {err}") from None

@@ -11,8 +11,11 @@ are validated by *building that config* (:func:`completion_config`), so the core
 stays the one place where their limits are enforced; the ranges below only describe them to
 ``ros2 param describe`` and to rclpy (a test checks that both agree). ROS parameters cannot
 be "unset", so ``None`` in the core config ("use the preset's / checkpoint's value") is
-spelled with a sentinel: ``0`` for ``data.n_part`` and ``sampling.steps``, ``-1`` for
-``sampling.guidance`` and ``sampling.seed``.
+spelled with a sentinel: ``0`` for ``data.n_part``, ``sampling.steps`` and ``sampling.t0``,
+``-1`` for ``sampling.guidance`` and ``sampling.seed``, ``""`` for ``sampling.sampler``.
+
+The node's own string parameters (QoS reliability, ...) are checked against their choices
+by :func:`check_values` before anything is loaded: rclpy itself only enforces ranges.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ __all__ = [
     "COMPLETION_KEYS",
     "PARAMETERS",
     "ParamSpec",
+    "check_values",
     "completion_config",
     "defaults",
     "parameter_args",
@@ -59,9 +63,10 @@ class ParamSpec:
         if self.range is not None:
             parts.append(f"range [{self.range[0]:g}, {self.range[1]:g}]")
         if self.choices is not None:
-            parts.append("one of " + ", ".join(self.choices))
+            parts.append("one of " + ", ".join(c or "''" for c in self.choices))
         if self.none_value is not None:
-            parts.append(f"{self.none_value} = default of the preset/checkpoint")
+            shown = self.none_value if self.none_value != "" else "''"
+            parts.append(f"{shown} = default of the preset/checkpoint")
         if self.read_only:
             parts.append("read-only (restart the node to change)")
         return "; ".join(parts)
@@ -80,6 +85,8 @@ COMPLETION_KEYS = (
     "sampling.steps",
     "sampling.guidance",
     "sampling.seed",
+    "sampling.sampler",
+    "sampling.t0",
 )
 
 PARAMETERS: tuple[ParamSpec, ...] = (
@@ -118,6 +125,11 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "-1 = the checkpoint's default.", range=(-1.0, 50.0), none_value=-1.0),
     ParamSpec("sampling.seed", 0, "Sampling noise seed (reproducible output); -1 = a fresh seed per scan.",
               range=(-1, INT64_MAX), none_value=-1),
+    ParamSpec("sampling.sampler", "",
+              "Diffusion sampler: dpmsolver++ (published) or ve (consistent with the local training "
+              "process); empty = the checkpoint's own.", choices=("", "dpmsolver++", "ve"), none_value=""),
+    ParamSpec("sampling.t0", 0, "Start timestep of sampling (the scan is noised to t0); 0 = the checkpoint's own.",
+              range=(0, 999), none_value=0),
     # --- input handling -------------------------------------------------------------------
     ParamSpec("max_input_points", 500_000,
               "Clouds with more finite points are randomly subsampled to this many (counted).",
@@ -159,6 +171,20 @@ assert set(COMPLETION_KEYS) <= set(_BY_NAME), "every completion key needs a Para
 def defaults() -> dict[str, Any]:
     """``{name: default}`` for every parameter."""
     return {spec.name: spec.default for spec in PARAMETERS}
+
+
+def check_values(values: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming the parameter when one of the node's own string values
+    is not one of its choices. Values are compared as given: ``BEST_EFFORT`` is not
+    ``best_effort``. (The completion keys are the core config's to check.)"""
+    for spec in PARAMETERS:
+        if spec.choices is None or spec.name not in values or spec.name in COMPLETION_KEYS:
+            continue
+        value = values[spec.name]
+        if value in spec.choices:
+            continue
+        shown = ", ".join(c or "'' (empty)" for c in spec.choices)
+        raise ValueError(f"{spec.name}: must be one of {shown}, got {value!r}")
 
 
 def completion_config(values: dict[str, Any]):
