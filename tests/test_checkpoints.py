@@ -57,7 +57,7 @@ def test_bad_config_value_is_rejected(tiny_model, tmp_path):
 def test_corrupt_pickle_and_foreign_layouts(tmp_path):
     bad = tmp_path / "garbage.ckpt"
     bad.write_bytes(b"not a checkpoint at all")
-    with pytest.raises(CheckpointError, match="garbage.ckpt: cannot read checkpoint"):
+    with pytest.raises(CheckpointError, match="not a checkpoint: .*garbage.ckpt"):
         load_model(bad)
     foreign = tmp_path / "foreign.ckpt"
     torch.save({"state_dict": {"backbone.weight": torch.zeros(2)}}, foreign)
@@ -72,5 +72,82 @@ def test_pickled_code_is_never_executed(tmp_path):
 
     path = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {"x": Evil()}}, path)
-    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+    with pytest.raises(CheckpointError, match=r"refused: .*evil.ckpt is not a weights-only checkpoint "
+                                              r"\(it would execute code: (builtins\.)?print\)") as info:
         load_model(path)
+    assert "weights_only" not in str(info.value) and "\n" not in str(info.value)
+
+
+
+class _Touch:
+    """Pickled, it would create a file when loaded."""
+
+    def __init__(self, target):
+        self.target = str(target)
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+@pytest.mark.parametrize("kind", ["torch_save", "raw_protocol_4", "raw_protocol_2"])
+def test_hostile_pickles_are_refused_in_one_line_and_never_run(tmp_path, kind):
+    import pickle
+
+    marker = tmp_path / "ran"
+    path = tmp_path / f"{kind}.ckpt"
+    payload = {"state_dict": {"w": torch.zeros(2)}, "extra": _Touch(marker)}
+    if kind == "torch_save":
+        torch.save(payload, path)
+    else:
+        path.write_bytes(pickle.dumps(payload, protocol=int(kind[-1])))
+    with pytest.raises(CheckpointError) as info:
+        load_model(path)
+    message = str(info.value)
+    assert message.startswith(f"refused: {path} is not a weights-only checkpoint (it would execute code: "), message
+    assert message.endswith("open)") and "\n" not in message, message
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00" * 10, bytes(range(256)) * 4, b"PK\x03\x04 truncated zip"],
+                         ids=["empty", "zeros", "bytes", "zip_header"])
+def test_random_files_are_not_a_checkpoint_without_unsafe_advice(tmp_path, content):
+    path = tmp_path / "random.ckpt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=rf"^not a checkpoint: {path}: ") as info:
+        load_model(path)
+    text = str(info.value)
+    assert "weights_only" not in text and "\n" not in text and "will likely succeed" not in text
+
+
+def _published(model: CompletionModel, path, refine: bool = False):
+    """``model`` saved in the published Lightning layout (student prefixes, optional refiner file)."""
+    state = {f"partial_enc.{k[len('encoder.'):]}": v for k, v in model.state_dict().items() if k.startswith("encoder.")}
+    state |= {f"generator.{k[len('denoiser.'):]}": v for k, v in model.state_dict().items() if k.startswith("denoiser.")}
+    if refine:
+        state = {f"model_refine.{k[len('refiner.'):]}": v for k, v in model.state_dict().items() if k.startswith("refiner.")}
+    torch.save({"state_dict": state, "epoch": 3}, path)
+    return path
+
+
+def test_a_separate_refinement_checkpoint_published_or_ours(tiny_model, tmp_path):
+    from lidar_completion.checkpoints import with_refiner
+
+    plain = CompletionModel(ModelConfig(channel_ratio=0.25, kind="student", default_steps=2, default_guidance=1.0))
+    assert plain.refiner is None
+    published_refiner = _published(tiny_model, tmp_path / "refine_net.ckpt", refine=True)
+    ours = save_model(tiny_model, tmp_path / "with_refiner")
+    for source in (published_refiner, ours):
+        combined = with_refiner(plain, source)
+        assert combined.config.refine_channel_ratio == 0.25
+        for key, value in tiny_model.refiner.state_dict().items():
+            assert torch.equal(combined.refiner.state_dict()[key], value), (source, key)
+        for key, value in plain.denoiser.state_dict().items():
+            assert torch.equal(combined.denoiser.state_dict()[key], value)
+    # A published student file is not a refinement net; neither is our model without one.
+    student = _published(tiny_model, tmp_path / "student.ckpt")
+    with pytest.raises(CheckpointError, match="no refinement net inside .*expected prefix 'model_refine.'"):
+        with_refiner(plain, student)
+    with pytest.raises(CheckpointError, match="this model has no refinement net"):
+        with_refiner(plain, save_model(plain, tmp_path / "plain"))
+    with pytest.raises(CheckpointError, match="refinement checkpoint not found"):
+        with_refiner(plain, tmp_path / "missing.ckpt")

@@ -33,6 +33,8 @@ __all__ = [
     "load_model",
     "save_model",
     "load_published",
+    "read_refiner",
+    "with_refiner",
     "PUBLISHED_PREFIXES",
     "SHIPPED_MODELS",
     "find_checkpoint",
@@ -197,7 +199,11 @@ def _check_state(path: Path, expected: dict[str, torch.Tensor], given: dict[str,
 def _build(path: Path, config: ModelConfig, state: dict[str, torch.Tensor]) -> CompletionModel:
     model = CompletionModel(config)
     _check_state(path, model.state_dict(), state)
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:  # e.g. a tensor of a type that cannot be copied into a parameter
+        first = str(err).strip().splitlines()[-1].strip() if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: cannot use weights ({first})") from None
     return model.eval()
 
 
@@ -232,15 +238,92 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     return _build(weights, config, state)
 
 
-def _read_pickled_state(path: Path, map_location) -> dict[str, torch.Tensor]:
+ZIP_MAGIC = b"PK\x03\x04"
+# Globals a weights-only load allows anyway: naming them in a refusal would mislead.
+_SAFE_GLOBAL_PREFIXES = ("torch.", "collections.OrderedDict", "_codecs.encode", "builtins.set")
+
+
+def _pickle_globals(path: Path, limit: int = 64 << 20) -> list[str]:
+    """``module.name`` of the globals a raw (non-zip) pickle would import, found by
+    parsing its opcodes with :mod:`pickletools` (nothing is executed or imported)."""
+    import pickletools
+
+    found: list[str] = []
+    strings: list[str] = []
     try:
-        blob = torch.load(path, map_location=map_location, weights_only=True)
+        with open(path, "rb") as handle:
+            for op, arg, pos in pickletools.genops(handle):
+                if pos > limit:
+                    break
+                if op.name in ("GLOBAL", "INST"):
+                    found.append(str(arg).replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.append(f"{strings[-2]}.{strings[-1]}")
+                elif isinstance(arg, str):
+                    strings.append(arg)
+    except Exception:  # a broken pickle: report what was found before the damage
+        pass
+    return found
+
+
+def _unsafe_global(path: Path, message: str) -> str | None:
+    """The code a pickled file would run (``posix.system``), or None if it names none:
+    for a raw pickle the first import outside torch found in its opcodes, else the global
+    torch's weights-only unpickler refused."""
+    import re
+
+    try:
+        with open(path, "rb") as handle:
+            is_zip = handle.read(4) == ZIP_MAGIC
+    except OSError:
+        is_zip = True
+    if not is_zip:
+        unsafe = [g for g in _pickle_globals(path) if not g.startswith(_SAFE_GLOBAL_PREFIXES)]
+        if unsafe:
+            return unsafe[0]
+    match = re.search(r"GLOBAL ([\w.]+)", message)
+    return match.group(1) if match else None
+
+
+def _not_a_checkpoint_reason(err: BaseException) -> str:
+    """torch's error in a few words, without its advice to load the file unsafely."""
+    import re
+
+    text = str(err)
+    if isinstance(err, EOFError) or not text.strip():
+        return "empty or truncated file"
+    if "zip archive" in text or "PytorchStreamReader" in text:
+        first = text.split(". ")[0].split(": ", 1)[-1]
+        return f"corrupt or truncated zip archive ({first})"
+    match = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n|$)", text)
+    if match:
+        return f"not a torch.save file of tensors ({match.group(1).strip().rstrip('.')})"
+    first = text.strip().splitlines()[0]
+    return first[:200]
+
+
+def _read_pickled_state(path: Path, map_location) -> dict[str, torch.Tensor]:
+    """The ``state_dict`` of a torch.save file, read with ``weights_only=True``; one
+    :class:`CheckpointError` ("refused: ..." for pickled code, "not a checkpoint: ..."
+    for anything else unreadable) instead of torch's advice to load it unsafely."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():  # torch warns about legacy (non-zip) files: not our user's business
+            warnings.simplefilter("ignore")
+            blob = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: cannot read checkpoint ({first_line})") from None
+        code = _unsafe_global(path, str(err))
+        if code is not None:
+            raise CheckpointError(
+                f"refused: {path} is not a weights-only checkpoint (it would execute code: {code})"
+            ) from None
+        raise CheckpointError(f"not a checkpoint: {path}: {_not_a_checkpoint_reason(err)}") from None
     state = blob.get("state_dict", blob) if isinstance(blob, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path}: no state_dict of tensors inside")
+    if not isinstance(state, dict) or not state or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise CheckpointError(f"not a checkpoint: {path}: no state_dict of named tensors inside")
     return state
 
 
@@ -248,6 +331,8 @@ def _ratio_from_stem(path: Path, state: dict[str, torch.Tensor], prefix: str) ->
     key = f"{prefix}stem.0.kernel"
     if key not in state:
         raise CheckpointError(f"{path}: missing key {key!r}")
+    if state[key].ndim != 3:
+        raise CheckpointError(f"{path}: key {key!r} has shape {list(state[key].shape)}, expected [27, 3, C]")
     return state[key].shape[-1] / BASE_CHANNELS[0]
 
 
@@ -288,13 +373,48 @@ def load_published(
         "description": f"published {name} checkpoint {path.name}",
     }
     if refine_path is not None:
-        refine_path = Path(refine_path)
-        if not refine_path.exists():
-            raise CheckpointError(f"checkpoint not found: {refine_path}")
-        refine_state = _read_pickled_state(refine_path, map_location)
-        ours |= {
-            f"refiner.{k[len(REFINE_PREFIX):]}": v for k, v in refine_state.items() if k.startswith(REFINE_PREFIX)
-        }
-        values["refine_channel_ratio"] = _ratio_from_stem(refine_path, refine_state, REFINE_PREFIX)
-    config = ModelConfig(**(values | config_overrides))
+        ratio, refine_state = read_refiner(refine_path, map_location)
+        ours |= {f"refiner.{k}": v for k, v in refine_state.items()}
+        values["refine_channel_ratio"] = ratio
+    try:
+        config = ModelConfig(**(values | config_overrides))
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"{path}: unusable weights: {err}") from None
     return _build(path, config, ours)
+
+
+def read_refiner(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[float, dict[str, torch.Tensor]]:
+    """Channel ratio and weights (keys without prefix) of a refinement net: a published
+    ``refine_net.ckpt`` (prefix ``model_refine.``) or one of ours with a ``refiner``."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"refinement checkpoint not found: {path}")
+    if path.suffix in (".ckpt", ".pt", ".pth"):
+        state = _read_pickled_state(path, map_location)
+        for prefix in (REFINE_PREFIX, "refiner."):
+            if any(k.startswith(prefix) for k in state):
+                break
+        else:
+            sample = next(iter(state), "<empty>")
+            raise CheckpointError(f"{path}: no refinement net inside (first key {sample!r}; expected prefix "
+                                  f"{REFINE_PREFIX!r} or 'refiner.')")
+        inner = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        return _ratio_from_stem(path, inner, ""), inner
+    model = load_model(path, map_location)
+    if model.refiner is None:
+        raise CheckpointError(f"{path}: this model has no refinement net")
+    return float(model.config.refine_channel_ratio), model.refiner.state_dict()
+
+
+def with_refiner(model: CompletionModel, path: str | os.PathLike,
+                 map_location: str | torch.device = "cpu") -> CompletionModel:
+    """``model`` with the refinement net of ``path`` (published ``refine_net.ckpt`` or ours)
+    in place of its own; everything else is unchanged."""
+    ratio, refine_state = read_refiner(path, map_location)
+    try:
+        config = dataclasses.replace(model.config, refine_channel_ratio=ratio)
+    except ValueError as err:
+        raise CheckpointError(f"{path}: unusable refinement net: {err}") from None
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("refiner.")}
+    state |= {f"refiner.{k}": v.to(map_location) for k, v in refine_state.items()}
+    return _build(Path(path), config, state)
