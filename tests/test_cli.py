@@ -268,3 +268,88 @@ def test_render_handles_empty_and_non_finite_clouds(tmp_path):
     dirty[::10] = np.nan
     path = render_comparison([("scan", dirty), ("empty", np.zeros((0, 3), np.float32))], tmp_path / "x.png")
     assert_png(path)
+
+
+# ----------------------------------------------------------------------------- issue 15
+def test_unwritable_outputs_fail_before_any_work(capsys, tmp_path, scan_dir, small_config):
+    """Output and picture locations are checked first: one line, exit 2, nothing loaded or
+    written (the checkpoint given does not even exist, and that is not what is reported)."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory\n")
+    single = write_points(tmp_path / "scan.npy", ring_scan())
+    missing = tmp_path / "no_model"
+    cases = [
+        ([scan_dir, "--out", blocker / "out"], f"--out {blocker / 'out'}: cannot write to"),
+        ([single, "--out", blocker / "x.ply"], f"--out {blocker / 'x.ply'}: cannot write to"),
+        ([single, "--out", tmp_path / "ok.ply", "--render", blocker / "pic.png"], "--render"),
+        ([scan_dir, "--out", tmp_path / "ok_dir", "--render", blocker / "pictures"], "--render"),
+    ]
+    for argv, message in cases:
+        code, out, err = run_cli(capsys, *argv, "--checkpoint", missing, "--config", small_config)
+        assert code == 2, (argv, err)
+        assert err.splitlines() == [err.strip()] and message in err and "Traceback" not in err, err
+        assert "checkpoint" not in err
+    assert not (tmp_path / "ok.ply").exists() and not (tmp_path / "ok_dir" / "good_bin.ply").exists()
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "geteuid") or __import__("os").geteuid() == 0,
+                    reason="root writes into read-only directories; the blocked-path cases above cover it")
+def test_read_only_output_directory(capsys, tmp_path, scan_dir, checkpoint, small_config):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        code, _, err = run_cli(capsys, scan_dir, "--out", locked, "--checkpoint", checkpoint, "--config", small_config)
+        assert code == 2 and f"--out {locked}: cannot write to {locked}" in err and len(err.splitlines()) == 1
+        code, _, err = run_cli(capsys, scan_dir / "good_bin.bin", "--out", tmp_path / "x.ply", "--render",
+                               locked / "x.png", "--checkpoint", checkpoint, "--config", small_config)
+        assert code == 2 and "--render" in err and not (tmp_path / "x.ply").exists()
+    finally:
+        locked.chmod(0o755)
+
+
+@pytest.fixture(scope="module")
+def radius_20_checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    model = CompletionModel(ModelConfig(channel_ratio=0.25, max_range=20.0))
+    return save_model(model, tmp_path_factory.mktemp("models") / "radius20")
+
+
+def test_range_band_is_checked_against_the_models_radius(capsys, tmp_path, radius_20_checkpoint, small_config):
+    source = write_points(tmp_path / "scan.npy", ring_scan())
+    code, out, err = run_cli(capsys, source, "--checkpoint", radius_20_checkpoint, "--config", small_config,
+                             "--out", tmp_path / "a.ply")
+    assert code == 0, err
+    assert "range=3.5-20 m" in out  # the effective range, not data.max_range (50)
+    config = tmp_path / "far.yaml"
+    config.write_text("data:\n  min_range: 30.0\n  n_part: 128\nsampling:\n  steps: 1\n  guidance: 0\n")
+    code, _, err = run_cli(capsys, source, "--checkpoint", radius_20_checkpoint, "--config", config,
+                           "--out", tmp_path / "b.ply")
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "data.min_range: 30 m leaves no range band: the model completes up to 20 m" in err
+    assert not (tmp_path / "b.ply").exists()
+
+
+def test_separate_refinement_checkpoint(capsys, tmp_path, checkpoint, plain_checkpoint, small_config):
+    from lidar_completion.checkpoints import load_model
+
+    source = write_points(tmp_path / "scan.npy", ring_scan())
+    refiner = load_model(checkpoint).refiner
+    published = tmp_path / "refine_net.ckpt"  # the published file's layout
+    torch.save({"state_dict": {f"model_refine.{k}": v for k, v in refiner.state_dict().items()}}, published)
+    code, out, err = run_cli(capsys, source, "--checkpoint", plain_checkpoint, "--config", small_config,
+                             "--out", tmp_path / "plain.npy")
+    assert code == 0 and "refine=off" in out, err
+    for given in (published, checkpoint):  # published, or one of our models with a refiner
+        code, out, err = run_cli(capsys, source, "--checkpoint", plain_checkpoint, "--config", small_config,
+                                 "--refine-checkpoint", given, "--out", tmp_path / "refined.npy")
+        assert code == 0 and "refine=on" in out, err
+        assert len(np.load(tmp_path / "refined.npy")) > len(np.load(tmp_path / "plain.npy"))
+    code, out, err = run_cli(capsys, source, "--checkpoint", plain_checkpoint, "--config", small_config,
+                             "--refine-checkpoint", published, "--no-refine", "--out", tmp_path / "off.npy")
+    assert code == 0 and "refine=off" in out, err
+    for bad, message in ((tmp_path / "nope.ckpt", "refinement checkpoint not found"),
+                         (plain_checkpoint, "has no refinement net")):
+        code, _, err = run_cli(capsys, source, "--checkpoint", plain_checkpoint, "--config", small_config,
+                               "--refine-checkpoint", bad, "--out", tmp_path / "bad.npy")
+        assert code == 2 and message in err and len(err.splitlines()) == 1, err

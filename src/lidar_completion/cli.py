@@ -9,15 +9,19 @@ recursive, in name order). Outputs ``.ply`` or ``.npy``. ``--render`` writes inp
 completion pictures: a path ending in ``.png`` gets one picture (for a directory, of the first
 scan completed); any other path is a directory that gets ``<scan>.png`` per scan.
 
-Unusable scans are reported on stderr in one line naming the file and skipped. Exit status:
-0 all completed, 1 some skipped, 2 nothing completed or a usage / checkpoint / config error.
+Unusable scans are reported on stderr in one line naming the file and skipped. Output and
+picture locations are checked (created, written to) before any work starts. Exit status:
+0 all completed, 1 some skipped (or a picture could not be written), 2 nothing completed or
+a usage / checkpoint / config / output-location error.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -67,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", choices=OUTPUT_FORMATS, help="output format (default: from --out, else ply)")
     parser.add_argument("--checkpoint", type=Path, help="model directory, .safetensors, published .ckpt, or the "
                         "name of a shipped model, e.g. teacher_lite (default: the shipped student_lite)")
+    parser.add_argument("--refine-checkpoint", type=Path, metavar="PATH_OR_NAME",
+                        help="a separate refinement net: the published refine_net.ckpt (prefix model_refine.) or "
+                        "one of our models that has one; replaces the checkpoint's own and turns --refine on")
     parser.add_argument("--config", type=Path, help="completion YAML (keys data.*, sampling.*, refine, device, backend)")
     parser.add_argument("--steps", type=int, help="sampler steps (default: config, else the checkpoint's)")
     parser.add_argument("--guidance", type=float, help="classifier-free guidance weight; 0 or 1 = off")
@@ -118,17 +125,50 @@ def render_path(render: Path, scan: Path, first: bool) -> Path | None:
     return render / f"{scan.stem}.png"
 
 
+def check_writable(directory: Path, what: str) -> None:
+    """Create ``directory`` if needed and write a probe file into it; UsageError if either fails."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as err:
+        raise UsageError(f"{what}: cannot write to {directory} ({err.strerror or type(err).__name__})") from None
+
+
+def check_outputs(outputs: list[Path], out_dir: Path | None, render: Path | None) -> None:
+    """Every place the run will write is creatable and writable, before any work starts."""
+    if out_dir is not None:
+        check_writable(out_dir, f"--out {out_dir}")
+    else:
+        out = outputs[0]
+        if out.is_dir():
+            raise UsageError(f"--out {out}: is a directory, not a file")
+        check_writable(out.parent, f"--out {out}")
+        if out.exists() and not os.access(out, os.W_OK):
+            raise UsageError(f"--out {out}: file is not writable")
+    if render is not None:
+        if render.suffix.lower() == ".png":
+            if render.is_dir():
+                raise UsageError(f"--render {render}: is a directory, not a .png file")
+            check_writable(render.parent, f"--render {render}")
+        else:
+            check_writable(render, f"--render {render}")
+
+
 def load_completer(args: argparse.Namespace):
     """Config (defaults < YAML < flags), checkpoint and the completer; UsageError on any problem."""
-    from .checkpoints import CheckpointError, load_model
+    from .checkpoints import CheckpointError, find_checkpoint, load_model, with_refiner
     from .completer import SceneCompleter
-    from .config import PRESETS, load_config
+    from .config import PRESETS, effective_range, load_config
 
+    refine = args.refine
+    if refine is None and args.refine_checkpoint is not None:
+        refine = True  # a separate refinement net is given to be used
     overrides = {
         "sampling.steps": args.steps,
         "sampling.guidance": args.guidance,
         "sampling.seed": args.seed,
-        "refine": args.refine,
+        "refine": refine,
         "device": args.device,
         "backend": args.backend,
     }
@@ -144,6 +184,8 @@ def load_completer(args: argparse.Namespace):
     checkpoint = resolve_checkpoint(args.checkpoint)
     try:
         model = load_model(checkpoint)
+        if args.refine_checkpoint is not None:
+            model = with_refiner(model, find_checkpoint(args.refine_checkpoint) or args.refine_checkpoint)
     except CheckpointError as err:
         raise UsageError(str(err)) from None
     note = None
@@ -153,6 +195,7 @@ def load_completer(args: argparse.Namespace):
         config = config.replace(refine=False)
         note = f"note: {checkpoint} has no refinement net; completing without refinement"
     try:
+        effective_range(config.data, model.config.max_range)
         return SceneCompleter(model, config), checkpoint, note
     except (ValueError, RuntimeError) as err:
         raise UsageError(str(err)) from None
@@ -168,6 +211,7 @@ def run(args: argparse.Namespace) -> int:
     inputs = find_inputs(args.input)
     single = not args.input.is_dir()
     outputs, out_dir = output_paths(inputs, args.out, args.format, single)
+    check_outputs(outputs, out_dir, args.render)
 
     import yaml
     from tqdm import tqdm
@@ -190,8 +234,8 @@ def run(args: argparse.Namespace) -> int:
 
     setting = (f"steps={completer.steps} guidance={completer.guidance:g} "
                f"refine={'on' if completer.config.refine else 'off'} n_part={completer.n_part} "
-               f"device={completer.device}")
-    timings, skipped = [], []
+               f"device={completer.device} range={completer.config.data.min_range:g}-{completer.max_range:g} m")
+    timings, skipped, no_picture = [], [], []
     bar = tqdm(list(zip(inputs, outputs)), desc=PROG, unit="scan", disable=None, file=sys.stderr)
     for scan, out in bar:
         try:
@@ -209,11 +253,17 @@ def run(args: argparse.Namespace) -> int:
         else:
             timings.append(result.timings_ms)
             picture = render_path(args.render, scan, len(timings) == 1) if args.render else None
+            extra = ""
             if picture is not None:
                 label = f"completion ({completer.steps} step{'s' * (completer.steps > 1)})"
-                render_comparison([("input", points), (label, result.points)], picture,
-                                  max_range=completer.config.data.max_range, title=f"{scan.name}: {setting}")
-            extra = f", picture {picture}" if picture is not None else ""
+                try:
+                    render_comparison([("input", points), (label, result.points)], picture,
+                                      max_range=completer.max_range, title=f"{scan.name}: {setting}")
+                    extra = f", picture {picture}"
+                except OSError as err:  # the completion is written; say what is missing
+                    no_picture.append(picture)
+                    tqdm.write(f"{PROG}: error: {picture}: picture not written ({err.strerror or err})",
+                               file=sys.stderr)
             tqdm.write(f"{scan} -> {out}: {len(points):,} -> {len(result.points):,} points "
                        f"in {result.timings_ms['total'] / 1000:.2f} s{extra}", file=sys.stdout)
             continue
@@ -229,7 +279,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"skipped {len(skipped)} scan(s):", file=sys.stderr)
         for reason in skipped:
             print(f"  {reason}", file=sys.stderr)
-    return 0 if not skipped else 1 if done else 2
+    return 0 if not skipped and not no_picture else 1 if done else 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:

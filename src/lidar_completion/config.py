@@ -14,7 +14,8 @@ from typing import Any
 
 import yaml
 
-__all__ = ["DataConfig", "SamplingConfig", "CompletionConfig", "PRESETS", "MODEL_PRESET", "BACKENDS", "SAMPLERS", "load_config"]
+__all__ = ["DataConfig", "SamplingConfig", "CompletionConfig", "PRESETS", "MODEL_PRESET", "BACKENDS", "SAMPLERS",
+           "effective_range", "load_config"]
 
 # Point budgets: "full" is the published setting (GPU); "lite" keeps a CPU frame in seconds;
 # "model" (the default) uses the budget the checkpoint was trained with, else "lite".
@@ -147,6 +148,20 @@ class CompletionConfig:
         values = flatten_keys(self.to_dict())
         values.update({k: v for k, v in dotted.items() if v is not None})
         return CompletionConfig.from_dict(values)
+
+
+def effective_range(data: DataConfig, model_max_range: float | None) -> tuple[float, float]:
+    """``(min_range, max_range)`` the pipeline uses with a model trained up to
+    ``model_max_range`` m: ``data.max_range`` capped at that radius (a model cannot complete
+    beyond it). ``ValueError`` naming the keys when the band left is empty, so a setting
+    that would reject every scan is refused instead."""
+    max_range = min(data.max_range, model_max_range or float("inf"))
+    if data.min_range >= max_range:
+        why = (f" (the model's trained radius; data.max_range is {data.max_range:g})"
+               if max_range < data.max_range else "")
+        raise ValueError(f"data.min_range: {data.min_range:g} m leaves no range band: the model completes up to "
+                         f"{max_range:g} m{why}")
+    return data.min_range, max_range
 
 
 def flatten_keys(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
