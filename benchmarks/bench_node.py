@@ -271,7 +271,7 @@ def main() -> None:
     if not args.skip_node:
         node = bench_node_overhead(scans, args.domain)
         print(f"\n== node overhead, {N_SCAN:,}-point scans, tiny model, {node['scans']} scans (median ms)")
-        print(f"overhead (callback entry -> publish return, minus model): {node['overhead_ms_median']:.2f} "
+        print(f"overhead (callback entry -> publish return, minus model and wait for the worker): {node['overhead_ms_median']:.2f} "
               f"(p90 {node['overhead_ms_p90']:.2f}; ~/debug/overhead_ms median {node['overhead_topic_median']:.2f}; "
               f"target <= 5)")
         print(f"  convert+validate {node['convert_ms_median']:.2f} | hand-off to worker {node['wait_ms_median']:.2f} | "

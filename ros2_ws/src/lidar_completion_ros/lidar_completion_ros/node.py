@@ -9,9 +9,10 @@ Topics (relative, so remappable and namespaced):
 * ``points_completed`` (pub, PointCloud2 x/y/z float32) -- the completion, header copied;
 * ``/diagnostics`` (pub, diagnostic_msgs/DiagnosticArray) -- device, model, rates, times,
   dropped/rejected counters; WARN when slow, dropping or rejecting, ERROR when it persists;
-* ``~/debug/processing_time_ms``, ``~/debug/model_time_ms``, ``~/debug/overhead_ms``
-  (std_msgs/Float64) -- per scan: subscription callback entry to ``publish`` return, the
-  model's share, and the rest (the node's own overhead);
+* ``~/debug/processing_time_ms``, ``~/debug/model_time_ms``, ``~/debug/overhead_ms``,
+  ``~/debug/wait_ms`` (std_msgs/Float64) -- per scan: subscription callback entry to
+  ``publish`` return, the model's share, the node's own cost (convert + build + publish),
+  and the time the scan waited for the worker to finish the previous one;
 * ``~/debug/timings`` (DiagnosticArray, header = the scan's) -- every stage of one scan.
 
 Threading: the subscription callback only validates and converts the message (a few ms)
@@ -116,7 +117,7 @@ class _Stats:
     """Counters and recent timings, shared by the callback, the worker and diagnostics."""
 
     counts: dict[str, int] = field(default_factory=dict)
-    recent: deque = field(default_factory=lambda: deque(maxlen=100))  # (t, processing, model, overhead)
+    recent: deque = field(default_factory=lambda: deque(maxlen=100))  # (t, processing, model, overhead, wait)
     received_times: deque = field(default_factory=lambda: deque(maxlen=200))
     last_input: float | None = None
 
@@ -144,11 +145,14 @@ def _descriptor(spec: ParamSpec) -> ParameterDescriptor:
     return descriptor
 
 
-def synthetic_scan(config: Any, n: int, seed: int = 0) -> np.ndarray:
-    """A ring of ground and wall points inside the range band (for the warm-up inference)."""
+def synthetic_scan(config: Any, n: int, seed: int = 0, max_range: float | None = None) -> np.ndarray:
+    """A ring of ground and wall points inside the range band (for the warm-up inference);
+    ``max_range``: the effective one, when the model caps ``data.max_range``."""
     rng = np.random.default_rng(seed)
     data = config.data
-    r = rng.uniform(data.min_range + 0.5, max(data.min_range + 1.0, min(data.max_range - 0.5, 30.0)), n)
+    low = data.min_range
+    high = min(data.max_range, max_range or data.max_range, max(30.0, low + 1.0))
+    r = rng.uniform(low + 0.05 * (high - low), high - 0.05 * (high - low), n)
     angle = rng.uniform(-np.pi, np.pi, n)
     z = np.where(rng.random(n) < 0.6, -1.73, rng.uniform(-1.7, 2.0, n)) + rng.normal(0, 0.02, n)
     return np.column_stack([r * np.cos(angle), r * np.sin(angle), z]).astype(np.float32)
@@ -189,21 +193,28 @@ class CompletionNode(Node):
             raise StartupError(f"invalid parameter {err}") from None
         try:
             path = resolve_checkpoint(self._values["checkpoint"])
+            refine_path = (resolve_checkpoint(self._values["refine_checkpoint"], "refine_checkpoint")
+                           if self._values["refine_checkpoint"].strip() else None)
         except FileNotFoundError as err:
             raise StartupError(str(err)) from None
 
-        from lidar_completion.checkpoints import CheckpointError, load_model
-        from lidar_completion.completer import SceneCompleter
+        from lidar_completion.checkpoints import CheckpointError, load_model, with_refiner
 
         try:
             self._model = load_model(path)
         except (CheckpointError, OSError, ValueError) as err:
             raise StartupError(f"cannot load checkpoint '{path}': {err}") from None
+        if refine_path is not None:
+            try:
+                self._model = with_refiner(self._model, refine_path)
+            except (CheckpointError, OSError, ValueError) as err:
+                raise StartupError(f"cannot load refine_checkpoint '{refine_path}': {err}") from None
         try:
-            self._completer = SceneCompleter(self._model, config)
+            self._completer = self._make_completer(config)
         except (ValueError, RuntimeError) as err:
             raise StartupError(f"cannot run '{path}' with these parameters: {err}") from None
         self._checkpoint = path
+        self._refine_checkpoint = refine_path
         self._rng = np.random.default_rng(None if self._values["sampling.seed"] < 0 else self._values["sampling.seed"])
         mc = self._model.config
         self._model_name = f"{path.name} ({mc.kind}, channel_ratio {mc.channel_ratio:g})"
@@ -211,7 +222,11 @@ class CompletionNode(Node):
             f"loaded {path} ({mc.kind}{': ' + mc.description if mc.description else ''}) on "
             f"{self._completer.device}: steps={self._completer.steps} guidance={self._completer.guidance:g} "
             f"n_part={self._completer.n_part} refine={'on' if config.refine else 'off'}"
+            + (f" (refinement net from {refine_path})" if refine_path is not None else "")
         )
+        if refine_path is not None and not config.refine:
+            self.get_logger().info("refine_checkpoint is loaded but refine is false: set refine to true to use it")
+        self._log_range(self._completer)
 
         v = self._values
         self._pub = self.create_publisher(
@@ -220,7 +235,7 @@ class CompletionNode(Node):
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self._debug_pubs = {
             name: self.create_publisher(Float64, f"~/debug/{name}", 10)
-            for name in ("processing_time_ms", "model_time_ms", "overhead_ms")
+            for name in ("processing_time_ms", "model_time_ms", "overhead_ms", "wait_ms")
         }
         self._timings_pub = self.create_publisher(DiagnosticArray, "~/debug/timings", 10)
 
@@ -241,6 +256,24 @@ class CompletionNode(Node):
             f"(input QoS {v['qos.input.reliability']}/{v['qos.input.depth']}, "
             f"output QoS {v['qos.output.reliability']}/{v['qos.output.depth']})"
         )
+
+    def _make_completer(self, config: Any) -> Any:
+        """A completer on the loaded model; ``ValueError`` when ``config`` does not fit the
+        model (e.g. ``data.min_range`` beyond the radius the model completes)."""
+        from lidar_completion.completer import SceneCompleter
+        from lidar_completion.config import effective_range
+
+        effective_range(config.data, self._model.config.max_range)
+        return SceneCompleter(self._model, config)
+
+    def _log_range(self, completer: Any) -> None:
+        data = completer.config.data
+        if completer.max_range < data.max_range:
+            self.get_logger().warn(
+                f"effective range {data.min_range:g}-{completer.max_range:g} m: data.max_range={data.max_range:g} is "
+                f"capped at the radius the model was trained on ({completer.max_range:g} m); "
+                f"see max_range_effective in /diagnostics"
+            )
 
     def _declare_parameters(self) -> dict[str, Any]:
         values: dict[str, Any] = {}
@@ -283,16 +316,27 @@ class CompletionNode(Node):
             )
 
     def _warmup(self) -> None:
-        config = self._completer.config
-        points = synthetic_scan(config, max(2 * self._completer.n_part, 1000))
+        """One inference at the cheapest setting (1 step, no guidance): it pays the first-call
+        costs (allocations, kernel maps, refinement) without the scans' step count, which for
+        a published teacher (50 steps, guidance 6) would take minutes on a CPU."""
+        from lidar_completion.completer import SceneCompleter
+
+        completer = self._completer
+        config = completer.config.replace(**{"sampling.steps": 1, "sampling.guidance": 1.0})
+        cheap = SceneCompleter(self._model, config)
+        points = synthetic_scan(config, max(2 * cheap.n_part, 1000), max_range=completer.max_range)
+        self.get_logger().info(
+            f"warm-up inference: 1 step without guidance (scans run {completer.steps} steps, "
+            f"guidance {completer.guidance:g})"
+        )
         start = time.perf_counter()
-        result = self._completer.complete(points)
+        result = cheap.complete(points)
         # The node's own stages too, so the first real scan pays no first-call costs.
         header = self._make_header()
         cloud_to_xyz(build_cloud(result.points, header, PointCloud2, PointField))
         self.get_logger().info(
-            f"warm-up inference: {1000 * (time.perf_counter() - start):.0f} ms, "
-            f"{len(points)} -> {len(result.points)} points"
+            f"warm-up inference done in {1000 * (time.perf_counter() - start):.0f} ms "
+            f"({result.nfe} network call{'s' * (result.nfe != 1)}, {len(points)} -> {len(result.points)} points)"
         )
 
     def _make_header(self) -> Any:
@@ -314,10 +358,9 @@ class CompletionNode(Node):
         touched = {p.name for p in params}
         completer = self._completer
         try:
+            check_values(values)
             if touched & set(COMPLETION_KEYS):
-                from lidar_completion.completer import SceneCompleter
-
-                completer = SceneCompleter(self._model, completion_config(values))
+                completer = self._make_completer(completion_config(values))
         except (ValueError, RuntimeError) as err:
             return SetParametersResult(successful=False, reason=str(err))
         with self._lock:
@@ -329,8 +372,10 @@ class CompletionNode(Node):
         if touched & set(COMPLETION_KEYS):
             self.get_logger().info(
                 f"parameters changed: steps={completer.steps} guidance={completer.guidance:g} "
-                f"n_part={completer.n_part} refine={completer.config.refine}"
+                f"n_part={completer.n_part} refine={completer.config.refine} "
+                f"range={completer.config.data.min_range:g}-{completer.max_range:g} m"
             )
+            self._log_range(completer)
         return SetParametersResult(successful=True)
 
     # ------------------------------------------------------------------ logging helpers
@@ -459,28 +504,31 @@ class CompletionNode(Node):
 
         processing_ms = 1000 * (t_end - scan.t_enter)
         model_ms = 1000 * (t_build - t_model)
-        overhead_ms = processing_ms - model_ms
+        # Time the scan spent in the mailbox while the worker finished the previous one: part
+        # of its latency, but not a cost of the node's code.
+        wait_ms = 1000 * (t_model - scan.t_enter) - scan.convert_ms
+        overhead_ms = processing_ms - model_ms - wait_ms  # convert + build + publish
         with self._lock:
             self._stats.add("completed")
-            self._stats.recent.append((time.monotonic(), processing_ms, model_ms, overhead_ms))
+            self._stats.recent.append((time.monotonic(), processing_ms, model_ms, overhead_ms, wait_ms))
         try:  # the scan is answered: trouble with the debug topics must not count against it
-            self._publish_debug(scan, result, completer, processing_ms, model_ms, overhead_ms,
-                                t_model, t_build, t_publish, t_end)
+            self._publish_debug(scan, result, completer, processing_ms, model_ms, overhead_ms, wait_ms,
+                                t_build, t_publish, t_end)
         except Exception as err:
             if self.context.ok() and not self._stopping:
                 self._throttled("debug", f"could not publish debug timings: {type(err).__name__}: {err}")
 
     def _publish_debug(self, scan: _Scan, result: Any, completer: Any, processing_ms: float, model_ms: float,
-                       overhead_ms: float, t_model: float, t_build: float, t_publish: float, t_end: float) -> None:
+                       overhead_ms: float, wait_ms: float, t_build: float, t_publish: float, t_end: float) -> None:
         for name, value in (("processing_time_ms", processing_ms), ("model_time_ms", model_ms),
-                            ("overhead_ms", overhead_ms)):
+                            ("overhead_ms", overhead_ms), ("wait_ms", wait_ms)):
             self._debug_pubs[name].publish(Float64(data=value))
         stages = {
             "processing_ms": processing_ms,
             "model_ms": model_ms,
             "overhead_ms": overhead_ms,
             "convert_ms": scan.convert_ms,
-            "wait_ms": 1000 * (t_model - scan.t_enter) - scan.convert_ms,
+            "wait_ms": wait_ms,
             **{f"model.{k}_ms": v for k, v in result.timings_ms.items()},
             "build_ms": 1000 * (t_publish - t_build),
             "publish_ms": 1000 * (t_end - t_publish),
@@ -563,6 +611,11 @@ class CompletionNode(Node):
             "guidance": f"{completer.guidance:g}",
             "n_part": str(completer.n_part),
             "refine": str(completer.config.refine).lower(),
+            "refine_checkpoint": str(self._refine_checkpoint or ""),
+            "min_range": f"{completer.config.data.min_range:g}",
+            "max_range": f"{completer.config.data.max_range:g}",
+            "max_range_model": f"{self._model.config.max_range:g}" if self._model.config.max_range else "",
+            "max_range_effective": f"{completer.max_range:g}",
             "input_topic": self._sub.topic_name,
             "output_topic": self._pub.topic_name,
             "output_subscribers": str(self._pub.get_subscription_count()),
@@ -572,6 +625,7 @@ class CompletionNode(Node):
             "processing_time_mean_ms": f"{mean_ms:.1f}",
             "model_time_ms": f"{recent[-1][2]:.1f}" if recent else "",
             "overhead_ms": f"{recent[-1][3]:.2f}" if recent else "",
+            "wait_ms": f"{recent[-1][4]:.1f}" if recent else "",
             **{k: str(n) for k, n in counts.items()},
         }
         status = DiagnosticStatus(

@@ -107,7 +107,15 @@ PARAMETERS: tuple[ParamSpec, ...] = (
         "Sparse convolutions: torch (built in) or minkowski (MinkowskiEngine 0.5.4, when installed).",
         choices=("torch", "minkowski"), read_only=True,
     ),
-    ParamSpec("refine", False, "Run the x6 refinement net after sampling (the checkpoint must have one)."),
+    ParamSpec("refine", False, "Run the x6 refinement net after sampling (the checkpoint, or refine_checkpoint, "
+              "must have one)."),
+    ParamSpec(
+        "refine_checkpoint", "",
+        "A separate x6 refinement net replacing the checkpoint's own: the published refine_net.ckpt "
+        "(prefix model_refine.) or one of our models with a refiner (path or shipped name); empty = none. "
+        "Set refine to true to use it.",
+        read_only=True,
+    ),
     # --- core completion config ---------------------------------------------------------
     ParamSpec("data.preset", "model",
               "Point budget: model (what the checkpoint was trained with, else lite), lite (2000 points, CPU) "
@@ -217,14 +225,14 @@ def shipped_models_dir() -> Path:
     return SHIPPED_MODELS
 
 
-def resolve_checkpoint(value: str) -> Path:
-    """Path of the ``checkpoint`` parameter: an existing path, or a shipped model's name.
+def resolve_checkpoint(value: str, name: str = "checkpoint") -> Path:
+    """Path of the ``checkpoint`` (or ``name``) parameter: an existing path, or a shipped model's name.
 
     Raises ``FileNotFoundError`` with one line that says what was tried and what exists.
     """
     text = os.path.expandvars(os.path.expanduser(str(value).strip()))
     if not text:
-        raise FileNotFoundError("parameter 'checkpoint' is empty; set it to a checkpoint path or a shipped model")
+        raise FileNotFoundError(f"parameter '{name}' is empty; set it to a checkpoint path or a shipped model")
     from lidar_completion.checkpoints import find_checkpoint
 
     found = find_checkpoint(text)
@@ -233,7 +241,7 @@ def resolve_checkpoint(value: str) -> Path:
     shipped_dir = shipped_models_dir()
     shipped = sorted(p.name for p in shipped_dir.iterdir()) if shipped_dir.is_dir() else []
     raise FileNotFoundError(
-        f"checkpoint '{value}' not found: no such file or directory, and no model of that name in "
+        f"{name} '{value}' not found: no such file or directory, and no model of that name in "
         f"{shipped_dir} (shipped models: {', '.join(shipped) or 'none'})"
     )
 
