@@ -138,8 +138,16 @@ def test_kill_and_resume_ends_on_the_same_step_and_weights(tiny_dataset, tmp_pat
     done_before = torch.load(last, weights_only=True)["data_step"]
     assert done_before < straight.trainer.max_steps, "the run finished before it could be killed"
 
+    logged_before = _logged_steps(tmp_path / "crashed")
     resumed = load_model(fit(crashed, resume=True, progress=False)).state_dict()
     assert torch.load(last, weights_only=True)["data_step"] == straight.trainer.max_steps
+    # The metrics log kept what the crashed run wrote for the steps its checkpoint holds
+    # (the row of the checkpoint's own last step is written ~1 ms after the checkpoint).
+    steps = [s for s, _ in _logged_steps(tmp_path / "crashed")]
+    assert len(steps) == len(set(steps)) and set(range(done_before, straight.trainer.max_steps)) <= set(steps)
+    assert set(range(done_before - 1)) <= set(steps)
+    assert [row for row in logged_before if row[0] < done_before - 1] == \
+        [row for row in _logged_steps(tmp_path / "crashed") if row[0] < done_before - 1]
     for key, value in reference.items():
         assert torch.equal(resumed[key], value), (key, (resumed[key] - value).abs().max())
 
@@ -225,3 +233,50 @@ def test_teacher_trains_on_minkowski(tiny_dataset, tmp_path):
     update, gap = norm("torch", "init"), norm("minkowski", "torch")
     assert update > 0.1 and norm("minkowski", "init") > 0.1
     assert gap < 0.1 * update, (gap, update)
+
+
+def _logged_steps(out: Path) -> list[tuple[int, str]]:
+    import csv
+
+    with open(out / "logs" / "metrics.csv", newline="") as handle:
+        return [(int(float(row["step"])), row["train/loss"]) for row in csv.DictReader(handle) if row.get("train/loss")]
+
+
+def test_resume_keeps_and_appends_the_metrics_log(tiny_dataset, tmp_path):
+    """Issue 15, item 5: Lightning deletes metrics.csv on start; a resumed run keeps the rows
+    of the steps its checkpoint holds, drops rows logged after that checkpoint (those steps
+    are trained again) and appends its own."""
+    import csv
+
+    from lidar_completion_training.engine import fit
+
+    out = tmp_path / "run"
+    fit(run_config(tiny_dataset, out, trainer={"max_steps": 4}), progress=False)
+    before = _logged_steps(out)
+    assert [s for s, _ in before] == [0, 1, 2, 3]
+    # A row logged after the last checkpoint, as a crash would leave it: trained again on resume.
+    with open(out / "logs" / "metrics.csv", newline="") as handle:
+        reader = csv.DictReader(handle)
+        header, rows = reader.fieldnames, list(reader)
+    stale = dict(rows[-1], step="4", **{"train/loss": "999.0"})
+    with open(out / "logs" / "metrics.csv", "a", newline="") as handle:
+        csv.DictWriter(handle, fieldnames=header).writerow(stale)
+
+    fit(run_config(tiny_dataset, out, trainer={"max_steps": 6}), resume=True, progress=False)
+    after = _logged_steps(out)
+    assert [s for s, _ in after] == [0, 1, 2, 3, 4, 5], after
+    assert after[:4] == before and "999.0" not in {loss for _, loss in after}
+
+
+def test_resume_without_a_checkpoint_is_one_line_and_exit_2(tiny_dataset, tmp_path, capsys):
+    from lidar_completion_training.train import main
+
+    config = tmp_path / "run.yaml"
+    config.write_text(run_config(tiny_dataset, tmp_path / "never_ran").to_yaml())
+    assert main([str(config), "--resume", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    last = tmp_path / "never_ran" / "checkpoints" / "last.ckpt"
+    assert err == f"lidar-train: --resume: no checkpoint at {last} (start the run without --resume)"
+    assert not (tmp_path / "never_ran").exists()  # nothing built or written
+    assert main([str(config), "--export-only"]) == 2
+    assert "no checkpoint at" in capsys.readouterr().err

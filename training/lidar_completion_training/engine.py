@@ -25,6 +25,7 @@ from lidar_completion.checkpoints import CompletionModel, ModelConfig, load_mode
 from lidar_completion.diffusion import NoiseSchedule
 
 from .dataset import CompletionDataset, PairConfig
+from .logs import ResumableCSVLogger
 from .objectives import distillation_iteration, refine_loss, seeded_generator, teacher_loss
 from .run_config import RunConfig
 
@@ -262,6 +263,8 @@ class AtomicCheckpoint(L.Callback):
 
     def _save(self, trainer: L.Trainer) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
+        if trainer.logger is not None:  # the metrics log on disk covers the steps the checkpoint holds
+            trainer.logger.save()
         tmp = self.directory / ".last.ckpt.tmp"
         trainer.save_checkpoint(tmp, weights_only=False)
         if trainer.is_global_zero:
@@ -279,7 +282,8 @@ def build_module(config: RunConfig) -> _Base:
     return {"teacher": TeacherModule, "distill": DistillationModule, "refine": RefineModule}[config.kind](config)
 
 
-def build_trainer(config: RunConfig, progress: bool = True) -> L.Trainer:
+def build_trainer(config: RunConfig, progress: bool = True, resume_step: int | None = None) -> L.Trainer:
+    """``resume_step``: a resumed run's checkpoint step; its metrics log keeps the rows before it."""
     t = config.trainer
     out = Path(t.out_dir)
     return L.Trainer(
@@ -292,7 +296,7 @@ def build_trainer(config: RunConfig, progress: bool = True) -> L.Trainer:
         max_epochs=-1,
         precision=t.precision,
         gradient_clip_val=t.grad_clip if config.kind != "distill" else None,
-        logger=L.pytorch.loggers.CSVLogger(out, name="logs", version=""),
+        logger=ResumableCSVLogger(out, name="logs", version="", keep_before_step=resume_step, flush_logs_every_n_steps=1),
         log_every_n_steps=t.log_every,
         callbacks=[AtomicCheckpoint(out / "checkpoints", t.checkpoint_every)],
         enable_checkpointing=False,
@@ -306,14 +310,15 @@ def build_trainer(config: RunConfig, progress: bool = True) -> L.Trainer:
 def fit(config: RunConfig, resume: bool = False, progress: bool = True) -> Path:
     """Train, then export the model (safetensors + config.json) to ``<out_dir>/export``."""
     out = Path(config.trainer.out_dir)
+    last = out / "checkpoints" / "last.ckpt"
+    if resume and not last.is_file():  # before anything is built or written
+        raise FileNotFoundError(f"--resume: no checkpoint at {last} (start the run without --resume)")
+    resume_step = int(torch.load(last, map_location="cpu", weights_only=True)["data_step"]) if resume else None
     out.mkdir(parents=True, exist_ok=True)
     (out / "run_config.yaml").write_text(config.to_yaml())
     L.seed_everything(config.trainer.seed, workers=True, verbose=False)
     module = build_module(config)
-    trainer = build_trainer(config, progress)
-    last = out / "checkpoints" / "last.ckpt"
-    if resume and not last.is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint at {last}")
+    trainer = build_trainer(config, progress, resume_step)
     trainer.fit(module, ckpt_path=str(last) if resume else None, weights_only=True)
     export = out / "export"
     if trainer.is_global_zero:

@@ -23,7 +23,8 @@ def _parse_override(text: str) -> tuple[str, object]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lidar-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="run YAML (see config/training/)")
-    parser.add_argument("--resume", action="store_true", help="continue from <out_dir>/checkpoints/last.ckpt")
+    parser.add_argument("--resume", action="store_true", help="continue from <out_dir>/checkpoints/last.ckpt; the "
+                        "metrics log (<out_dir>/logs/metrics.csv) keeps the steps before it and is appended to")
     parser.add_argument("--set", dest="overrides", type=_parse_override, action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--export-only", action="store_true", help="export <out_dir>/checkpoints/last.ckpt (e.g. of a stopped run) and exit")
@@ -38,11 +39,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from .engine import export_last, fit
 
-    if args.export_only:
-        export = export_last(config)
-        print(f"lidar-train: exported {config.kind} model from its last checkpoint to {export}")
-        return 0
-    export = fit(config, resume=args.resume, progress=not args.no_progress)
+    try:
+        if args.export_only:
+            export = export_last(config)
+            print(f"lidar-train: exported {config.kind} model from its last checkpoint to {export}")
+            return 0
+        export = fit(config, resume=args.resume, progress=not args.no_progress)
+    except FileNotFoundError as err:  # --resume / --export-only without a checkpoint
+        print(f"lidar-train: {err}", file=sys.stderr)
+        return 2
     print(f"lidar-train: exported {config.kind} model to {export}")
     return 0
 
