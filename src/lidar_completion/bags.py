@@ -167,21 +167,45 @@ def iter_cloud_messages(
 
     path = Path(path)
     ts = _typestore(store)
-    with Reader(path) as reader:
-        topics = {c.topic: c.msgtype for c in reader.connections}
-        name = _pick_topic(topics, topic, path)
-        conns = [c for c in reader.connections if c.topic == name]
-        for conn, log_time, raw in reader.messages(connections=conns):
-            yield log_time, ts.deserialize_cdr(raw, conn.msgtype)
+    try:
+        with Reader(path) as reader:
+            topics = {c.topic: c.msgtype for c in reader.connections}
+            name = _pick_topic(topics, topic, path)
+            conns = [c for c in reader.connections if c.topic == name]
+            for conn, log_time, raw in reader.messages(connections=conns):
+                try:
+                    msg = ts.deserialize_cdr(raw, conn.msgtype)
+                except Exception as err:  # a damaged message: say which and where
+                    raise BagError(f"{path}: message at {log_time} ns on {name} cannot be decoded as "
+                                   f"{conn.msgtype} ({_reason(err)})") from None
+                yield log_time, msg
+    except BagError:
+        raise
+    except Exception as err:  # rosbags, mcap, sqlite3 and yaml each raise their own types
+        raise BagError(f"{path}: cannot read bag ({_reason(err)})") from None
+
+
+def _reason(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0][:200]}" if text else type(err).__name__
 
 
 def read_clouds(
     path: str | Path, topic: str | None = None, *, store: Any = None
 ) -> Iterator[BagCloud]:
-    """Yield ``BagCloud(stamp_ns, frame_id, xyz)`` for each message of a PointCloud2 topic."""
-    for _, msg in iter_cloud_messages(path, topic, store=store):
+    """Yield ``BagCloud(stamp_ns, frame_id, xyz)`` for each message of a PointCloud2 topic.
+
+    Any problem (missing, truncated or damaged bag, wrong topic type, unreadable cloud)
+    raises :class:`BagError` naming the bag."""
+    from lidar_completion.pointcloud2 import CloudError
+
+    for log_time, msg in iter_cloud_messages(path, topic, store=store):
         stamp = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
-        yield BagCloud(int(stamp), str(msg.header.frame_id), cloud_to_xyz(msg))
+        try:
+            xyz = cloud_to_xyz(msg)
+        except CloudError as err:
+            raise BagError(f"{path}: cloud at {log_time} ns cannot be read: {err}") from None
+        yield BagCloud(int(stamp), str(msg.header.frame_id), xyz)
 
 
 # --- SemanticKITTI layout -------------------------------------------------------------
