@@ -45,13 +45,14 @@ def test_replay_record_loses_nothing(domain_id: int, tmp_path: Path) -> None:
     write_clouds(source, clouds, topic="/points_raw")
     env = ros_env(domain_id)
     recorder = Proc([sys.executable, "-m", "lidar_completion_ros.bag_record", "--topic", "/replayed",
-                     "--out", str(recorded), "--qos", "reliable", "--timeout", "120"], env, "bag_record")
+                     "--out", str(recorded), "--qos", "reliable", "--timeout", "600"], env, "bag_record")
     try:
         replay = Proc([sys.executable, "-m", "lidar_completion_ros.bag_replay", str(source),
-                       "--output-topic", "/replayed", "--rate", "4", "--qos", "reliable"], env, "bag_replay")
-        assert replay.wait(120) == 0, replay.output
+                       "--output-topic", "/replayed", "--rate", "4", "--qos", "reliable",
+                       "--discovery-timeout", "300"], env, "bag_replay")  # the recorder may start slowly
+        assert replay.wait(300) == 0, replay.output
         assert "published 6 clouds" in replay.output
-        recorder.wait_for_line(r"recorded 1\.500000 ", 30)  # the last stamp
+        recorder.wait_for_line(r"recorded 1\.500000 ", 120)  # the last stamp
         assert recorder.interrupt(30) == 0, recorder.output  # SIGINT closes the bag properly
     finally:
         recorder.kill()

@@ -35,15 +35,16 @@ def test_replay_through_node_into_recorder(domain_id: int, model, synthetic_root
     recorder = replay = None
     out_bag = tmp_path / "completed_bag"
     try:
-        node.wait_for_line(r"ready: /points_raw -> /points_completed", 180)
+        node.wait_for_line(r"ready: /points_raw -> /points_completed", 300)
         env = ros_env(domain_id)
         recorder = Proc([sys.executable, "-m", "lidar_completion_ros.bag_record", "--topic", "points_completed",
-                         "--out", str(out_bag), "--timeout", "300"], env, "bag_record")
+                         "--out", str(out_bag), "--timeout", "900"], env, "bag_record")
         # The node must see the recorder before the first scan, or it skips inference.
-        peer.spin_until(lambda: peer.diagnostics and int(peer.diagnostics[-1]["output_subscribers"]) >= 1, 60,
+        peer.spin_until(lambda: peer.diagnostics and int(peer.diagnostics[-1]["output_subscribers"]) >= 1, 120,
                         "the node to see the recorder")
-        replay = Proc([sys.executable, "-m", "lidar_completion_ros.bag_replay", str(synthetic_bag)], env, "bag_replay")
-        assert replay.wait(120) == 0, replay.output
+        replay = Proc([sys.executable, "-m", "lidar_completion_ros.bag_replay", str(synthetic_bag),
+                       "--discovery-timeout", "300"], env, "bag_replay")
+        assert replay.wait(300) == 0, replay.output
         assert f"published {len(inputs)} clouds" in replay.output
 
         def settled() -> bool:
@@ -51,16 +52,16 @@ def test_replay_through_node_into_recorder(domain_id: int, model, synthetic_root
             return c.get("received") == len(inputs) and \
                 c["completed"] + c["dropped"] + c["rejected"] + c["skipped"] == c["received"]
 
-        peer.spin_until(settled, 300, f"the node to account for {len(inputs)} scans")
+        peer.spin_until(settled, 600, f"the node to account for {len(inputs)} scans")
         completed = peer.counters()["completed"]
         peer.spin_until(lambda: sum("bag_record: recorded 1." in line for line in recorder.lines) >= completed,
-                        60, f"the recorder to write {completed} clouds")
+                        120, f"the recorder to write {completed} clouds")
         # Input stopped: diagnostics go WARN ("no scan for ...") and escalate to ERROR.
         def stale(level: int) -> list[int]:
             return [i for i, (lv, msg) in enumerate(zip(peer.diag_levels, peer.diag_messages, strict=True))
                     if lv == level and "no scan for" in msg]
 
-        peer.spin_until(lambda: stale(2), 30, "diagnostics to escalate to ERROR")
+        peer.spin_until(lambda: stale(2), 120, "diagnostics to escalate to ERROR")
         assert stale(1) and stale(1)[0] < stale(2)[0], "no WARN before the ERROR"
         assert recorder.interrupt(30) == 0, recorder.output
         assert node.interrupt(60) == 0, node.output
