@@ -45,7 +45,9 @@ class StepPairs(Dataset):
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng([self.seed, i, self.rank])
         index = int(rng.integers(len(self.pairs)))
-        self.pairs.epoch = i  # seeds the sampling and augmentation of this item
+        # Seeds the sampling and augmentation of this item; per rank, so two ranks that draw
+        # the same scan still train on different samples of it (rank 0: i, as one process).
+        self.pairs.epoch = i + self.rank * 2**62
         item = self.pairs[index]
         return {"partial": item["partial"], "full": item["full"]}
 
@@ -81,6 +83,15 @@ class _Base(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["data_step"] = self.data_step
+
+    def on_train_batch_start(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """With several processes, each rank's batch fingerprint (the sum of its scan
+        coordinates) goes to the metrics log as ``data/rank<N>_sum``: the ranks must be
+        training on different data (StepPairs seeds each rank's stream differently)."""
+        if self.trainer.world_size > 1:
+            sums = self.all_gather(batch["partial"].double().sum())
+            self.log_dict({f"data/rank{r}_sum": s for r, s in enumerate(sums)}, rank_zero_only=True,
+                          batch_size=batch["partial"].shape[0])
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The data stream restarts here (FromStep reads data_step when iteration begins).
@@ -286,11 +297,16 @@ def build_trainer(config: RunConfig, progress: bool = True, resume_step: int | N
     """``resume_step``: a resumed run's checkpoint step; its metrics log keeps the rows before it."""
     t = config.trainer
     out = Path(t.out_dir)
+    strategy = t.strategy
+    if config.kind == "distill" and strategy == "ddp":
+        # Two optimizers, each stepping on its own nets' loss: each backward leaves the other
+        # nets without gradients, which DDP must be told to expect (found by tests/training/test_ddp.py).
+        strategy = "ddp_find_unused_parameters_true"
     return L.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=t.strategy,
+        strategy=strategy,
         # Lightning counts optimizer steps; distillation steps two optimizers per batch.
         max_steps=t.max_steps * (2 if config.kind == "distill" else 1),
         max_epochs=-1,
