@@ -30,7 +30,7 @@ from lidar_completion.completer import farthest_point_sample as fps_from
 from .kitti import KittiSequence, static_mask
 from .maps import load_map
 
-__all__ = ["PairConfig", "CompletionDataset", "augment_pair", "crop_pair", "farthest_point_sample", "random_sample"]
+__all__ = ["PairConfig", "CompletionDataset", "augment_pair", "farthest_point_sample", "random_sample"]
 
 
 @dataclass(frozen=True)
@@ -46,8 +46,6 @@ class PairConfig:
     jitter: float = 0.06
     jitter_clip: float = 0.18
     scale: tuple[float, float] = (0.95, 1.05)
-    crop_radius: float | None = None  # training crops: ground truth within this x/y radius of a scan point
-    crop_margin: float = 1.0  # the scan is cut this much wider, so crop edges see their context
 
 
 def _repeat_to(points: np.ndarray, n: int) -> np.ndarray:
@@ -80,20 +78,6 @@ def augment_pair(
         return (points @ matrix.T + jitter).astype(np.float32)
 
     return move(partial), move(full)
-
-
-def crop_pair(
-    partial: np.ndarray, full: np.ndarray, rng: np.random.Generator, radius: float, margin: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """A disc of the scene around a random scan point, at the scene's density: ground truth
-    within ``radius`` (x/y), the scan within ``radius + margin``. Coordinates stay in the
-    sensor frame (the networks see absolute positions)."""
-    center = partial[rng.integers(len(partial)), :2]
-    near_full = np.linalg.norm(full[:, :2] - center, axis=1) < radius
-    if not near_full.any():  # no ground truth around this scan point: keep the whole scene
-        return partial, full
-    near_part = np.linalg.norm(partial[:, :2] - center, axis=1) < radius + margin
-    return partial[near_part], full[near_full]
 
 
 def _cell_keys(xy: np.ndarray, cell: float) -> np.ndarray:
@@ -188,8 +172,6 @@ class CompletionDataset(Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, index])
         partial = farthest_point_sample(partial, self.config.n_part, rng)
         full = random_sample(full, self.config.n_full, rng)
-        if self.config.crop_radius is not None:
-            partial, full = crop_pair(partial, full, rng, self.config.crop_radius, self.config.crop_margin)
         if self.augment:
             partial, full = augment_pair(partial, full, rng, self.config)
         sequence, i = self.locate(index)

@@ -102,7 +102,7 @@ class _Base(L.LightningModule):
         pairs = CompletionDataset(
             data.root,
             data.train_sequences,
-            PairConfig(n_part=data.n_part, n_full=data.n_full, max_range=data.max_range, crop_radius=data.crop_radius),
+            PairConfig(n_part=data.n_part, n_full=data.n_full, max_range=data.max_range),
             augment=data.augment,
             seed=trainer.seed,
         )
@@ -289,6 +289,41 @@ class AtomicCheckpoint(L.Callback):
         self._save(trainer)
 
 
+class Diagnostics(L.Callback):
+    """Every N steps, on held-out whole scenes: noise-prediction MSE per timestep bucket
+    (teacher runs) and the Chamfer distance of samples at the model's default step count
+    (``diag/*`` in the metrics log; see :mod:`.diagnostics`)."""
+
+    SCANS = 2
+
+    def __init__(self, config: RunConfig):
+        self.config, self.pairs = config, None
+
+    def _pairs(self, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if self.pairs is None:
+            d = self.config.data
+            held_out = CompletionDataset(d.root, d.val_sequences, PairConfig(n_part=d.n_part, n_full=d.n_full, max_range=d.max_range))
+            picks = np.linspace(0, len(held_out) - 1, self.SCANS).round().astype(int)
+            items = [held_out[int(i)] for i in picks]
+            self.pairs = [(torch.from_numpy(it["partial"])[None].to(device), torch.from_numpy(it["full"])[None].to(device)) for it in items]
+        return self.pairs
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        every = self.config.trainer.diagnose_every
+        if not trainer.is_global_zero or pl_module.data_step % every:
+            return
+        from .diagnostics import noise_mse_by_bucket, sampled_chamfer, timestep_buckets
+
+        model, pairs = pl_module.model, self._pairs(pl_module.device)
+        values = {}
+        if self.config.kind == "teacher":
+            top = self.config.teacher.max_timestep or model.config.num_train_timesteps - 1
+            values |= noise_mse_by_bucket(model, pairs, timestep_buckets(top))
+        steps = 4 if self.config.kind == "teacher" else model.config.default_steps
+        values[f"cd_{steps}steps"] = sampled_chamfer(model, pairs, steps, repeat=self.config.data.n_full // self.config.data.n_part)
+        trainer.logger.log_metrics({f"diag/{k}": v for k, v in values.items()}, step=trainer.global_step)
+
+
 def build_module(config: RunConfig) -> _Base:
     return {"teacher": TeacherModule, "distill": DistillationModule, "refine": RefineModule}[config.kind](config)
 
@@ -314,7 +349,7 @@ def build_trainer(config: RunConfig, progress: bool = True, resume_step: int | N
         gradient_clip_val=t.grad_clip if config.kind != "distill" else None,
         logger=ResumableCSVLogger(out, name="logs", version="", keep_before_step=resume_step, flush_logs_every_n_steps=1),
         log_every_n_steps=t.log_every,
-        callbacks=[AtomicCheckpoint(out / "checkpoints", t.checkpoint_every)],
+        callbacks=[AtomicCheckpoint(out / "checkpoints", t.checkpoint_every), *([Diagnostics(config)] if t.diagnose_every else [])],
         enable_checkpointing=False,
         enable_progress_bar=progress,
         enable_model_summary=False,

@@ -32,10 +32,8 @@ class DataSection:
     max_range: float = 50.0  # scan and ground-truth radius (published: 50 m)
     augment: bool = True
     num_workers: int = 0
-    # Train on discs of this radius (metres, around a random scan point) cut from the scene
-    # at the scene's point density; the networks are fully convolutional, so the model then
-    # completes whole scenes at that density. None: whole scenes.
-    crop_radius: float | None = None
+    # Held-out sequences of the training world for learnability diagnostics (whole scenes).
+    val_sequences: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check(len(self.train_sequences) > 0, "data.train_sequences", "must not be empty")
@@ -43,8 +41,6 @@ class DataSection:
         _check(self.n_full % self.n_part == 0, "data.n_full", f"must be a multiple of data.n_part ({self.n_part}), got {self.n_full}")
         _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
         _check(3.5 < self.max_range <= 100, "data.max_range", f"must be in (3.5, 100] m, got {self.max_range}")
-        if self.crop_radius is not None:
-            _check(1.0 <= self.crop_radius <= self.max_range, "data.crop_radius", f"must be in [1, max_range] m or null, got {self.crop_radius}")
 
 
 @dataclass(frozen=True)
@@ -83,6 +79,7 @@ class TrainerSection:
     strategy: str = "auto"
     precision: str = "32-true"
     backend: str = "torch"  # sparse convolutions: torch, or minkowski (MinkowskiEngine, if installed)
+    diagnose_every: int = 0  # steps between learnability diagnostics on data.val_sequences; 0: off
 
     def __post_init__(self) -> None:
         _check(self.max_steps >= 1, "trainer.max_steps", "must be >= 1")
@@ -91,6 +88,7 @@ class TrainerSection:
         _check(self.optimizer in ("adam", "sgd"), "trainer.optimizer", f"must be adam or sgd, got {self.optimizer!r}")
         _check(self.grad_clip is None or self.grad_clip > 0, "trainer.grad_clip", "must be > 0 or null")
         _check(self.checkpoint_every >= 1, "trainer.checkpoint_every", "must be >= 1")
+        _check(self.diagnose_every >= 0, "trainer.diagnose_every", "must be >= 0 (0: off)")
         _check(self.accelerator in ("auto", "cpu", "gpu", "cuda"), "trainer.accelerator", f"unknown accelerator {self.accelerator!r}")
         _check(self.num_nodes >= 1, "trainer.num_nodes", "must be >= 1")
         _check(self.backend in BACKENDS, "trainer.backend", f"must be one of {list(BACKENDS)}, got {self.backend!r}")
@@ -152,8 +150,8 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _check(self.kind in ("teacher", "distill", "refine"), "kind", f"must be teacher, distill or refine, got {self.kind!r}")
-        if self.data.crop_radius is not None:
-            _check(self.trainer.batch_size == 1, "trainer.batch_size", "must be 1 with data.crop_radius (crops differ in size)")
+        if self.trainer.diagnose_every:
+            _check(bool(self.data.val_sequences), "data.val_sequences", "needed by trainer.diagnose_every")
         if self.kind == "refine":
             _check(bool(self.refine.base) and Path(self.refine.base).exists(), "refine.base", f"exported model {self.refine.base!r} not found")
         if self.kind == "distill":
@@ -171,8 +169,8 @@ class RunConfig:
             allowed = {f.name for f in dataclasses.fields(section)}
             bad = sorted(set(given) - allowed)
             _check(not bad, ", ".join(f"{name}.{b}" for b in bad), "unknown config key")
-            if name == "data" and "train_sequences" in given:
-                given = given | {"train_sequences": tuple(str(s) for s in given["train_sequences"])}
+            if name == "data":
+                given = given | {k: tuple(str(s) for s in given[k]) for k in ("train_sequences", "val_sequences") if k in given}
             try:
                 kwargs[name] = section(**given)
             except TypeError as err:
@@ -182,6 +180,7 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
         values["data"]["train_sequences"] = list(values["data"]["train_sequences"])
+        values["data"]["val_sequences"] = list(values["data"]["val_sequences"])
         return values
 
     def to_yaml(self) -> str:
