@@ -148,9 +148,8 @@ class Peer:
         self.node = rclpy.create_node(name, context=self.context)
         self.executor = SingleThreadedExecutor(context=self.context)
         self.executor.add_node(self.node)
-        self.diagnostics: list[dict[str, str]] = []  # values of our node's status, newest last
-        self.diag_levels: list[int] = []
-        self.diag_messages: list[str] = []
+        self.diagnostics: list[dict[str, str]] = []  # all tasks' values of our node, one dict per message
+        self.tasks: dict[str, list[tuple[int, str, dict[str, str]]]] = {}  # task -> (level, message, values)
         self.received: dict[str, list[Any]] = {}
 
     def subscribe(self, msg_type: Any, topic: str, reliability: str = "reliable", depth: int = 50) -> list[Any]:
@@ -160,16 +159,22 @@ class Peer:
         self.node.create_subscription(msg_type, topic, bucket.append, qos_profile(reliability, depth))
         return bucket
 
-    def watch_diagnostics(self) -> None:
+    def watch_diagnostics(self, node: str = "completion_node") -> None:
+        """Collect the node's diagnostics tasks (statuses named ``"<node>: <task>"``)."""
         from diagnostic_msgs.msg import DiagnosticArray
 
+        prefix = f"{node}: "
+
         def on_diag(msg: DiagnosticArray) -> None:
+            merged: dict[str, str] = {}
             for status in msg.status:
-                if status.name.startswith("lidar_completion:"):
-                    self.diagnostics.append({kv.key: kv.value for kv in status.values})
-                    self.diag_levels.append(int.from_bytes(status.level, "little")
-                                            if isinstance(status.level, bytes) else int(status.level))
-                    self.diag_messages.append(status.message)
+                if status.name.startswith(prefix):
+                    values = {kv.key: kv.value for kv in status.values}
+                    level = int.from_bytes(status.level, "little") if isinstance(status.level, bytes) else int(status.level)
+                    self.tasks.setdefault(status.name[len(prefix):], []).append((level, status.message, values))
+                    merged.update(values)
+            if merged:
+                self.diagnostics.append(merged)
 
         self.node.create_subscription(DiagnosticArray, "/diagnostics", on_diag, 50)
 

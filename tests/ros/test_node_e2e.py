@@ -56,9 +56,9 @@ def test_replay_through_node_into_recorder(domain_id: int, model, synthetic_root
         completed = peer.counters()["completed"]
         peer.spin_until(lambda: sum("bag_record: recorded 1." in line for line in recorder.lines) >= completed,
                         120, f"the recorder to write {completed} clouds")
-        # Input stopped: diagnostics go WARN ("no scan for ...") and escalate to ERROR.
+        # Input stopped: the input task goes WARN ("no scan for ...") and escalates to ERROR.
         def stale(level: int) -> list[int]:
-            return [i for i, (lv, msg) in enumerate(zip(peer.diag_levels, peer.diag_messages, strict=True))
+            return [i for i, (lv, msg, _) in enumerate(peer.tasks.get("input", []))
                     if lv == level and "no scan for" in msg]
 
         peer.spin_until(lambda: stale(2), 120, "diagnostics to escalate to ERROR")

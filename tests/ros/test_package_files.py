@@ -18,13 +18,15 @@ import yaml
 from lidar_completion.config import flatten_keys
 from lidar_completion_ros import node as node_module
 from lidar_completion_ros.parameters import COMPLETION_KEYS, PARAMETERS, completion_config, defaults
+from lidar_completion_ros.ros_parameters import descriptor
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE = REPO / "ros2_ws" / "src" / "lidar_completion_ros"
-COMPLETION_LAUNCH = REPO / "launch" / "completion.launch.py"
-DEMO_LAUNCH = REPO / "launch" / "demo.launch.py"
-NODE_YAML = REPO / "config" / "completion_node.yaml"
-DOCUMENTED_ARGS = {"input_topic", "output_topic", "params_file", "checkpoint", "device", "namespace", "use_sim_time"}
+COMPLETION_LAUNCH = PACKAGE / "launch" / "completion.launch.py"
+DEMO_LAUNCH = PACKAGE / "launch" / "demo.launch.py"
+NODE_YAML = PACKAGE / "config" / "completion_node.yaml"
+DOCUMENTED_ARGS = {"input_topic", "output_topic", "params_file", "checkpoint", "device", "namespace", "use_sim_time",
+                   "autostart", "respawn", "respawn_delay"}
 
 
 
@@ -58,10 +60,12 @@ def test_completion_launch_declares_the_documented_arguments() -> None:
     assert args["input_topic"] == "points_raw" and args["output_topic"] == "points_completed"
     assert args["use_sim_time"] == "false"
     assert args["checkpoint"] == "" and args["device"] == ""  # empty: keep the YAML's value
+    assert args["autostart"] == "true" and args["respawn"] == "false" and args["respawn_delay"] == "2.0"
     text = COMPLETION_LAUNCH.read_text()
     # The node's topic names are what the launch file remaps.
     assert f'"{node_module.INPUT_TOPIC}"' in text and f'"{node_module.OUTPUT_TOPIC}"' in text
     assert 'executable="completion_node"' in text and "completion_node.yaml" in text
+    assert "respawn=" in text and "respawn_delay=" in text and '"autostart"' in text
 
 
 def test_demo_launch_declares_its_arguments() -> None:
@@ -169,13 +173,13 @@ def test_declared_ranges_agree_with_the_core_config(spec) -> None:
 
 def test_every_parameter_has_a_description_and_sane_descriptor() -> None:
     for spec in PARAMETERS:
-        descriptor = node_module._descriptor(spec)
-        assert descriptor.description and descriptor.name == spec.name
+        described = descriptor(spec)
+        assert described.description and described.name == spec.name
         if spec.range is not None:
-            ranges = descriptor.floating_point_range or descriptor.integer_range
+            ranges = described.floating_point_range or described.integer_range
             assert len(ranges) == 1 and ranges[0].from_value == spec.range[0] and ranges[0].to_value == spec.range[1]
             if isinstance(spec.default, float):
-                assert descriptor.floating_point_range and not descriptor.integer_range
+                assert described.floating_point_range and not described.integer_range
 
 
 def test_parameters_are_documented_in_a_table() -> None:
@@ -186,7 +190,7 @@ def test_parameters_are_documented_in_a_table() -> None:
 
 # ----------------------------------------------------------------------------- RViz config
 def test_rviz_config_shows_input_and_completion_in_distinct_colours() -> None:
-    rviz = yaml.safe_load((REPO / "config" / "completion.rviz").read_text())
+    rviz = yaml.safe_load((PACKAGE / "config" / "completion.rviz").read_text())
     manager = rviz["Visualization Manager"]
     assert manager["Global Options"]["Fixed Frame"] == "velodyne"
     clouds = {d["Topic"]["Value"]: d for d in manager["Displays"] if d["Class"].endswith("/PointCloud2")}
@@ -197,12 +201,51 @@ def test_rviz_config_shows_input_and_completion_in_distinct_colours() -> None:
 
 
 # ----------------------------------------------------------------------------- package metadata
-def test_package_xml_declares_runtime_dependencies() -> None:
+def _exec_depends() -> set[str]:
     root = ET.parse(PACKAGE / "package.xml").getroot()
     assert root.findtext("name") == "lidar_completion_ros"
-    depends = {e.text for e in root.findall("exec_depend")}
-    assert {"rclpy", "sensor_msgs", "std_msgs", "diagnostic_msgs"} <= depends
     assert root.find("export/build_type").text == "ament_python"
+    return {e.text for e in root.findall("exec_depend")}
+
+
+#: Imported but installed with pip, not rosdep (package.xml says so in a comment).
+PIP_INSTALLED = {"lidar_completion", "lidar_completion_training", "torch", "lidar_completion_ros"}
+ROSDEP_KEYS = {"numpy": "python3-numpy", "yaml": "python3-yaml"}
+
+
+def test_package_xml_declares_every_runtime_import_and_executable() -> None:
+    import sys
+
+    depends = _exec_depends()
+    sources = sorted((PACKAGE / "lidar_completion_ros").glob("*.py")) + sorted((PACKAGE / "launch").glob("*.py"))
+    imported: set[str] = set()
+    for path in sources:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                imported.add(node.module.split(".")[0])
+            elif isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Node":
+                package = next((k.value for k in node.keywords if k.arg == "package"), None)
+                if isinstance(package, ast.Constant):  # an executable a launch file starts
+                    imported.add(package.value)
+    needed = {ROSDEP_KEYS.get(m, m) for m in imported - set(sys.stdlib_module_names) - PIP_INSTALLED}
+    assert "rclpy" in needed and "rviz2" in needed and "lifecycle_msgs" not in imported
+    assert needed - depends == set(), "imported or started but not in package.xml"
+    # rclpy.lifecycle needs lifecycle_msgs at run time.
+    assert {"lifecycle_msgs", "builtin_interfaces", "tf2_ros"} <= depends
+
+
+def test_package_has_no_symlinks_out_of_it() -> None:
+    for path in PACKAGE.rglob("*"):
+        if path.is_symlink():
+            assert PACKAGE in path.resolve().parents, f"{path} points out of the package"
+    for name in ("launch", "config"):
+        assert (PACKAGE / name).is_dir() and not (PACKAGE / name).is_symlink()
+    # The top-level launch/ and config/ files are the package's (one copy of each file).
+    assert (REPO / "launch").resolve() == (PACKAGE / "launch").resolve()
+    for name in ("completion_node.yaml", "completion.rviz", "fastdds_large_data.xml"):
+        assert (REPO / "config" / name).resolve() == (PACKAGE / "config" / name).resolve()
 
 
 def test_setup_installs_scripts_and_share_files() -> None:
@@ -215,9 +258,6 @@ def test_setup_installs_scripts_and_share_files() -> None:
                    "bag_replay = lidar_completion_ros.bag_replay:main",
                    "bag_record = lidar_completion_ros.bag_record:main"):
         assert script in setup_py
-    # launch/ and config/ in the package are the top-level ones (one copy of each file).
-    for name in ("launch", "config"):
-        assert (PACKAGE / name).resolve() == (REPO / name).resolve()
     assert (PACKAGE / "launch" / "completion.launch.py").is_file()
     assert (PACKAGE / "config" / "completion_node.yaml").is_file()
     assert (PACKAGE / "config" / "completion.rviz").is_file()
@@ -237,3 +277,19 @@ def test_setup_data_files_list_the_launch_and_config_files(monkeypatch: pytest.M
     assert data["share/lidar_completion_ros/config"] == ["config/completion_node.yaml", "config/completion.rviz",
                                                         "config/fastdds_large_data.xml"]
     assert data["share/ament_index/resource_index/packages"] == ["resource/lidar_completion_ros"]
+
+
+def test_install_without_symlink_install_copies_real_files(tmp_path: Path) -> None:
+    """What ``colcon build`` (no ``--symlink-install``) does for ament_python data files:
+    setup.py's install_data copies launch/ and config/ into share/ as plain files."""
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "setup.py", "-q", "install_data", "-d", str(tmp_path)], cwd=PACKAGE,
+                   check=True, capture_output=True, timeout=300)
+    share = tmp_path / "share" / "lidar_completion_ros"
+    for name in ("launch/completion.launch.py", "launch/demo.launch.py", "config/completion_node.yaml",
+                 "config/completion.rviz", "config/fastdds_large_data.xml", "package.xml"):
+        installed = share / name
+        assert installed.is_file() and not installed.is_symlink(), name
+        assert installed.read_bytes() == (PACKAGE / name).read_bytes(), name

@@ -1,7 +1,8 @@
 """ament_python package: ``colcon build`` (ROS workspace) or ``pip install -e`` (plain venv).
 
-launch/ and config/ are symlinks to the repository's top-level launch/ and config/, so the
-files exist once; they are installed to share/lidar_completion_ros/ for ``ros2 launch``.
+launch/ and config/ hold the real files (the repository's top-level launch/ and config/*
+are symlinks into this package); they are installed to share/lidar_completion_ros/ for
+``ros2 launch``, with or without ``--symlink-install``.
 """
 
 from glob import glob
@@ -14,7 +15,7 @@ here = Path(__file__).resolve().parent
 
 
 def files(pattern: str) -> list[str]:
-    # Relative paths (setuptools requires them); glob follows the launch/ and config/ symlinks.
+    # Relative paths (setuptools requires them), whatever the working directory.
     return sorted(str(Path(p)) for p in glob(pattern, root_dir=here))
 
 

@@ -142,7 +142,7 @@ def run_pipeline(bag: Path, out: Path, checkpoint: Path, overrides: dict[str, An
     def on_diagnostics(msg: DiagnosticArray) -> None:
         for status in msg.status:
             for kv in status.values:
-                if status.name.startswith("lidar_completion:") and kv.key == "output_subscribers":
+                if status.name.startswith("completion_node: ") and kv.key == "output_subscribers":
                     subscribers[0] = int(kv.value)
 
     peer.create_subscription(DiagnosticArray, "/completion_node/debug/timings", on_timings, 50)

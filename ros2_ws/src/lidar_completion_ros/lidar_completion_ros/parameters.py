@@ -29,15 +29,21 @@ __all__ = [
     "COMPLETION_KEYS",
     "PARAMETERS",
     "ParamSpec",
+    "StartupError",
     "check_values",
     "completion_config",
     "defaults",
     "parameter_args",
     "resolve_checkpoint",
+    "sensor_poses_of",
     "shipped_models_dir",
 ]
 
 INT64_MAX = 2**63 - 1
+
+
+class StartupError(RuntimeError):
+    """The node cannot start (or configure); the message is the one line shown to the user."""
 
 
 @dataclass(frozen=True)
@@ -45,7 +51,7 @@ class ParamSpec:
     """One ROS parameter: its default fixes the type (bool, int, float or str)."""
 
     name: str
-    default: bool | int | float | str
+    default: bool | int | float | str | list
     description: str
     range: tuple[float, float] | None = None  # inclusive, for int and float parameters
     choices: tuple[str, ...] | None = None  # for string parameters
@@ -54,6 +60,8 @@ class ParamSpec:
 
     @property
     def type_name(self) -> str:
+        if isinstance(self.default, list):
+            return {float: "double_array", str: "string_array"}[type(self.default[0])] if self.default else "array"
         return {bool: "bool", int: "int", float: "double", str: "string"}[type(self.default)]
 
     @property
@@ -90,6 +98,40 @@ COMPLETION_KEYS = (
 )
 
 PARAMETERS: tuple[ParamSpec, ...] = (
+    # --- topics and frames ----------------------------------------------------------------
+    ParamSpec("input_topics", ["points_raw"],
+              "PointCloud2 inputs (relative names: remappable, namespaced), one per LiDAR; each keeps only its "
+              "latest scan, and scans waiting together are completed in one batch on one model.", read_only=True),
+    ParamSpec("output_topics", ["points_completed"],
+              "One output topic per input, in the same order; each completion carries its input's header.",
+              read_only=True),
+    ParamSpec("frame.input_frames", [""],
+              "frame_id each input must carry (one for all inputs, or one per input); '' accepts any frame. "
+              "A cloud in another frame is rejected (rejected.frame).", read_only=True),
+    ParamSpec("frame.sensor_translation", [0.0, 0.0, 0.0],
+              "x, y, z (m) of the model's sensor frame in the input frame (3 for all inputs, or 3 per input), "
+              "e.g. [0.0, 0.0, 1.73] for a roof LiDAR over base_link. Clouds are moved into the sensor frame "
+              "before completion and back after it.", read_only=True),
+    ParamSpec("frame.sensor_rpy", [0.0, 0.0, 0.0],
+              "roll, pitch, yaw (rad; fixed axes x, y, z as tf2's setRPY) of the model's sensor frame in the "
+              "input frame (3 for all inputs, or 3 per input).", read_only=True),
+    ParamSpec("frame.tf_sensor_frame", "",
+              "Optional: look the sensor pose up on tf (input frame -> this frame) instead of the frame.sensor_* "
+              "parameters; needs tf2_ros (not installed in CI, so not covered by its tests). '' = off.",
+              read_only=True),
+    ParamSpec("batch.gather_ms", 0.0,
+              "With several inputs: after a scan arrives, wait up to this long (ms) for the other inputs' scans "
+              "so they are completed in one batch; 0 = take what is waiting.", range=(0.0, 600_000.0)),
+    ParamSpec("output.include_input", False,
+              "Append the input scan's own points (measured = 1, their intensity) to the completed points "
+              "(measured = 0, intensity 0)."),
+    # --- lifecycle and health --------------------------------------------------------------
+    ParamSpec("autostart", True,
+              "Configure and activate right after start; false: wait for lifecycle transitions "
+              "(ros2 lifecycle set <node> configure / activate).", read_only=True),
+    ParamSpec("max_consecutive_failures", 5,
+              "Exit with status 3 after this many failed inferences in a row (respawn restarts the node); "
+              "0 = never.", range=(0, 1_000_000)),
     # --- model ------------------------------------------------------------------------
     ParamSpec(
         "checkpoint", "student_lite",
@@ -163,10 +205,16 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               read_only=True),
     ParamSpec("diagnostics.warn_processing_ms", 1000.0,
               "Mean processing time above this (ms, callback to publish) is a WARN.", range=(1.0, 3_600_000.0)),
+    ParamSpec("diagnostics.error_processing_ms", 10_000.0,
+              "Mean processing time above this (ms), or one batch running this long, is an ERROR.",
+              range=(1.0, 3_600_000.0)),
     ParamSpec("diagnostics.stale_input_s", 3.0,
-              "No scan for this long (s), after the first one, is a WARN.", range=(0.1, 86_400.0)),
+              "An input with no scan for this long (s), counted from activation, is a WARN.", range=(0.1, 86_400.0)),
     ParamSpec("diagnostics.error_after_s", 5.0,
-              "A WARN condition that persists this long (s) escalates to ERROR.", range=(0.0, 86_400.0)),
+              "A stale input that stays stale this much longer (s) is an ERROR.", range=(0.0, 86_400.0)),
+    ParamSpec("diagnostics.warn_output_ratio", 0.1,
+              "Completed / accepted scans per second below this is a WARN (dropping scans because the model "
+              "is slower than the sensor is normal above it).", range=(0.0, 1.0)),
     ParamSpec("log_throttle_s", 5.0,
               "Each kind of rejected or repaired scan is logged at most once per this many seconds.",
               range=(0.0, 3600.0)),
@@ -178,7 +226,8 @@ assert set(COMPLETION_KEYS) <= set(_BY_NAME), "every completion key needs a Para
 
 def defaults() -> dict[str, Any]:
     """``{name: default}`` for every parameter."""
-    return {spec.name: spec.default for spec in PARAMETERS}
+    return {spec.name: list(spec.default) if isinstance(spec.default, list) else spec.default
+            for spec in PARAMETERS}
 
 
 def check_values(values: dict[str, Any]) -> None:
@@ -193,6 +242,22 @@ def check_values(values: dict[str, Any]) -> None:
             continue
         shown = ", ".join(c or "'' (empty)" for c in spec.choices)
         raise ValueError(f"{spec.name}: must be one of {shown}, got {value!r}")
+    if "input_topics" in values:
+        sensor_poses_of(values)
+
+
+def sensor_poses_of(values: dict[str, Any]) -> list:
+    """The per-input :class:`~lidar_completion_ros.frames.SensorPose` list; ``ValueError``
+    naming the parameter when the topic or frame lists do not fit together."""
+    from .frames import sensor_poses
+
+    inputs, outputs = list(values["input_topics"]), list(values["output_topics"])
+    if not inputs or any(not t.strip() for t in inputs) or len(set(inputs)) != len(inputs):
+        raise ValueError(f"input_topics: give one or more distinct topic names, got {inputs}")
+    if len(outputs) != len(inputs) or any(not t.strip() for t in outputs) or len(set(outputs)) != len(outputs):
+        raise ValueError(f"output_topics: give one distinct topic per input ({len(inputs)}), got {outputs}")
+    return sensor_poses(len(inputs), values["frame.input_frames"], values["frame.sensor_translation"],
+                        values["frame.sensor_rpy"])
 
 
 def completion_config(values: dict[str, Any]):
@@ -251,7 +316,11 @@ def parameter_args(params: dict[str, Any]) -> list[str]:
     point, bools are lower case), so ROS types the values as the node declares them."""
     out: list[str] = []
     for name, value in params.items():
-        text = (str(value).lower() if isinstance(value, bool)
-                else repr(value) if isinstance(value, float) else str(value))
+        if isinstance(value, (list, tuple)):  # YAML flow list: ['a', 'b'] or [0.0, 1.5]
+            text = "[" + ", ".join(repr(float(v)) if isinstance(v, (int, float)) else repr(str(v))
+                                   for v in value) + "]"
+        else:
+            text = (str(value).lower() if isinstance(value, bool)
+                    else repr(value) if isinstance(value, float) else str(value))
         out += ["-p", f"{name}:={text}"]
     return out

@@ -10,7 +10,11 @@ Arguments (``ros2 launch ... --show-args``):
 * ``params_file``: the parameter YAML (default: the package's config/completion_node.yaml);
 * ``checkpoint`` / ``device``: override those parameters (empty = keep the YAML's);
 * ``namespace``: ROS namespace of the node (debug topics follow it);
-* ``use_sim_time``: use /clock, e.g. when replaying a bag with ``--clock``.
+* ``use_sim_time``: use /clock, e.g. when replaying a bag with ``--clock``;
+* ``autostart``: configure + activate the (lifecycle) node at start; ``false``: it waits
+  for ``ros2 lifecycle set /completion_node configure`` / ``activate``;
+* ``respawn`` / ``respawn_delay``: restart the node when it exits (e.g. status 3 after
+  ``max_consecutive_failures`` failed inferences), after that many seconds.
 """
 
 from __future__ import annotations
@@ -31,7 +35,10 @@ def _node(context: LaunchContext) -> list[Node]:
     def arg(name: str) -> str:
         return LaunchConfiguration(name).perform(context)
 
-    overrides: dict[str, object] = {"use_sim_time": arg("use_sim_time").lower() in ("true", "1", "yes")}
+    def flag(name: str) -> bool:
+        return arg(name).lower() in ("true", "1", "yes")
+
+    overrides: dict[str, object] = {"use_sim_time": flag("use_sim_time"), "autostart": flag("autostart")}
     for name in ("checkpoint", "device"):
         if arg(name):  # empty: the value in params_file stands
             overrides[name] = arg(name)
@@ -45,6 +52,8 @@ def _node(context: LaunchContext) -> list[Node]:
             remappings=[("points_raw", arg("input_topic")), ("points_completed", arg("output_topic"))],
             output="screen",
             emulate_tty=True,
+            respawn=flag("respawn"),
+            respawn_delay=float(arg("respawn_delay")),
         )
     ]
 
@@ -65,5 +74,11 @@ def generate_launch_description() -> LaunchDescription:
         DeclareLaunchArgument("namespace", default_value="", description="ROS namespace of the node"),
         DeclareLaunchArgument("use_sim_time", default_value="false",
                               description="use /clock (bag replay with simulated time)"),
+        DeclareLaunchArgument("autostart", default_value="true",
+                              description="configure and activate the lifecycle node at start"),
+        DeclareLaunchArgument("respawn", default_value="false",
+                              description="restart the node when it exits (e.g. after repeated inference failures)"),
+        DeclareLaunchArgument("respawn_delay", default_value="2.0",
+                              description="seconds before a respawn"),
         OpaqueFunction(function=_node),
     ])

@@ -1,0 +1,298 @@
+"""The node's data path without ROS: a message's points in, a batch out, output arrays back.
+
+* :func:`read_scan` turns a PointCloud2 (rclpy's or any look-alike) into the points the
+  model gets, in the model's sensor frame, or raises :class:`Rejected` with a reason;
+* :class:`Mailbox` holds the latest scan of each input (one slot each: a newer scan
+  replaces a waiting one, which is then dropped) and hands the worker every waiting scan
+  as one batch;
+* :func:`output_arrays` lays out a completion for publishing: x, y, z, intensity and
+  ``measured`` (1 = a point of the input scan, 0 = completed), in the input's frame.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lidar_completion.pointcloud2 import CloudError, cloud_to_xyz, finite_points, read_fields
+
+from .frames import SensorPose
+from .parameters import (COMPLETION_KEYS, StartupError, check_values, completion_config, resolve_checkpoint,
+                         sensor_poses_of)
+from .timings import ScanTimings
+
+__all__ = ["Mailbox", "Rejected", "Scan", "Setup", "apply_changes", "log_range", "set_up", "complete_scans", "load_model", "make_completer",
+           "output_arrays", "read_scan", "synthetic_scan", "warm_up"]
+
+
+class Rejected(Exception):
+    """A scan that is not used; ``reason`` is a key of ``health.REJECT_REASONS``."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+@dataclass
+class Scan:
+    """A validated scan waiting for the worker."""
+
+    index: int  # which input
+    header: Any
+    xyz: np.ndarray  # finite points in the model's sensor frame
+    pose: SensorPose
+    t_enter: float  # perf_counter() on entering the subscription callback
+    input_points: int
+    intensity: np.ndarray | None = None  # of xyz's points, when the input is wanted in the output
+    nonfinite: int = 0
+    subsampled_from: int = 0
+    timings: ScanTimings = field(default_factory=ScanTimings)
+
+
+def _intensity(msg: Any, n: int) -> np.ndarray:
+    if not any(f.name == "intensity" for f in msg.fields):
+        return np.zeros(n, np.float32)
+    values = read_fields(msg, ["intensity"])["intensity"]
+    return (values[:, 0] if values.ndim > 1 else values).astype(np.float32)
+
+
+def read_scan(msg: Any, index: int, pose: SensorPose, t_enter: float, *, min_points: int, max_points: int,
+              rng: np.random.Generator, keep_intensity: bool = False) -> Scan:
+    """Check and convert ``msg``; raises :class:`Rejected`. Repairs (NaN/inf points dropped,
+    a too-large cloud subsampled) are recorded on the scan for the caller to count."""
+    header = msg.header
+    if not pose.accepts(header.frame_id):
+        raise Rejected("frame", f"frame_id '{header.frame_id}', expected '{pose.frame_id}' (frame.input_frames)")
+    if int(msg.width) * int(msg.height) == 0:
+        raise Rejected("empty", f"width={msg.width} height={msg.height}")
+    try:
+        xyz = cloud_to_xyz(msg)
+        intensity = _intensity(msg, len(xyz)) if keep_intensity else None
+    except CloudError as err:
+        raise Rejected("layout", str(err)) from None
+    n_input = len(xyz)
+    if intensity is None:
+        xyz, n_bad = finite_points(xyz)
+    else:
+        finite = np.isfinite(xyz[:, 0]) & np.isfinite(xyz[:, 1]) & np.isfinite(xyz[:, 2])
+        n_bad = int(n_input - np.count_nonzero(finite))
+        xyz, intensity = (xyz[finite], intensity[finite]) if n_bad else (xyz, intensity)
+    if len(xyz) < min_points:
+        raise Rejected("too_small", f"{len(xyz)} finite points, min_input_points is {min_points}")
+    subsampled_from = 0
+    if len(xyz) > max_points:
+        subsampled_from = len(xyz)
+        keep = np.sort(rng.choice(len(xyz), max_points, replace=False))
+        xyz = xyz[keep]
+        intensity = intensity[keep] if intensity is not None else None
+    scan = Scan(index, header, pose.to_model(xyz), pose, t_enter, n_input, intensity, n_bad, subsampled_from)
+    scan.timings.convert_ms = 1000 * (time.perf_counter() - t_enter)
+    return scan
+
+
+def output_arrays(completed: np.ndarray, scan: Scan, include_input: bool) -> tuple[np.ndarray, dict]:
+    """x, y, z in the input's frame and the extra fields (intensity, measured) to publish.
+
+    Completed points have intensity 0 (the model predicts none) and ``measured`` 0; with
+    ``include_input`` the scan's own points follow, with their intensity and ``measured`` 1.
+    """
+    parts = [scan.pose.from_model(completed)]
+    intensity = [np.zeros(len(completed), np.float32)]
+    measured = [np.zeros(len(completed), np.uint8)]
+    if include_input:
+        parts.append(scan.pose.from_model(scan.xyz))
+        intensity.append(scan.intensity if scan.intensity is not None else np.zeros(len(scan.xyz), np.float32))
+        measured.append(np.ones(len(scan.xyz), np.uint8))
+    xyz = np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
+    return xyz, {"intensity": np.concatenate(intensity), "measured": np.concatenate(measured)}
+
+
+class Mailbox:
+    """One latest-only slot per input; the worker takes every waiting scan as one batch."""
+
+    def __init__(self, n_inputs: int) -> None:
+        self._slots: list[Scan | None] = [None] * n_inputs
+        self._cv = threading.Condition()
+        self._closed = False
+
+    def put(self, scan: Scan) -> Scan | None:
+        """Leave ``scan`` in its input's slot; the scan it replaced (now dropped), if any."""
+        with self._cv:
+            stale, self._slots[scan.index] = self._slots[scan.index], scan
+            self._cv.notify_all()
+            return stale
+
+    def take(self, gather_s: float = 0.0) -> list[Scan] | None:
+        """Block until a scan waits, then up to ``gather_s`` more for the other inputs' slots
+        to fill; empty every slot and return the scans (None once closed)."""
+        with self._cv:
+            while not self._closed and not any(self._slots):
+                self._cv.wait()
+            deadline = time.monotonic() + gather_s
+            while not self._closed and not all(self._slots) and time.monotonic() < deadline:
+                self._cv.wait(deadline - time.monotonic())
+            if self._closed:
+                return None
+            batch = [s for s in self._slots if s is not None]
+            self._slots = [None] * len(self._slots)
+            return batch
+
+    def close(self) -> list[Scan]:
+        """Wake the worker for good; the scans still waiting (they go unanswered)."""
+        with self._cv:
+            self._closed = True
+            left = [s for s in self._slots if s is not None]
+            self._slots = [None] * len(self._slots)
+            self._cv.notify_all()
+            return left
+
+    def reopen(self) -> None:
+        with self._cv:
+            self._closed = False
+
+
+def synthetic_scan(config: Any, n: int, seed: int = 0, max_range: float | None = None) -> np.ndarray:
+    """A ring of ground and wall points inside the range band (for the warm-up inference);
+    ``max_range``: the effective one, when the model caps ``data.max_range``."""
+    rng = np.random.default_rng(seed)
+    data = config.data
+    low = data.min_range
+    high = min(data.max_range, max_range or data.max_range, max(30.0, low + 1.0))
+    r = rng.uniform(low + 0.05 * (high - low), high - 0.05 * (high - low), n)
+    angle = rng.uniform(-np.pi, np.pi, n)
+    z = np.where(rng.random(n) < 0.6, -1.73, rng.uniform(-1.7, 2.0, n)) + rng.normal(0, 0.02, n)
+    return np.column_stack([r * np.cos(angle), r * np.sin(angle), z]).astype(np.float32)
+
+
+def load_model(values: dict[str, Any]) -> tuple[Any, Path, Path | None]:
+    """The model of the ``checkpoint`` (and ``refine_checkpoint``) parameters, its path and
+    the refiner's; ``StartupError`` with one line when a file is missing or refused."""
+    from lidar_completion.checkpoints import CheckpointError, load_model as load, with_refiner
+
+    try:
+        path = resolve_checkpoint(values["checkpoint"])
+        refine_path = (resolve_checkpoint(values["refine_checkpoint"], "refine_checkpoint")
+                       if values["refine_checkpoint"].strip() else None)
+    except FileNotFoundError as err:
+        raise StartupError(str(err)) from None
+    try:
+        model = load(path)
+    except (CheckpointError, OSError, ValueError) as err:
+        raise StartupError(f"cannot load checkpoint '{path}': {err}") from None
+    if refine_path is not None:
+        try:
+            model = with_refiner(model, refine_path)
+        except (CheckpointError, OSError, ValueError) as err:
+            raise StartupError(f"cannot load refine_checkpoint '{refine_path}': {err}") from None
+    return model, path, refine_path
+
+
+def make_completer(model: Any, config: Any) -> Any:
+    """A completer on ``model``; ``ValueError`` when ``config`` does not fit the model (e.g.
+    ``data.min_range`` beyond the radius the model completes)."""
+    from lidar_completion.completer import SceneCompleter
+    from lidar_completion.config import effective_range
+
+    effective_range(config.data, model.config.max_range)
+    return SceneCompleter(model, config)
+
+
+def warm_up(completer: Any, log: Any) -> None:
+    """One inference at the cheapest setting (1 step, no guidance): it pays the first-call
+    costs (allocations, kernel maps, refinement) without the scans' step count, which for
+    a published teacher (50 steps, guidance 6) would take minutes on a CPU."""
+    from lidar_completion.completer import SceneCompleter
+
+    config = completer.config.replace(**{"sampling.steps": 1, "sampling.guidance": 1.0})
+    cheap = SceneCompleter(completer.model, config)
+    points = synthetic_scan(config, max(2 * cheap.n_part, 1000), max_range=completer.max_range)
+    log(f"warm-up inference: 1 step without guidance (scans run {completer.steps} steps, "
+        f"guidance {completer.guidance:g})")
+    start = time.perf_counter()
+    result = cheap.complete(points)
+    log(f"warm-up inference done in {1000 * (time.perf_counter() - start):.0f} ms "
+        f"({result.nfe} network call{'s' * (result.nfe != 1)}, {len(points)} -> {len(result.points)} points)")
+
+
+def complete_scans(completer: Any, batch: list[Scan], out_of_range: Any) -> list:
+    """Completions of a batch in one ``complete_batch`` call; a scan with no point in the
+    range band gets None (after ``out_of_range(scan, why)``) and the others are still done."""
+    from lidar_completion.completer import ScanError
+
+    try:
+        return completer.complete_batch([s.xyz for s in batch])
+    except ScanError:
+        results = []
+        for scan in batch:
+            try:
+                results.append(completer.complete(scan.xyz))
+            except ScanError as err:
+                results.append(None)
+                out_of_range(scan, str(err))
+        return results
+
+
+def apply_changes(values: dict[str, Any], changes: dict[str, Any], model: Any, completer: Any):
+    """``(values, completer, touched)`` after a run-time parameter change, validated by
+    building the core config (and a completer on the loaded ``model``); ``ValueError`` with
+    the reason when it does not build."""
+    values = dict(values)
+    for name, value in changes.items():
+        if name in values:
+            is_int = isinstance(value, int) and not isinstance(value, bool)
+            values[name] = float(value) if isinstance(values[name], float) and is_int else value
+    touched = set(changes) & set(values)
+    check_values(values)
+    if touched & set(COMPLETION_KEYS):
+        config = completion_config(values)
+        completer = make_completer(model, config) if model is not None else None
+    return values, completer, touched
+
+
+@dataclass
+class Setup:
+    """What configure builds from the parameters (the node keeps it until cleanup)."""
+
+    model: Any
+    completer: Any
+    checkpoint: Path
+    refine_checkpoint: Path | None
+    poses: list[SensorPose]
+
+
+def set_up(values: dict[str, Any], info: Any, warning: Any) -> Setup:
+    """Check every parameter (before the slow model load), load the model and build the
+    completer, logging what runs; ``StartupError`` with one line for anything wrong."""
+    try:
+        check_values(values)
+        config = completion_config(values)
+        poses = sensor_poses_of(values)
+    except ValueError as err:
+        raise StartupError(f"invalid parameter {err}") from None
+    model, path, refine_path = load_model(values)
+    try:
+        completer = make_completer(model, config)
+    except (ValueError, RuntimeError) as err:
+        raise StartupError(f"cannot run '{path}' with these parameters: {err}") from None
+    c, mc = completer, model.config
+    info(f"loaded {path} ({mc.kind}{': ' + mc.description if mc.description else ''}) on {c.device}: "
+         f"steps={c.steps} guidance={c.guidance:g} n_part={c.n_part} refine={'on' if config.refine else 'off'}"
+         + (f" (refinement net from {refine_path})" if refine_path else ""))
+    if refine_path is not None and not config.refine:
+        info("refine_checkpoint is loaded but refine is false: set refine to true to use it")
+    log_range(completer, warning)
+    return Setup(model, completer, path, refine_path, poses)
+
+
+def log_range(completer: Any, warning: Any) -> None:
+    """Say so when the model's radius caps ``data.max_range``."""
+    data = completer.config.data
+    if completer.max_range < data.max_range:
+        warning(f"effective range {data.min_range:g}-{completer.max_range:g} m: data.max_range={data.max_range:g} "
+                f"is capped at the radius the model was trained on ({completer.max_range:g} m); "
+                f"see max_range_effective in /diagnostics")
