@@ -108,3 +108,17 @@ def test_start_timestep_beyond_the_model_is_a_clear_error():
     model = CompletionModel(ModelConfig(channel_ratio=0.25, num_train_timesteps=500))
     with pytest.raises(ValueError, match="sampling.t0=600"):
         SceneCompleter(model, CompletionConfig().replace(device="cpu", **{"sampling.t0": 600}))
+
+
+def test_displacement_models_are_read_back_as_noise_predictions():
+    """A displacement model outputs x_0 - x_t; every consumer sees the same noise as an
+    epsilon model would: eps = -(x_0 - x_t) / sigma_t."""
+    model = CompletionModel(ModelConfig(channel_ratio=0.25, prediction="displacement"))
+    t = torch.tensor([0, 300, 999])
+    x0, eps = torch.randn(3, 50, 3), torch.randn(3, 50, 3)
+    x_t = model.schedule.add_noise(x0, eps, t)
+    assert torch.allclose(model.as_noise(x0 - x_t, t), eps, atol=1e-3)
+    epsilon_model = CompletionModel(ModelConfig(channel_ratio=0.25))
+    assert epsilon_model.as_noise(eps, t) is eps
+    with pytest.raises(ValueError, match="prediction must be one of"):
+        ModelConfig(prediction="x0")

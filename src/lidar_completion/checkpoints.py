@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import SAMPLERS
+from .config import PREDICTIONS, SAMPLERS
+from .diffusion import NoiseSchedule
 from .networks import Denoiser, RefinementNet, ScanEncoder, channel_widths, BASE_CHANNELS
 from .sparse import PointField, voxelize
 
@@ -88,6 +89,9 @@ class ModelConfig:
     # with the local training process; see diffusion.py), from start timestep t0 (None: T - 1).
     sampler: str = "dpmsolver++"
     t0: int | None = None
+    # What the denoiser outputs: "epsilon" (the noise, published) or "displacement" (the move
+    # x_0 - x_t onto the scene, = -sigma_t eps). Both are read back as a noise prediction.
+    prediction: str = "epsilon"
     n_part: int | None = None  # scan points the model was trained with (the "model" preset)
     max_range: float | None = None  # radius it was trained on; the pipeline never goes beyond
     description: str = ""
@@ -109,6 +113,8 @@ class ModelConfig:
             raise ValueError("default_steps must be in [1, num_train_timesteps]")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {list(SAMPLERS)}, got {self.sampler!r}")
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {list(PREDICTIONS)}, got {self.prediction!r}")
         if self.t0 is not None and not 1 <= self.t0 < self.num_train_timesteps:
             raise ValueError(f"t0 must be in [1, {self.num_train_timesteps - 1}], got {self.t0}")
         if self.n_part is not None and not 16 <= self.n_part <= 200_000:
@@ -140,6 +146,13 @@ class CompletionModel(nn.Module):
         ratio = config.refine_channel_ratio
         self.refiner = RefinementNet(ratio) if ratio is not None else None
         self.backend = "torch"  # sparse-conv backend of voxelize(); not part of the weights
+        self.schedule = NoiseSchedule.of(config)
+
+    def as_noise(self, output: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The denoiser's raw output [B, N, 3] at timesteps ``t`` [B] read as a noise prediction."""
+        if self.config.prediction == "epsilon":
+            return output
+        return -output / self.schedule.noise_scale(t).view(-1, 1, 1)
 
     def use_backend(self, backend: str, device: torch.device | str = "cpu") -> None:
         """Run the sparse convolutions on ``backend`` ("torch" or "minkowski"); fails now,

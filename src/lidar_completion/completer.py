@@ -102,13 +102,14 @@ def predict_noise(
     t: torch.Tensor,
     denoiser: Denoiser | None = None,
 ) -> list[torch.Tensor]:
-    """Output [B, N, 3] of ``denoiser`` (default: the model's own; distillation passes the
-    teacher, student or an auxiliary net) for each encoded scan; one voxelisation for all."""
+    """Noise prediction [B, N, 3] of ``denoiser`` (default: the model's own; distillation
+    passes the teacher, student or an auxiliary net) for each encoded scan; one voxelisation
+    for all. Displacement-predicting models are converted (``CompletionModel.as_noise``)."""
     denoiser = model.denoiser if denoiser is None else denoiser
     batch = torch.arange(x_t.shape[0], device=x_t.device).repeat_interleave(x_t.shape[1])
     field_ = model.voxelize(x_t.reshape(-1, 3), batch)
     t = t.expand(x_t.shape[0]) if t.numel() == 1 else t
-    return [denoiser(field_, scan, t).reshape(x_t.shape) for scan in scans]
+    return [model.as_noise(denoiser(field_, scan, t).reshape(x_t.shape), t) for scan in scans]
 
 
 class SceneCompleter:

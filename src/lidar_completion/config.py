@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["DataConfig", "SamplingConfig", "CompletionConfig", "PRESETS", "MODEL_PRESET", "BACKENDS", "SAMPLERS",
+__all__ = ["DataConfig", "SamplingConfig", "CompletionConfig", "PRESETS", "MODEL_PRESET", "BACKENDS", "SAMPLERS", "PREDICTIONS",
            "effective_range", "load_config"]
 
 # Point budgets: "full" is the published setting (GPU); "lite" keeps a CPU frame in seconds;
@@ -30,6 +30,8 @@ BACKENDS = ("torch", "minkowski")
 # Diffusion samplers (lidar_completion.diffusion): the published DPM-Solver++ on the offsets,
 # or deterministic steps of the variance-exploding process the models are trained with.
 SAMPLERS = ("dpmsolver++", "ve")
+# What a denoiser outputs: the noise (published LiDiff) or the displacement x_0 - x_t.
+PREDICTIONS = ("epsilon", "displacement")
 
 
 def _check(condition: bool, key: str, message: str) -> None:

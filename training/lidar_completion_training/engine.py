@@ -133,7 +133,7 @@ class TeacherModule(_Base):
         self.model = CompletionModel(
             ModelConfig(
                 channel_ratio=m.channel_ratio, voxel_size=m.voxel_size, kind="teacher", default_steps=50,
-                default_guidance=m.guidance, sampler=m.sampler, t0=m.t0, n_part=config.data.n_part,
+                default_guidance=m.guidance, sampler=m.sampler, t0=m.t0, prediction=m.prediction, n_part=config.data.n_part,
                 max_range=config.data.max_range, description=m.description,
             )
         )

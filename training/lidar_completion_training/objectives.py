@@ -65,6 +65,15 @@ def _predict(model: CompletionModel, denoiser: Denoiser, x_t: torch.Tensor, scan
     return predict_noise(model, x_t, [scan], t, denoiser)[0]
 
 
+def denoising_loss(model: CompletionModel, eps_hat: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """MSE in the space the denoiser predicts: on the noise for epsilon models (LiDiff), on the
+    displacement ``-sigma_t eps`` for displacement models (= noise MSE weighted by sigma_t^2)."""
+    if model.config.prediction == "epsilon":
+        return F.mse_loss(eps_hat, eps)
+    sigma = model.schedule.noise_scale(t).view(-1, 1, 1)
+    return F.mse_loss(sigma * eps_hat, sigma * eps)
+
+
 def teacher_loss(
     model: CompletionModel,
     schedule: NoiseSchedule,
@@ -75,7 +84,8 @@ def teacher_loss(
     reg_weight: float = 5.0,
     max_timestep: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """LiDiff objective: MSE(eps_hat, eps) + reg_weight * (mean(eps_hat)^2 + (std(eps_hat) - 1)^2).
+    """LiDiff objective: MSE(eps_hat, eps) + reg_weight * (mean(eps_hat)^2 + (std(eps_hat) - 1)^2)
+    (the MSE in the model's prediction space: :func:`denoising_loss`; ``mse`` logs the noise MSE).
 
     The condition is dropped (all-zero scan) with probability ``uncond_prob`` per batch so
     classifier-free guidance works at inference. ``max_timestep`` limits training to the
@@ -93,9 +103,9 @@ def teacher_loss(
     else:
         scan = encode_scans(model, partial)
     eps = _predict(model, model.denoiser, x_t, scan, t)
-    mse = F.mse_loss(eps, noise)
-    reg = eps.mean() ** 2 + (eps.std() - 1.0) ** 2
-    return {"loss": mse + reg_weight * reg, "mse": mse.detach(), "reg": reg.detach()}
+    loss = denoising_loss(model, eps, noise, t)
+    reg = eps.mean() ** 2 + (eps.std() - 1.0) ** 2 if reg_weight else torch.zeros(())
+    return {"loss": loss + reg_weight * reg, "mse": F.mse_loss(eps.detach(), noise), "reg": reg.detach()}
 
 
 def generate(
@@ -223,7 +233,7 @@ def distillation_iteration(
     aux_loss = partial.new_zeros(())
     for aux, ranked_sample in zip(aux_nets, ranked):
         t, eps, x_t = _noise_step(schedule, ranked_sample.detach(), generator, max_timestep)
-        aux_loss = aux_loss + F.mse_loss(_predict(model, aux, x_t, scan, t), eps)
+        aux_loss = aux_loss + denoising_loss(model, _predict(model, aux, x_t, scan, t), eps, t)
     step_aux(aux_loss)
 
     # Same t and noise for winner and loser, as published.

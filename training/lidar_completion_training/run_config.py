@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from lidar_completion.config import BACKENDS, SAMPLERS
+from lidar_completion.config import BACKENDS, PREDICTIONS, SAMPLERS
 
 __all__ = ["RunConfig", "load_run_config"]
 
@@ -52,11 +52,13 @@ class ModelSection:
     # timestep t0 (null: T - 1) and the teacher's guidance weight.
     sampler: str = "dpmsolver++"
     t0: int | None = None
+    prediction: str = "epsilon"  # what the denoiser outputs: epsilon (published) or displacement
     guidance: float = 6.0
 
     def __post_init__(self) -> None:
         _check(self.sampler in SAMPLERS, "model.sampler", f"must be one of {list(SAMPLERS)}, got {self.sampler!r}")
         _check(self.t0 is None or 1 <= self.t0 <= 999, "model.t0", f"must be in [1, 999] or null, got {self.t0}")
+        _check(self.prediction in PREDICTIONS, "model.prediction", f"must be one of {list(PREDICTIONS)}, got {self.prediction!r}")
         _check(0 <= self.guidance <= 50, "model.guidance", f"must be in [0, 50], got {self.guidance}")
         _check(0.05 <= self.channel_ratio <= 4, "model.channel_ratio", f"must be in [0.05, 4], got {self.channel_ratio}")
         _check(0 < self.voxel_size <= 1, "model.voxel_size", f"must be in (0, 1] m, got {self.voxel_size}")
