@@ -39,3 +39,24 @@ def test_evaluate_completed_files_scores_the_input_itself_best(tiny_dataset, tmp
     assert "000001.bin" in err and "skipped" in err
     summary = next(iter(json.loads((out / "summary.json").read_text())["summary"].values()))
     assert np.isclose(summary["cd"], 0.0) and np.isclose(summary["iou_0.2"], 1.0)
+
+
+def test_report_has_every_row_with_standard_errors_and_the_steps_curve(tiny_dataset, tmp_path, capsys):
+    torch.manual_seed(0)
+    common = dict(channel_ratio=0.25, n_part=32, max_range=20.0, sampler="ve", t0=200, prediction="displacement")
+    teacher = save_model(CompletionModel(ModelConfig(**common, default_steps=4, default_guidance=1.0)), tmp_path / "teacher")
+    student = save_model(CompletionModel(ModelConfig(**common, refine_channel_ratio=0.25, kind="student", default_steps=1, default_guidance=1.0)), tmp_path / "student")
+    out = tmp_path / "report"
+    code = main(["report", "--root", str(tiny_dataset), "--sequences", "01", "--max-scans", "2", "--teacher", str(teacher),
+                 "--student", str(student), "--sd-student", str(student), "--teacher-steps", "2", "--curve-steps", "1", "--out", str(out)])
+    assert code == 0
+    table = (out / "table.md").read_text()
+    for row in ("input scan (all points in range)", "FPS to 320 points (the completion's budget)", "FPS to 32 points (what the model sees)",
+                "teacher, 1 steps, VE sampler (t0 200)", "teacher, 2 steps, VE sampler", "teacher, 2 steps, published DPM-Solver++",
+                "plain distillation student, 1 step(s)", "Distillation-DPO student, 1 step(s) + refinement"):
+        assert row in table, row
+    assert table.count(" ± ") >= 5 * 9
+    summary = json.loads((out / "summary.json").read_text())["summary"]
+    budget = next(v for k, v in summary.items() if "budget" in k)
+    assert budget["points"] == 320 and budget["cd_se"] > 0
+    assert (out / "cd_vs_steps.png").stat().st_size > 0 and (out / "completions.png").stat().st_size > 0

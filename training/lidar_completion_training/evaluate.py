@@ -26,6 +26,8 @@ from .metrics import evaluate_completion
 __all__ = ["Setting", "evaluate_setting", "main"]
 
 COLUMNS = ("cd", "jsd_bev", "emd", "fscore", "iou_0.5", "iou_0.2", "iou_0.1", "nfe", "time_s")
+HEADERS = {"cd": "CD (m) ↓", "jsd_bev": "JSD-BEV ↓", "emd": "EMD ↓", "fscore": "F-score ↑", "iou_0.5": "IoU 0.5 ↑",
+           "iou_0.2": "IoU 0.2 ↑", "iou_0.1": "IoU 0.1 ↑", "nfe": "NFE", "time_s": "time/frame (s)"}
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,8 @@ class Setting:
     guidance: float | None = None
     refine: bool = False
     input_points: int | None = None  # input rows only: FPS-sample the scan to this many points
+    sampler: str | None = None  # None: the checkpoint's own
+    t0: int | None = None
 
 
 def _scans(root: str, sequences: Sequence[str], max_scans: int | None, stride: int, max_range: float | None) -> tuple[CompletionDataset, list[int]]:
@@ -57,6 +61,7 @@ def evaluate_setting(
     device: str = "cpu",
     seed: int = 0,
     keep: dict[int, np.ndarray] | None = None,
+    with_emd: bool = True,
 ) -> list[dict[str, float]]:
     """Per-scan metrics (plus ``nfe`` and ``time_s``) of one setting."""
     from tqdm import tqdm
@@ -67,7 +72,8 @@ def evaluate_setting(
         from lidar_completion.config import load_config
 
         overrides = {"data.preset": preset, "data.n_part": n_part, "sampling.steps": setting.steps,
-                     "sampling.guidance": setting.guidance, "sampling.seed": seed, "refine": setting.refine, "device": device}
+                     "sampling.guidance": setting.guidance, "sampling.seed": seed, "refine": setting.refine, "device": device,
+                     "sampling.sampler": setting.sampler, "sampling.t0": setting.t0}
         completer = SceneCompleter.from_checkpoint(setting.checkpoint, load_config(**overrides))
     rows = []
     for index in tqdm(indices, desc=setting.name, leave=False):
@@ -83,22 +89,34 @@ def evaluate_setting(
             pred, nfe, seconds = result.points, result.nfe, result.timings_ms["total"] / 1000
         if keep is not None:
             keep[index] = pred
-        rows.append(evaluate_completion(pred, full) | {"nfe": nfe, "time_s": seconds})
+        rows.append(evaluate_completion(pred, full, with_emd=with_emd) | {"nfe": nfe, "time_s": seconds, "points": len(pred)})
     return rows
 
 
 def summarise(rows: list[dict[str, float]]) -> dict[str, float]:
-    return {key: float(np.mean([row[key] for row in rows])) for key in rows[0]}
+    """Mean of every metric over the scans, plus ``<key>_se``: its standard error."""
+    summary = {}
+    for key in rows[0]:
+        values = np.array([row[key] for row in rows], dtype=np.float64)
+        summary[key] = float(values.mean())
+        summary[f"{key}_se"] = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
+    return summary
 
 
 def markdown_table(summary: dict[str, dict[str, float]]) -> str:
-    header = "| setting | CD (m) ↓ | JSD-BEV ↓ | EMD ↓ | F-score ↑ | IoU 0.5 ↑ | IoU 0.2 ↑ | IoU 0.1 ↑ | NFE | time/frame (s) |"
-    lines = [header, "|" + "---|" * 10]
+    """One row per setting, metrics as mean ± standard error over the scans."""
+    columns = [c for c in COLUMNS if all(c in s for s in summary.values())]
+    lines = ["| setting | points | " + " | ".join(HEADERS[c] for c in columns) + " |", "|" + "---|" * (len(columns) + 2)]
     for name, s in summary.items():
-        lines.append(
-            f"| {name} | {s['cd']:.3f} | {s['jsd_bev']:.3f} | {s['emd']:.3f} | {s['fscore']:.3f} | "
-            f"{s['iou_0.5']:.3f} | {s['iou_0.2']:.3f} | {s['iou_0.1']:.3f} | {s['nfe']:.0f} | {s['time_s']:.2f} |"
-        )
+        cells = []
+        for c in columns:
+            if c == "nfe":
+                cells.append(f"{s[c]:.0f}")
+            elif c == "time_s":
+                cells.append(f"{s[c]:.2f}")
+            else:
+                cells.append(f"{s[c]:.3f} ± {s[c + '_se']:.3f}")
+        lines.append(f"| {name} | {s.get('points', 0):,.0f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -234,54 +252,100 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def report(argv: Sequence[str]) -> int:
-    """The model-card table: input, teacher (50 steps + guidance, and at the student's
-    steps), plain-distillation student, Distillation-DPO student (with/without refinement)."""
+    """The model-card table, each metric as mean ± standard error over the scans: the input
+    scan (whole, FPS'd to the completion's budget, FPS'd to what the model sees), the teacher
+    with both samplers at its full and the student's step count (and the sampled-CD-vs-steps
+    curve), the plain-distillation and the Distillation-DPO student, with and without refinement."""
     parser = argparse.ArgumentParser(prog="lidar-evaluate report", description=report.__doc__)
     _common_args(parser)
     parser.add_argument("--teacher", required=True)
     parser.add_argument("--student", required=True, help="Distillation-DPO student")
     parser.add_argument("--sd-student", help="plain score-distillation student (ablation)")
-    parser.add_argument("--student-steps", type=int, default=1)
+    parser.add_argument("--student-steps", type=int, default=None, help="default: the student's own")
     parser.add_argument("--teacher-steps", type=int, default=50)
-    parser.add_argument("--teacher-guidance", type=float, default=6.0)
+    parser.add_argument("--teacher-guidance", type=float, default=None, help="default: the teacher's own")
+    parser.add_argument("--teacher-t0", type=int, default=None, help="start timestep of the teacher's VE rows (default: its own)")
+    parser.add_argument("--curve-steps", type=int, nargs="*", default=[1, 2, 4, 8, 16], help="teacher step counts of the CD-vs-steps curve")
+    parser.add_argument("--emd", action="store_true", help="also compute EMD (exact optimal transport; slow)")
     parser.add_argument("--runs", nargs="*", default=[], help="training run dirs for the curves plot")
     parser.add_argument("--examples", type=int, default=1, help="scans drawn in completions.png")
     args = parser.parse_args(argv)
     from lidar_completion.checkpoints import load_model
 
-    k = args.student_steps
-    n_input = args.n_part or load_model(args.student).config.n_part
-    settings = [
-        Setting("input scan only"),
-        *([Setting(f"input scan, FPS to {n_input} points (what the model sees)", input_points=n_input)] if n_input else []),
-        Setting(f"teacher, {args.teacher_steps} steps, guidance {args.teacher_guidance:g}", args.teacher, args.teacher_steps, args.teacher_guidance),
-        Setting(f"teacher, {k} step(s), no guidance", args.teacher, k, 1.0),
-    ]
+    teacher, student = load_model(args.teacher).config, load_model(args.student)
+    k = args.student_steps or student.config.default_steps
+    n_input = args.n_part or student.config.n_part
+    budget = n_input * 10 if n_input else None
+    guidance = teacher.default_guidance if args.teacher_guidance is None else args.teacher_guidance
+    settings = [Setting("input scan (all points in range)")]
+    if n_input:
+        settings += [Setting(f"input scan, FPS to {budget:,} points (the completion's budget)", input_points=budget),
+                     Setting(f"input scan, FPS to {n_input:,} points (what the model sees)", input_points=n_input)]
+    curve = sorted({*args.curve_steps, k, args.teacher_steps})
+    for n in curve:
+        settings.append(Setting(f"teacher, {n} steps, VE sampler (t0 {args.teacher_t0 or teacher.t0}), guidance {guidance:g}",
+                                args.teacher, n, guidance, sampler="ve", t0=args.teacher_t0))
+    for n in sorted({k, args.teacher_steps}):
+        settings.append(Setting(f"teacher, {n} steps, published DPM-Solver++ (t0 999), guidance {guidance:g}",
+                                args.teacher, n, guidance, sampler="dpmsolver++", t0=999))
     if args.sd_student:
         settings.append(Setting(f"plain distillation student, {k} step(s)", args.sd_student, k, 1.0))
     settings.append(Setting(f"Distillation-DPO student, {k} step(s)", args.student, k, 1.0))
-    if load_model(args.student).refiner is not None:
-        settings.append(Setting(f"Distillation-DPO student, {k} step(s) + refine", args.student, k, 1.0, True))
-    max_range = args.max_range or load_model(args.student).config.max_range
+    if student.refiner is not None:
+        settings.append(Setting(f"Distillation-DPO student, {k} step(s) + refinement", args.student, k, 1.0, True))
+    max_range = args.max_range or student.config.max_range
     dataset, indices = _scans(args.root, args.sequences, args.max_scans, args.stride, max_range)
     summary, per_scan, drawn = {}, {}, {}
     shown = indices[: args.examples]
     for setting in settings:
         kept: dict[int, np.ndarray] = {}
-        rows = evaluate_setting(setting, dataset, indices, preset=args.preset, n_part=args.n_part, device=args.device, seed=args.seed, keep=kept)
+        rows = evaluate_setting(setting, dataset, indices, preset=args.preset, n_part=args.n_part, device=args.device,
+                                seed=args.seed, keep=kept, with_emd=args.emd)
         summary[setting.name], per_scan[setting.name] = summarise(rows), rows
-        for index in shown:
-            drawn[f"{setting.name} (scan {index})"] = kept[index]
-        print(f"{setting.name}: CD {summary[setting.name]['cd']:.3f} m, {summary[setting.name]['time_s']:.2f} s/frame", flush=True)
+        if setting.checkpoint is None or setting.steps in (k, args.teacher_steps):
+            for index in shown:
+                drawn[f"{setting.name} (scan {index})"] = kept[index]
+        s = summary[setting.name]
+        print(f"{setting.name}: CD {s['cd']:.3f} ± {s['cd_se']:.3f} m, JSD-BEV {s['jsd_bev']:.3f}, {s['time_s']:.2f} s/frame", flush=True)
     for index in shown:
         drawn[f"ground truth (scan {index})"] = dataset.pair(index)[1]
     table = write_outputs(args.out, summary, per_scan)
     _render_examples(drawn, args.out / "completions.png")
+    _plot_cd_vs_steps(settings, summary, args.out / "cd_vs_steps.png")
     curves = plot_training_curves(args.runs, args.out / "training_curves.png")
     print(table)
     print(f"lidar-evaluate: {len(indices)} scans of {', '.join(args.sequences)}; outputs in {args.out}"
           + (f"; curves {curves}" if curves else ""))
     return 0
+
+
+def _plot_cd_vs_steps(settings: Sequence[Setting], summary: dict[str, dict[str, float]], path: Path) -> None:
+    """Sampled CD (± standard error) against sampler steps: teacher curves per sampler,
+    students as points, the input FPS'd to the completion's budget as the line to beat."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
+    lines: dict[str, list[tuple[int, float, float]]] = {}
+    for setting in settings:
+        s = summary[setting.name]
+        if setting.checkpoint is None:
+            if setting.input_points and "budget" in setting.name:
+                ax.axhline(s["cd"], color="gray", linestyle="--", label=setting.name)
+            continue
+        label = setting.name.split(",")[0] + (f", {setting.sampler}" if setting.sampler else "") + (" + refinement" if setting.refine else "")
+        lines.setdefault(label, []).append((setting.steps, s["cd"], s["cd_se"]))
+    for label, points in lines.items():
+        steps, cd, se = zip(*sorted(points))
+        ax.errorbar(steps, cd, yerr=se, marker="o", capsize=3, label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("sampler steps")
+    ax.set_ylabel("Chamfer distance (m)")
+    ax.legend(fontsize=7)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
