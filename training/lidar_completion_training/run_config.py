@@ -190,12 +190,18 @@ class RunConfig:
 
     def override(self, dotted: dict[str, Any]) -> "RunConfig":
         """Copy with ``section.key=value`` overrides (values parsed as YAML scalars)."""
-        values = self.to_dict()
-        for key, value in dotted.items():
-            section, _, leaf = key.partition(".")
-            _check(bool(leaf) and section in values and isinstance(values[section], dict), key, "override must be section.key")
-            values[section][leaf] = value
-        return RunConfig.from_dict(values)
+        return RunConfig.from_dict(_with_overrides(self.to_dict(), dotted))
+
+
+def _with_overrides(values: dict[str, Any], dotted: dict[str, Any]) -> dict[str, Any]:
+    """``values`` (raw sections) with ``section.key`` overrides applied, before validation,
+    so an override can repair a value the file gets wrong (e.g. a path that does not exist yet)."""
+    values = {k: (dict(v) if isinstance(v, dict) else v) for k, v in values.items()}
+    for key, value in dotted.items():
+        section, _, leaf = key.partition(".")
+        _check(bool(leaf) and section in _SECTIONS, key, "override must be section.key")
+        values[section] = dict(values.get(section) or {}) | {leaf: value}
+    return values
 
 
 def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
@@ -203,7 +209,6 @@ def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -
     if not isinstance(loaded, dict):
         raise ValueError(f"{path}: expected a mapping")
     try:
-        config = RunConfig.from_dict(loaded)
-        return config.override(overrides) if overrides else config
+        return RunConfig.from_dict(_with_overrides(loaded, overrides or {}))
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
