@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 
 from .checkpoints import CompletionModel, load_model
 from .config import CompletionConfig
@@ -49,7 +48,25 @@ class CompletionResult:
     nfe: int  # denoiser evaluations
     input_points: int
     used_points: int  # points of the scan inside the range band, before sampling
-    stats: dict[str, int] = field(default_factory=dict)
+
+
+def randn_tensor(
+    shape: Sequence[int],
+    generator: Sequence[torch.Generator] | torch.Generator | None,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Standard normal noise of ``shape``, the same values as diffusers' ``randn_tensor``
+    (whose import costs seconds): with a list of generators, row ``i`` of the batch is drawn
+    from generator ``i`` (on the generators' device, then moved to ``device``)."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) == 1:
+            generator = generator[0]
+        else:
+            rows = [torch.randn(tuple(shape[1:]), generator=g, device=g.device, dtype=dtype) for g in generator]
+            return torch.stack(rows).to(device)
+    gen_device = generator.device if generator is not None else device
+    return torch.randn(tuple(shape), generator=generator, device=gen_device, dtype=dtype).to(device)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -58,11 +58,6 @@ class DataConfig:
             _check(16 <= self.n_part <= 200_000, "data.n_part", f"must be in [16, 200000], got {self.n_part}")
         _check(1 <= self.repeat <= 50, "data.repeat", "must be in [1, 50]")
 
-    @property
-    def points_per_scan(self) -> int:
-        """Budget without knowing the model (the "model" preset reads as lite here)."""
-        return self.resolve_n_part(None)
-
     def resolve_n_part(self, model_n_part: int | None) -> int:
         """Explicit ``n_part``, else the preset's, else the model's trained budget, else lite."""
         if self.n_part is not None:
