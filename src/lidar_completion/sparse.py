@@ -143,6 +143,7 @@ class CoordinateManager:
 
     def convolve(self, x: "SparseTensor", kernel: torch.Tensor, kernel_size: int, stride: int) -> "SparseTensor":
         """MinkowskiConvolution: k=3/1 stride 1 keeps the coordinates, k=2 s=2 halves them."""
+        x, kernel = _autocast(x, kernel)
         if kernel_size == 1:
             return x.replace(x.feats @ kernel)
         if stride == 1:
@@ -156,6 +157,7 @@ class CoordinateManager:
 
     def convolve_transpose(self, x: "SparseTensor", kernel: torch.Tensor) -> "SparseTensor":
         """MinkowskiConvolutionTranspose k=2 s=2 onto the finer set that already exists."""
+        x, kernel = _autocast(x, kernel)
         fine = x.stride // 2
         if fine < 1 or fine not in self.keys:
             raise ValueError(f"no stride-{fine} coordinates to transpose onto")
@@ -209,6 +211,16 @@ class CoordinateManager:
             ]
             self._maps[cache_key] = KernelMap(pairs, parent_keys.numel())
         return self._maps[cache_key]
+
+
+def _autocast(x: "SparseTensor", kernel: torch.Tensor) -> tuple["SparseTensor", torch.Tensor]:
+    """Features and kernel in autocast's dtype when autocast is on (a GEMM of the lower
+    precision, as autocast runs ``mm``), else unchanged; the gathers and scatters need one dtype."""
+    device = x.feats.device.type
+    if not torch.is_autocast_enabled(device):
+        return x, kernel
+    dtype = torch.get_autocast_dtype(device)
+    return x.replace(x.feats.to(dtype)), kernel.to(dtype)
 
 
 @dataclass
