@@ -6,9 +6,13 @@ Prints, on this machine:
 
 1. message -> xyz for a 125k-point x/y/z/intensity cloud (core ``cloud_to_xyz`` +
    ``finite_points``) and xyz -> message for 180k points (core ``build_cloud``);
-2. the node's own overhead per scan: from entering the subscription callback to the return
-   of ``publish``, minus the model's time, as the node measures it itself and publishes on
-   ``~/debug/overhead_ms`` (target <= 5 ms), with the tiny random model;
+2. the node per scan, stage by stage, as it measures itself (``~/debug/timings``), and the
+   frame rate (1000 / median processing ms; the model alone: 1000 / model ms): by default
+   the shipped student (``--checkpoint``) at its own point budget and radius (read from its
+   config: ``n_part``, ``max_range``), 2 torch threads (``--threads``), on the real scan in
+   ``shared/data`` (else a synthetic 125k-point one); one scan in flight at a time. The
+   node's own overhead is callback entry to the return of ``publish`` minus the model's
+   time and the wait for the worker (``~/debug/overhead_ms``, target <= 5 ms);
 3. DDS transport latency publish -> receive between two processes for a 125k-point cloud
    (2 MB) over Fast DDS, for several transport settings (default, the repository's
    large-data profile ``config/fastdds_large_data.xml``, ``FASTDDS_BUILTIN_TRANSPORTS``),
@@ -30,6 +34,7 @@ from typing import Any
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+SCAN = REPO.parent / "shared" / "data" / "semantickitti_08_000123.ply"
 PROFILE = REPO / "config" / "fastdds_large_data.xml"
 N_SCAN, N_COMPLETED = 125_000, 180_000
 
@@ -76,7 +81,11 @@ def _env(domain: int, **extra: str) -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------- node overhead
-def bench_node_overhead(scans: int, domain: int) -> dict[str, Any]:
+def bench_node_overhead(scans: int, domain: int, checkpoint: str = "student_lite", device: str = "cpu",
+                        threads: int = 2, scan_path: Path | None = SCAN) -> dict[str, Any]:
+    """The node completing ``scans`` scans one after another (the first one not counted):
+    per-stage medians of ``~/debug/timings`` and what ran. ``checkpoint`` "tiny": a random
+    channel-ratio-0.25 model (the node's cost without a trained model's budget)."""
     import rclpy
     import torch
     from diagnostic_msgs.msg import DiagnosticArray
@@ -89,14 +98,20 @@ def bench_node_overhead(scans: int, domain: int) -> dict[str, Any]:
     from lidar_completion.checkpoints import CompletionModel, ModelConfig, save_model
     from lidar_completion.pointcloud2 import build_cloud
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench_node_"))
-    torch.manual_seed(0)
-    checkpoint = save_model(CompletionModel(ModelConfig(channel_ratio=0.25)), tmp / "tiny")
-    env = _env(domain, FASTDDS_DEFAULT_PROFILES_FILE=str(PROFILE))
+    from lidar_completion.checkpoints import find_checkpoint, load_model
+
+    if checkpoint == "tiny":
+        tmp = Path(tempfile.mkdtemp(prefix="bench_node_"))
+        torch.manual_seed(0)
+        checkpoint = str(save_model(CompletionModel(ModelConfig(channel_ratio=0.25)), tmp / "tiny"))
+    model_config = load_model(find_checkpoint(checkpoint) or checkpoint).config
+    max_range = float(model_config.max_range or 50.0)
+    env = _env(domain, FASTDDS_DEFAULT_PROFILES_FILE=str(PROFILE), OMP_NUM_THREADS=str(threads))
     cmd = [sys.executable, "-m", "lidar_completion_ros.node", "--ros-args",
            "--params-file", str(REPO / "config" / "completion_node.yaml"),
            "-p", f"checkpoint:={checkpoint}", "-p", "sampling.steps:=1", "-p", "sampling.guidance:=1.0",
-           "-p", "qos.input.reliability:=reliable"]  # lite preset: 2000 points x 10
+           "-p", "data.preset:=model", "-p", f"data.max_range:={max_range}", "-p", f"device:={device}",
+           "-p", "qos.input.reliability:=reliable"]  # the model's own budget (n_part) and radius
     node = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     os.environ["ROS_DOMAIN_ID"] = str(domain)
     context = Context()
@@ -128,7 +143,12 @@ def bench_node_overhead(scans: int, domain: int) -> dict[str, Any]:
         if not spin_until(lambda: pub.get_subscription_count() > 0, 240):
             raise RuntimeError("node did not come up:\n" + (node.stdout.read() if node.poll() is not None else ""))
         spin_until(lambda: False, 1.0)
-        scan = _scan(N_SCAN)
+        if scan_path is not None and scan_path.exists():
+            from lidar_completion.io import read_points
+
+            scan = np.ascontiguousarray(read_points(scan_path)[:, :3], dtype=np.float32)
+        else:
+            scan = _scan(N_SCAN)
         extra = {"intensity": np.linalg.norm(scan, axis=1).astype(np.float32)}
         for i in range(scans):
             msg = build_cloud(scan, Header(frame_id="velodyne", stamp=time_from_ns((i + 1) * 10**8)),
@@ -146,14 +166,34 @@ def bench_node_overhead(scans: int, domain: int) -> dict[str, Any]:
         peer.destroy_node()
         rclpy.try_shutdown(context=context)
     values = {key: [float(t[key]) for t in timings[1:]] for key in timings[0]}  # first scan: cold caches
-    pick = ("overhead_ms", "convert_ms", "wait_ms", "build_ms", "publish_ms", "model_ms", "processing_ms")
     return {
         "scans": len(timings) - 1,
-        **{f"{k}_median": float(np.median(values[k])) for k in pick},
+        "checkpoint": checkpoint,
+        "n_part": model_config.n_part,
+        "max_range": max_range,
+        "channel_ratio": model_config.channel_ratio,
+        "threads": threads,
+        "input_points": len(scan),
+        "stages_median": {k: float(np.median(v)) for k, v in values.items()},
         "overhead_ms_p90": float(np.percentile(values["overhead_ms"], 90)),
         "overhead_topic_median": float(np.median(overheads[1:])),
-        "output_points_median": float(np.median(values["output_points"])),
     }
+
+
+def print_node(node: dict[str, Any]) -> None:
+    """The node rows: what ran, every stage's median, the frame rate."""
+    med = node["stages_median"]
+    points = med.get("output_points", float("nan"))
+    print(f"\n== node, {node['input_points']:,}-point scans, checkpoint {node['checkpoint']} (channel ratio "
+          f"{node['channel_ratio']:g}, model budget {node['n_part']} scan points, radius {node['max_range']:g} m), "
+          f"{node['threads']} torch threads, {node['scans']} scans one at a time (median ms)")
+    stages = [k for k in med if k.endswith("_ms") and k not in ("pipeline_latency_ms", "cyclic_ms")]
+    print("  " + " | ".join(f"{k[:-3]} {med[k]:.1f}" for k in stages))
+    print(f"  frame rate: {1000 / med['processing_ms']:.2f} Hz end to end in the node "
+          f"(model alone {1000 / med['model_ms']:.2f} Hz; target >= 10 Hz), {points:.0f} output points")
+    print(f"  overhead (callback entry -> publish return, minus model and wait for the worker): "
+          f"{med['overhead_ms']:.2f} (p90 {node['overhead_ms_p90']:.2f}; ~/debug/overhead_ms median "
+          f"{node['overhead_topic_median']:.2f}; target <= 5)")
 
 
 # --------------------------------------------------------------------------- transport
@@ -249,6 +289,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repeats (smoke test)")
     parser.add_argument("--domain", type=int, default=150, help="first ROS_DOMAIN_ID to use (uses ~10)")
     parser.add_argument("--scans", type=int, help="scans for the node-overhead run (default 20, quick 4)")
+    parser.add_argument("--checkpoint", default="student_lite",
+                        help="model the node runs: a shipped name, a path, or 'tiny' (random, ratio 0.25)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the node (OMP_NUM_THREADS)")
+    parser.add_argument("--device", default="cpu", help="the node's device parameter")
     parser.add_argument("--skip-node", action="store_true")
     parser.add_argument("--skip-transport", action="store_true")
     parser.add_argument("--_role", nargs=3, help=argparse.SUPPRESS)
@@ -269,15 +313,7 @@ def main() -> None:
           f"{conv['xyz_to_msg_180k_ms'][0]:.2f} / {conv['xyz_to_msg_180k_ms'][1]:.2f} ms")
 
     if not args.skip_node:
-        node = bench_node_overhead(scans, args.domain)
-        print(f"\n== node overhead, {N_SCAN:,}-point scans, tiny model, {node['scans']} scans (median ms)")
-        print(f"overhead (callback entry -> publish return, minus model and wait for the worker): {node['overhead_ms_median']:.2f} "
-              f"(p90 {node['overhead_ms_p90']:.2f}; ~/debug/overhead_ms median {node['overhead_topic_median']:.2f}; "
-              f"target <= 5)")
-        print(f"  convert+validate {node['convert_ms_median']:.2f} | hand-off to worker {node['wait_ms_median']:.2f} | "
-              f"build message {node['build_ms_median']:.2f} | publish {node['publish_ms_median']:.2f} "
-              f"| (model {node['model_ms_median']:.0f}, total {node['processing_ms_median']:.0f}, "
-              f"{node['output_points_median']:.0f} output points)")
+        print_node(bench_node_overhead(scans, args.domain, args.checkpoint, args.device, args.threads))
 
     if not args.skip_transport:
         print(f"\n== transport publish -> receive (rclpy callback), {N_SCAN:,} points x,y,z,intensity, "
