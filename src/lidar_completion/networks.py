@@ -273,7 +273,7 @@ class Denoiser(SparseUNet):
         half once per batch entry, instead of once per voxel (up to 10^5): same result,
         a fraction of the work.
         """
-        scan, temb = context
+        scan, temb, nearest = context
         name = self._level_names[level]
         latemp = getattr(self, f"latemp_{name}")
         first, second = latemp[0], latemp[2]
@@ -285,12 +285,18 @@ class Denoiser(SparseUNet):
         w_time, w_scan = first.weight[:, :width], first.weight[:, width:]
         if name != "up1":  # published order is (scan, time) except at up1
             w_scan, w_time = w_time, w_scan
-        rows = nearest_encoder_rows(x, scan)
-        rows = torch.where(rows >= 0, rows, encoded.shape[0] - 1)  # -1 -> the all-zero row
+        # Encoder and decoder levels of one stride share coordinates: one search per stride.
+        key = (id(x.manager), x.stride)
+        if key not in nearest:
+            rows = nearest_encoder_rows(x, scan)
+            nearest[key] = (x.manager, torch.where(rows >= 0, rows, encoded.shape[0] - 1))  # -1 -> the zero row
+        rows = nearest[key][1]
         hidden = (scan_feat @ w_scan.T).index_select(0, rows) + (time_feat @ w_time.T + first.bias).index_select(0, x.batch)
         return x * second(latemp[1](hidden))
 
     def forward(self, field: PointField, scan: SparseTensor, t: torch.Tensor) -> torch.Tensor:
         """Noise prediction per point of ``field``; ``t`` holds one timestep per batch entry."""
         temb = timestep_embedding(t.reshape(-1), self.embed_dim).to(self.last[0].weight.dtype)
-        return self.last(field.slice(self.run(field, (scan, temb))))
+        # The last item caches the nearest-encoder-row search per coordinate set (one forward);
+        # it keeps each manager alive, so an id is never reused while its entry exists.
+        return self.last(field.slice(self.run(field, (scan, temb, {}))))
