@@ -197,15 +197,15 @@ def test_consecutive_failures_and_counters_per_input() -> None:
     assert level == ERROR and "2 in a row" in message and "y" in message
     assert health.batch_done(None) == 0
     health.received(0, 1.0)
-    health.add(0, "rejected")
-    health.add(0, "rejected.frame")
+    health.add(0, "rejected", reason="frame")
     health.received(1, 1.0)
     assert health.counters(0)["rejected.frame"] == 1 and health.counters(1)["rejected"] == 0
     assert health.counters()["received"] == 2
     values = {t.task: t.values for t in health.evaluate(1.0, SETTINGS, True, True, {}, {})}
     assert values["input"]["/a.rejected"] == "1" and values["input"]["/b.received"] == "1"
     assert _levels(health, 1.0, worker_alive=False)["output"] == (ERROR, "worker thread died")
-    assert _levels(health, 1.0, model_warning="device auto found no GPU")["model"][0] == WARN
+    assert _levels(health, 1.0, model={"device_requested": "auto", "device": "cpu"})["model"][0] == WARN
+    assert _levels(health, 1.0, model={"device_requested": "cpu", "device": "cpu"})["model"][0] == OK
 
 
 def test_throttle_says_how_many_it_held_back() -> None:

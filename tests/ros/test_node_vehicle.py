@@ -160,3 +160,32 @@ def test_lifecycle_qos_override_and_no_input_warning(domain_id: int, model, peer
     summary = parse_summary(node.output)
     assert (summary["received"], summary["completed"]) == (2, 2), summary
     assert "Traceback" not in node.output
+
+
+def test_runtime_exits_3_when_the_node_gives_up(domain_id: int, monkeypatch, capfd) -> None:
+    """The executable's loop (runtime.run_managed_node, what ``main`` runs): a node that sets
+    ``fatal`` (the completion node does after ``max_consecutive_failures`` failed batches,
+    see tests/test_node_logic.py) ends the process with one FATAL line and status 3."""
+    from rclpy.node import Node
+
+    from lidar_completion_ros.runtime import EXIT_FAILURES, run_managed_node
+
+    monkeypatch.setenv("ROS_DOMAIN_ID", str(domain_id))
+
+    class GivesUp(Node):
+        autostart, configure_error, fatal = False, "", ""
+
+        def __init__(self) -> None:
+            super().__init__("gives_up")
+            self.create_timer(0.1, self._fail)
+
+        def _fail(self) -> None:
+            self.fatal = "inference failed 5 times in a row (max_consecutive_failures): RuntimeError: boom"
+
+        def close(self) -> dict[str, int]:
+            return {"received": 5, "rejected": 5}
+
+    assert run_managed_node(GivesUp, "gives_up", ["gives_up"]) == EXIT_FAILURES
+    err = capfd.readouterr().err
+    assert "[FATAL]" in err and "inference failed 5 times in a row" in err
+    assert "[gives_up] summary: received=5 rejected=5" in err

@@ -95,10 +95,12 @@ class Health:
         self._reported: dict[str, int] = {}
 
     # --------------------------------------------------------------- recording
-    def add(self, index: int, key: str, n: int = 1) -> None:
+    def add(self, index: int, key: str, n: int = 1, reason: str = "") -> None:
+        """Count ``key`` (and ``key.reason`` when given) for one input."""
         with self.lock:
             counts = self.inputs[index].counts
-            counts[key] = counts.get(key, 0) + n
+            for name in (key, f"{key}.{reason}") if reason else (key,):
+                counts[name] = counts.get(name, 0) + n
 
     def received(self, index: int, now: float) -> None:
         with self.lock:
@@ -142,7 +144,7 @@ class Health:
 
     # --------------------------------------------------------------- diagnostics
     def evaluate(self, now: float, settings: dict[str, Any], active: bool, worker_alive: bool,
-                 outputs: dict[str, str], model: dict[str, str], model_warning: str = "") -> list[TaskStatus]:
+                 outputs: dict[str, Any], model: dict[str, str]) -> list[TaskStatus]:
         totals = self.counters()
         per_input = [self.counters(i) for i in range(len(self.inputs))]
         with self.lock:
@@ -156,8 +158,14 @@ class Health:
             self._input_task(now, settings, active, activated, rates, per_input, totals, grew),
             self._processing_task(now, settings, recent, busy_since),
             self._output_task(settings, active, worker_alive, recent, rates, failures, last_error, totals, outputs),
-            TaskStatus("model", WARN if model_warning else OK, model_warning or "ok", dict(model)),
+            self._model_task(model),
         ]
+
+    @staticmethod
+    def _model_task(model: dict[str, str]) -> TaskStatus:
+        if model.get("device_requested") == "auto" and model.get("device") == "cpu":
+            return TaskStatus("model", WARN, "device auto found no GPU: running on CPU", dict(model))
+        return TaskStatus("model", OK, f"{model.get('model', '')} on {model.get('device', '')}", dict(model))
 
     def _input_task(self, now, settings, active, activated, rates, per_input, totals, grew) -> TaskStatus:
         values = {k: str(n) for k, n in totals.items()}
@@ -209,7 +217,7 @@ class Health:
         ratio = out_rate / wanted if wanted else 1.0
         values = {"output_rate_hz": f"{out_rate:.2f}", "input_rate_hz": f"{in_rate:.2f}",
                   "output_ratio": f"{min(ratio, 1.0):.2f}", "consecutive_failures": str(failures),
-                  "completed": str(totals["completed"]), **outputs}
+                  "completed": str(totals["completed"]), **{k: str(x) for k, x in outputs.items()}}
         if active and not worker_alive:
             return TaskStatus("output", ERROR, "worker thread died", values)
         if failures:

@@ -1,25 +1,19 @@
 """ROS 2 managed (lifecycle) node: completes LiDAR scans into dense scenes, same frame and stamp.
 
     ros2 run lidar_completion_ros completion_node --ros-args --params-file completion_node.yaml
-    python -m lidar_completion_ros.node --ros-args -p checkpoint:=/models/student -r points_raw:=/velodyne_points
 
-configure = validate parameters, load the model, warm up; activate = subscribe to
-``input_topics`` and publish; deactivate = stop (nothing is published); cleanup = free the
-model. ``autostart`` (default) does configure + activate at start. Topics, parameters and
-diagnostics: docs/ros.md. The non-ROS parts live in pipeline.py (scan in, batch, output
-layout), frames.py, health.py (counters, diagnostics tasks) and timings.py.
-
-Start-up problems end the process with one ``FATAL`` line and exit status 2; after
-``max_consecutive_failures`` failed inferences in a row it exits with status 3;
-SIGINT/SIGTERM end it cleanly with exit status 0.
+configure = check parameters, load the model, warm up; activate = subscribe and publish;
+deactivate = stop; cleanup = free the model (``autostart``: configure + activate at start).
+This is the ROS part only; pipeline.py, frames.py, health.py and timings.py hold the rest.
+Exit status (runtime.py): 0 on SIGINT/SIGTERM, 2 when it cannot start, 3 after
+``max_consecutive_failures`` failed inferences. Topics, parameters, diagnostics: docs/ros.md.
 """
 
 from __future__ import annotations
 
 import os
 
-# Before torch loads OpenMP: a spinning OpenMP pool is catastrophic when the CPU is shared
-# (measured here: 62 s instead of 0.24 s per scan with one core busy elsewhere).
+# Before torch loads OpenMP: spinning OpenMP workers on a shared CPU made a scan 62 s, not 0.24 s.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import sys  # noqa: E402
@@ -29,10 +23,8 @@ from functools import partial
 from typing import Any
 
 import numpy as np
-import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import SetParametersResult
-from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
 from rclpy.qos_overriding_options import QoSOverridingOptions
 from sensor_msgs.msg import PointCloud2, PointField
@@ -40,22 +32,21 @@ from std_msgs.msg import Float64
 
 from lidar_completion.pointcloud2 import build_cloud
 
-from .frames import SensorPose
 from .health import REJECT_REASONS, Health, Throttle, model_values
 from .messages import qos_profile, stamp_ns
 from .parameters import COMPLETION_KEYS, PARAMETERS, StartupError
-from .pipeline import (Mailbox, Rejected, apply_changes, complete_scans, log_range, output_arrays, read_scan, set_up,
-                       warm_up)
+from .pipeline import (Mailbox, Rejected, apply_changes, complete_scans, describe, free_device, log_range,
+                       output_arrays, read_scan, set_up, warm_up)
 from .ros_parameters import declare_parameters
+from .runtime import run_managed_node, summary_line  # noqa: F401  (summary_line: part of the module's API)
 from .tf_poses import TfPoses
+from .timings import ScanTimings
 
 __all__ = ["CompletionNode", "StartupError", "PARAMETERS", "NODE_NAME", "REJECT_REASONS", "main"]
 
 NODE_NAME = "completion_node"
 INPUT_TOPIC, OUTPUT_TOPIC = "points_raw", "points_completed"
-DEBUG_SCALARS = ("processing_time_ms", "model_time_ms", "overhead_ms", "wait_ms", "pipeline_latency_ms",
-                 "cyclic_time_ms")
-EXIT_STARTUP, EXIT_FAILURES = 2, 3
+DEBUG_SCALARS = tuple(ScanTimings().scalars())  # ~/debug/<name>, std_msgs/Float64
 SUCCESS, FAILURE = TransitionCallbackReturn.SUCCESS, TransitionCallbackReturn.FAILURE
 
 
@@ -66,19 +57,13 @@ class CompletionNode(LifecycleNode):
         super().__init__(NODE_NAME, **kwargs)
         self._values = declare_parameters(self)
         self.autostart = bool(self._values["autostart"])
-        self.configure_error = self.fatal = ""
+        self.configure_error = self.fatal = ""  # why configure failed; why to exit (worker)
         self._completer = self._model = self._diag_timer = self._worker = self._tf = None
-        self._subs: list = []
-        self._pubs: list = []
-        self._debug: dict[str, Any] = {}
-        self._active = False
-        self._throttle = Throttle()
+        self._subs, self._pubs, self._debug, self._active, self._throttle = [], [], {}, False, Throttle()
         self._health = Health([self.resolve_topic_name(t) for t in self._values["input_topics"]])
-        self._mailbox = Mailbox(len(self._values["input_topics"]))
-        self._last_publish: dict[int, float] = {}
+        self._mailbox, self._last_publish = Mailbox(len(self._values["input_topics"])), {}
         self.add_on_set_parameters_callback(self._on_set_parameters)
 
-    # ------------------------------------------------------------------ lifecycle
     def on_configure(self, state: Any) -> TransitionCallbackReturn:
         try:
             self._configure()
@@ -151,13 +136,11 @@ class CompletionNode(LifecycleNode):
         return SUCCESS
 
     def _drop_subscriptions(self) -> None:
-        for sub in self._subs:
-            self.destroy_subscription(sub)
-        self._subs = []
+        subs, self._subs = self._subs, []
+        [self.destroy_subscription(sub) for sub in subs]
 
     def _stop(self) -> None:
-        """Unsubscribe and stop the worker (the batch in flight is finished and published);
-        scans still waiting count as dropped."""
+        """Unsubscribe, finish and publish the batch in flight; waiting scans count as dropped."""
         self._active = False
         self._drop_subscriptions()
         for scan in self._mailbox.close():
@@ -172,16 +155,10 @@ class CompletionNode(LifecycleNode):
         self._pubs, self._debug = [], {}
         if self._diag_timer is not None:
             self.destroy_timer(self._diag_timer)
-        device = getattr(self._completer, "device", None)
-        self._completer = self._model = self._diag_timer = self._tf = None
-        if device is not None and device.type == "cuda":
-            import torch
+        completer, self._completer, self._model, self._diag_timer, self._tf = self._completer, None, None, None, None
+        free_device(completer)
 
-            torch.cuda.empty_cache()
-
-    # ------------------------------------------------------------------ parameters at run time
-    def _on_set_parameters(self, params: list) -> SetParametersResult:
-        """Validate changes by building the core config; apply them to the next scan if it builds."""
+    def _on_set_parameters(self, params: list) -> SetParametersResult:  # applied to the next scan if valid
         try:
             values, completer, touched = apply_changes(self._values, {p.name: p.value for p in params},
                                                        self._model, self._completer)
@@ -191,30 +168,22 @@ class CompletionNode(LifecycleNode):
         if "sampling.seed" in touched:
             self._rng = np.random.default_rng(None if values["sampling.seed"] < 0 else values["sampling.seed"])
         if completer is not None and touched & set(COMPLETION_KEYS):
-            self.get_logger().info(
-                f"parameters changed: steps={completer.steps} guidance={completer.guidance:g} "
-                f"n_part={completer.n_part} refine={completer.config.refine} "
-                f"range={completer.config.data.min_range:g}-{completer.max_range:g} m")
+            self.get_logger().info(f"parameters changed: {describe(completer)}")
             log_range(completer, self.get_logger().warning)
         return SetParametersResult(successful=True)
 
-    # ------------------------------------------------------------------ logging helpers
     def _throttled(self, key: str, message: str, level: str = "warning") -> None:
         if self.context.ok():  # shutting down: rosout is gone, and so is the reader
             text = self._throttle.message(key, message, time.monotonic(), self._values["log_throttle_s"])
-            if text is not None:
-                getattr(self.get_logger(), level)(text)
+            if text is not None and level == "info":  # one call site per severity: rclpy insists
+                self.get_logger().info(text)
+            elif text is not None:
+                self.get_logger().warning(text)
 
     def _reject(self, index: int, reason: str, detail: str, header: Any = None) -> None:
-        self._health.add(index, "rejected")
-        self._health.add(index, f"rejected.{reason}")
+        self._health.add(index, "rejected", reason=reason)
         where = f" (stamp {stamp_ns(header) / 1e9:.3f}, frame '{header.frame_id}')" if header is not None else ""
         self._throttled(f"reject.{reason}", f"rejected scan{where}: {REJECT_REASONS[reason]}: {detail}")
-
-    # ------------------------------------------------------------------ subscription callback
-    def _pose(self, index: int, frame_id: str) -> SensorPose:
-        pose = self._poses[index]
-        return self._tf.pose(pose, frame_id) if self._tf is not None and pose.accepts(frame_id) else pose
 
     def _on_cloud(self, index: int, msg: PointCloud2) -> None:
         t_enter, v = time.perf_counter(), self._values
@@ -225,21 +194,18 @@ class CompletionNode(LifecycleNode):
                 self._throttled("skipped", f"no subscriber on {self._pubs[index].topic_name}: skipping inference",
                                 "info")
                 return
-            scan = read_scan(msg, index, self._pose(index, msg.header.frame_id), t_enter, rng=self._rng,
+            pose = self._tf.pose(self._poses[index], msg.header.frame_id) if self._tf else self._poses[index]
+            scan = read_scan(msg, index, pose, t_enter, rng=self._rng,
                              min_points=v["min_input_points"], max_points=v["max_input_points"],
                              keep_intensity=v["output.include_input"])
         except Rejected as err:
             return self._reject(index, err.reason, err.detail, msg.header)
         except Exception as err:  # never let one message take the node down
             return self._reject(index, "error", f"{type(err).__name__}: {err}", getattr(msg, "header", None))
-        if scan.nonfinite:
-            self._health.add(index, "repaired.nonfinite")
-            self._health.add(index, "nonfinite_points", scan.nonfinite)
-            self._throttled("nonfinite", f"dropped {scan.nonfinite} NaN/inf points of {scan.input_points}", "info")
-        if scan.subsampled_from:
-            self._health.add(index, "repaired.subsampled")
-            self._throttled("subsampled", f"subsampled {scan.subsampled_from} points to max_input_points="
-                            f"{v['max_input_points']}", "info")
+        for key, n, text in scan.repairs(v["max_input_points"]):
+            self._health.add(index, f"repaired.{key}")
+            self._health.add(index, "nonfinite_points", n)
+            self._throttled(key, text, "info")
         self._health.accepted(index, time.monotonic())
         stale = self._mailbox.put(scan)
         if stale is not None:
@@ -247,7 +213,6 @@ class CompletionNode(LifecycleNode):
             self._throttled("dropped", f"dropped stale scan (stamp {stamp_ns(stale.header) / 1e9:.3f}) on "
                             f"{self._subs[index].topic_name}: the model is slower than the input rate")
 
-    # ------------------------------------------------------------------ worker
     def _work(self) -> None:
         while (batch := self._mailbox.take(self._values["batch.gather_ms"] / 1000)) is not None:
             self._health.busy_since = time.monotonic()
@@ -276,8 +241,7 @@ class CompletionNode(LifecycleNode):
         for scan, result in zip(batch, results, strict=True):
             if result is None:
                 continue
-            tm = scan.timings
-            tm.wait_ms, tm.model_ms, tm.batch_size = 1000 * (t_model - scan.t_enter) - tm.convert_ms, model_ms, len(batch)
+            tm = scan.model_done(result, t_model, model_ms, len(batch))
             t_build = time.perf_counter()
             xyz, extra = output_arrays(result.points, scan, v["output.include_input"])
             out = build_cloud(xyz, scan.header, PointCloud2, PointField, extra=extra)
@@ -288,10 +252,7 @@ class CompletionNode(LifecycleNode):
             tm.latency_ms = (self.get_clock().now().nanoseconds - stamp_ns(scan.header)) / 1e6
             previous, self._last_publish[scan.index] = self._last_publish.get(scan.index), t_end
             tm.cyclic_ms = 1000 * (t_end - previous) if previous is not None else 0.0
-            tm.model_stages = result.timings_ms
-            tm.counts = {"input_points": scan.input_points, "nonfinite_points": scan.nonfinite,
-                         "used_points": result.used_points, "output_points": len(xyz), "steps": result.steps,
-                         "nfe": result.nfe, "batch_size": len(batch)}
+            tm.counts["output_points"] = len(xyz)
             self._health.completed(scan.index, tm, time.monotonic())
             try:  # the scan is answered: trouble with the debug topics must not count against it
                 self._publish_debug(scan, tm)
@@ -302,81 +263,37 @@ class CompletionNode(LifecycleNode):
     def _publish_debug(self, scan: Any, tm: Any) -> None:
         for name, value in tm.scalars().items():
             self._debug[name].publish(Float64(data=value))
-        values = [KeyValue(key=k, value=f"{x:.3f}") for k, x in tm.stages().items()]
-        values += [KeyValue(key=k, value=str(n)) for k, n in tm.counts.items()]
-        values.append(KeyValue(key="input_index", value=str(scan.index)))  # of input_topics
-        status = DiagnosticStatus(level=DiagnosticStatus.OK, name=f"{self.get_name()}: scan timings",
-                                  message=f"{tm.processing_ms:.1f} ms", hardware_id=self.get_fully_qualified_name(),
-                                  values=values)
+        values = {**{k: f"{x:.3f}" for k, x in tm.stages().items()}, **tm.counts, "input_index": scan.index}
+        status = self._status("scan timings", 0, f"{tm.processing_ms:.1f} ms", values)
         self._debug["timings"].publish(DiagnosticArray(header=scan.header, status=[status]))
         if self._health.counters()["completed"] == 1:
             self.get_logger().info(f"first completed scan published: {scan.input_points} -> "
                                    f"{tm.counts['output_points']} points in {tm.processing_ms:.0f} ms")
 
-    # ------------------------------------------------------------------ diagnostics
     def _publish_diagnostics(self) -> None:
         c, v = self._completer, self._values
         model = model_values(c, v["device"], self._checkpoint, self._refine_checkpoint, self._poses)
-        warning = "device auto found no GPU: running on CPU" if v["device"] == "auto" and c.device.type == "cpu" else ""
-        outputs = {f"{p.topic_name}.subscribers": str(p.get_subscription_count()) for p in self._pubs}
-        outputs["output_subscribers"] = str(sum(p.get_subscription_count() for p in self._pubs))
+        outputs = {f"{p.topic_name}.subscribers": p.get_subscription_count() for p in self._pubs}
+        outputs["output_subscribers"] = sum(outputs.values())
         alive = self._worker is not None and self._worker.is_alive()
-        tasks = self._health.evaluate(time.monotonic(), v, self._active, alive, outputs, model, warning)
-        array = DiagnosticArray(status=[
-            DiagnosticStatus(level=bytes([t.level]), name=f"{self.get_name()}: {t.task}", message=t.message,
-                             hardware_id=self.get_fully_qualified_name(),
-                             values=[KeyValue(key=k, value=x) for k, x in t.values.items()]) for t in tasks])
+        tasks = self._health.evaluate(time.monotonic(), v, self._active, alive, outputs, model)
+        array = DiagnosticArray(status=[self._status(t.task, t.level, t.message, t.values) for t in tasks])
         array.header.stamp = self.get_clock().now().to_msg()
         self._diag_pub.publish(array)
 
+    def _status(self, task: str, level: int, message: str, values: dict) -> DiagnosticStatus:
+        return DiagnosticStatus(level=bytes([level]), name=f"{self.get_name()}: {task}", message=message,
+                                hardware_id=self.get_fully_qualified_name(),
+                                values=[KeyValue(key=k, value=str(x)) for k, x in values.items()])
+
     def close(self) -> dict[str, int]:
-        """Stop (finishing the batch in flight); the final counters, where
-        ``received == completed + dropped + skipped + rejected``."""
+        """Stop; the final counters (``received == completed + dropped + skipped + rejected``)."""
         self._stop()
         return self._health.counters()
 
 
-def summary_line(counts: dict[str, int]) -> str:
-    """``summary: received=5 completed=5 ...`` (tests and the demo parse it)."""
-    return "summary: " + " ".join(f"{k}={n}" for k, n in counts.items())
-
-
-def main(args: list[str] | None = None) -> int:
-    """Run the node until SIGINT/SIGTERM: 0; 2 when it cannot start; 3 after repeated failures."""
-    rclpy.init(args=args)
-    logger = rclpy.logging.get_logger(NODE_NAME)
-    executor = SingleThreadedExecutor()  # before the slow start-up, while the context is surely valid
-    node: CompletionNode | None = None
-    status = 0
-    try:
-        node = CompletionNode()
-        executor.add_node(node)
-        if node.autostart:
-            for transition in (node.trigger_configure, node.trigger_activate):
-                if transition() != SUCCESS:
-                    raise StartupError(node.configure_error or f"{transition.__name__} failed")
-        while not node.fatal:
-            executor.spin_once(timeout_sec=0.2)
-        logger.fatal(node.fatal)
-        status = EXIT_FAILURES
-    except StartupError as err:
-        logger.fatal(f"cannot start: {err}")
-        status = EXIT_STARTUP
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    except Exception:
-        if rclpy.ok():
-            raise
-        # A signal shut the context down mid-start-up or between start-up and spin: a clean stop.
-    finally:
-        if node is not None:
-            print(f"[{NODE_NAME}] {summary_line(node.close())}", file=sys.stderr, flush=True)
-            try:
-                node.destroy_node()
-            except Exception:  # the context may already be shut down by the signal handler
-                pass
-        rclpy.try_shutdown()
-    return status
+def main(args: list[str] | None = None) -> int:  # exit status: see runtime.run_managed_node
+    return run_managed_node(CompletionNode, NODE_NAME, args)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from .parameters import (COMPLETION_KEYS, StartupError, check_values, completion
                          sensor_poses_of)
 from .timings import ScanTimings
 
-__all__ = ["Mailbox", "Rejected", "Scan", "Setup", "apply_changes", "log_range", "set_up", "complete_scans", "load_model", "make_completer",
+__all__ = ["Mailbox", "Rejected", "Scan", "Setup", "apply_changes", "describe", "free_device", "log_range", "set_up", "complete_scans", "load_model", "make_completer",
            "output_arrays", "read_scan", "synthetic_scan", "warm_up"]
 
 
@@ -52,6 +52,25 @@ class Scan:
     nonfinite: int = 0
     subsampled_from: int = 0
     timings: ScanTimings = field(default_factory=ScanTimings)
+
+    def repairs(self, max_points: int) -> list[tuple[str, int, str]]:
+        """``(counter, NaN/inf points, log line)`` for each repair made to this scan."""
+        out = []
+        if self.nonfinite:
+            out.append(("nonfinite", self.nonfinite, f"dropped {self.nonfinite} NaN/inf points of {self.input_points}"))
+        if self.subsampled_from:
+            out.append(("subsampled", 0, f"subsampled {self.subsampled_from} points to max_input_points={max_points}"))
+        return out
+
+    def model_done(self, result: Any, t_model: float, model_ms: float, batch_size: int) -> ScanTimings:
+        """Record the batch's model stage (started at ``t_model``) and the result's counts."""
+        tm = self.timings
+        tm.wait_ms = 1000 * (t_model - self.t_enter) - tm.convert_ms  # in the slot, not a cost of the node
+        tm.model_ms, tm.batch_size, tm.model_stages = model_ms, batch_size, dict(result.timings_ms)
+        tm.counts = {"input_points": self.input_points, "nonfinite_points": self.nonfinite,
+                     "used_points": result.used_points, "output_points": len(result.points), "steps": result.steps,
+                     "nfe": result.nfe, "batch_size": batch_size}
+        return tm
 
 
 def _intensity(msg: Any, n: int) -> np.ndarray:
@@ -296,3 +315,16 @@ def log_range(completer: Any, warning: Any) -> None:
         warning(f"effective range {data.min_range:g}-{completer.max_range:g} m: data.max_range={data.max_range:g} "
                 f"is capped at the radius the model was trained on ({completer.max_range:g} m); "
                 f"see max_range_effective in /diagnostics")
+
+
+def describe(completer: Any) -> str:
+    return (f"steps={completer.steps} guidance={completer.guidance:g} n_part={completer.n_part} "
+            f"refine={completer.config.refine} range={completer.config.data.min_range:g}-{completer.max_range:g} m")
+
+
+def free_device(completer: Any) -> None:
+    """Give the GPU memory of a released completer back (cleanup)."""
+    if completer is not None and completer.device.type == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()

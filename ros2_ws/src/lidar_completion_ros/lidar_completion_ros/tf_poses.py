@@ -29,8 +29,12 @@ class TfPoses:
         self.listener = tf2_ros.TransformListener(self.buffer, node)
 
     def pose(self, configured: SensorPose, frame_id: str) -> SensorPose:
-        """``configured`` with its translation and rotation from tf; ``Rejected`` when none."""
+        """``configured`` with its translation and rotation from tf (unchanged for a cloud in a
+        frame it does not accept: that is rejected later); ``Rejected`` when tf has none."""
         import rclpy.time
+
+        if not configured.accepts(frame_id):
+            return configured
 
         try:
             t = self.buffer.lookup_transform(frame_id, self.sensor_frame, rclpy.time.Time())
