@@ -178,6 +178,7 @@ class DistillationModule(_Base):
                 **(
                     teacher.config.__dict__
                     | {"kind": "student", "default_steps": d.student_steps, "default_guidance": 1.0, "description": config.model.description}
+                    | ({"t0": d.t0} if d.t0 is not None else {})
                 )
             )
         )

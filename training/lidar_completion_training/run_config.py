@@ -117,9 +117,11 @@ class DistillSection:
     student_steps: int = 1
     aux_lr: float | None = None
     max_timestep: int | None = None  # score-distillation timesteps in [0, max_timestep]; null: the teacher's t0, else all
+    t0: int | None = None  # the student's start timestep; null: the teacher's
 
     def __post_init__(self) -> None:
         _check(self.max_timestep is None or 1 <= self.max_timestep <= 999, "distill.max_timestep", "must be in [1, 999] or null")
+        _check(self.t0 is None or 1 <= self.t0 <= 999, "distill.t0", "must be in [1, 999] or null")
         _check(self.mode in ("dpo", "sd"), "distill.mode", f"must be dpo or sd, got {self.mode!r}")
         _check(self.noise_scale_loser > 0 and self.noise_scale_loser != 1.0, "distill.noise_scale_loser", "must be > 0 and != 1")
         _check(self.loser_weight >= 0, "distill.loser_weight", "must be >= 0")
