@@ -220,3 +220,31 @@ def test_timings_add_up() -> None:
     tm = ScanTimings(convert_ms=1, wait_ms=2, model_ms=30, build_ms=0.5, publish_ms=0.25)
     assert tm.processing_ms == 33.75 and tm.overhead_ms == 1.75
     assert {"pipeline_latency_ms", "cyclic_time_ms", "processing_time_ms"} <= set(tm.scalars())
+
+
+def test_a_batch_with_an_unusable_scan_still_completes_the_others(tmp_path) -> None:
+    """complete_scans on a real (tiny, random) model: one ``complete_batch`` call; a scan with
+    no point in the range band is reported and gets None, the other is still completed."""
+    import torch
+
+    from lidar_completion.checkpoints import CompletionModel, ModelConfig
+    from lidar_completion_ros.parameters import completion_config
+    from lidar_completion_ros.pipeline import Scan, complete_scans, make_completer
+
+    torch.manual_seed(0)
+    model = CompletionModel(ModelConfig(channel_ratio=0.25))
+    config = completion_config({**defaults(), "device": "cpu", "sampling.steps": 1, "sampling.guidance": 1.0,
+                                "data.n_part": 128, "data.repeat": 2})
+    completer = make_completer(model, config)
+    rng = np.random.default_rng(2)
+    good = rng.uniform(-20, 20, (600, 3)).astype(np.float32)
+    direction = rng.normal(size=(600, 3))
+    far = (direction / np.linalg.norm(direction, axis=1, keepdims=True) * rng.uniform(100, 200, (600, 1)))
+    far = far.astype(np.float32)  # every point beyond max_range (50 m)
+    batch = [Scan(i, i, xyz, frames.SensorPose(), 0.0, len(xyz)) for i, xyz in enumerate((good, far))]
+    reported = []
+    results = complete_scans(completer, batch, lambda scan, why: reported.append((scan.index, why)))
+    assert results[1] is None and [i for i, _ in reported] == [1] and "no finite point" in reported[0][1]
+    assert results[0] is not None and len(results[0].points) > 0
+    both = complete_scans(completer, [batch[0], Scan(1, 1, good, frames.SensorPose(), 0.0, 600)], None)
+    assert len(both) == 2 and all(len(r.points) > 0 for r in both)  # one batch of two
