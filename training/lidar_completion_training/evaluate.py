@@ -285,6 +285,10 @@ def report(argv: Sequence[str]) -> int:
     for n in curve:
         settings.append(Setting(f"teacher, {n} steps, VE sampler (t0 {args.teacher_t0 or teacher.t0}), guidance {guidance:g}",
                                 args.teacher, n, guidance, sampler="ve", t0=args.teacher_t0))
+    if student.config.sampler == "ve" and student.config.t0 != (args.teacher_t0 or teacher.t0):
+        # The teacher from the student's own start: the distillation's gain at equal steps.
+        settings.append(Setting(f"teacher, {k} steps, VE sampler (t0 {student.config.t0}, the student's), guidance {guidance:g}",
+                                args.teacher, k, guidance, sampler="ve", t0=student.config.t0))
     for n in sorted({k, args.teacher_steps}):
         settings.append(Setting(f"teacher, {n} steps, published DPM-Solver++ (t0 999), guidance {guidance:g}",
                                 args.teacher, n, guidance, sampler="dpmsolver++", t0=999))
