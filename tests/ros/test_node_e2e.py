@@ -114,9 +114,8 @@ def test_replay_through_node_into_recorder(domain_id: int, model, synthetic_root
             cd_in, cd_out = chamfer_distance(given, full), chamfer_distance(cloud.xyz, full)
             if cd_out >= cd_in:
                 worse.append(f"scan {index}: completion CD {cd_out:.3f} >= input CD {cd_in:.3f}")
-        if worse:
-            # Known and reported in the model card: the shipped lite student (minutes of CPU
-            # training) is not yet closer to the ground truth than its input. Everything above
-            # passed; this stays visible as XFAIL until a better student ships.
-            pytest.xfail("shipped student not better than its input on CD: " + "; ".join(worse))
+        # The shipped student must bring every scan closer to the ground truth than the
+        # points it was given (the held-out, >= 20-scan comparison at the completion's own
+        # budget is the model card's table).
+        assert not worse, "shipped student not better than its input on CD: " + "; ".join(worse)
     # Without the shipped student (random tiny model) only the structure above is checked.

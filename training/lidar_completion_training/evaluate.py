@@ -89,7 +89,7 @@ def evaluate_setting(
             pred, nfe, seconds = result.points, result.nfe, result.timings_ms["total"] / 1000
         if keep is not None:
             keep[index] = pred
-        rows.append(evaluate_completion(pred, full, with_emd=with_emd) | {"nfe": nfe, "time_s": seconds, "points": len(pred)})
+        rows.append(evaluate_completion(pred, full, with_emd=with_emd) | {"nfe": nfe, "time_s": seconds, "points": len(pred), "steps": setting.steps or 0})
     return rows
 
 
@@ -269,6 +269,9 @@ def report(argv: Sequence[str]) -> int:
     parser.add_argument("--emd", action="store_true", help="also compute EMD (exact optimal transport; slow)")
     parser.add_argument("--runs", nargs="*", default=[], help="training run dirs for the curves plot")
     parser.add_argument("--examples", type=int, default=1, help="scans drawn in completions.png")
+    parser.add_argument("--rows", nargs="+", choices=("inputs", "teacher", "students"), default=["inputs", "teacher", "students"],
+                        help="which groups of rows to compute (e.g. the teacher's while the students still train)")
+    parser.add_argument("--merge", type=Path, nargs="*", default=[], help="earlier report dirs whose rows join this table")
     args = parser.parse_args(argv)
     from lidar_completion.checkpoints import load_model
 
@@ -278,24 +281,27 @@ def report(argv: Sequence[str]) -> int:
     budget = n_input * 10 if n_input else None
     guidance = teacher.default_guidance if args.teacher_guidance is None else args.teacher_guidance
     settings = [Setting("input scan (all points in range)")]
-    if n_input:
+    if n_input and "inputs" in args.rows:
         settings += [Setting(f"input scan, FPS to {budget:,} points (the completion's budget)", input_points=budget),
                      Setting(f"input scan, FPS to {n_input:,} points (what the model sees)", input_points=n_input)]
-    curve = sorted({*args.curve_steps, k, args.teacher_steps})
+    if "inputs" not in args.rows:
+        settings = []
+    curve = sorted({*args.curve_steps, k, args.teacher_steps}) if "teacher" in args.rows else []
     for n in curve:
         settings.append(Setting(f"teacher, {n} steps, VE sampler (t0 {args.teacher_t0 or teacher.t0}), guidance {guidance:g}",
                                 args.teacher, n, guidance, sampler="ve", t0=args.teacher_t0))
-    if student.config.sampler == "ve" and student.config.t0 != (args.teacher_t0 or teacher.t0):
+    if "teacher" in args.rows and student.config.sampler == "ve" and student.config.t0 != (args.teacher_t0 or teacher.t0):
         # The teacher from the student's own start: the distillation's gain at equal steps.
         settings.append(Setting(f"teacher, {k} steps, VE sampler (t0 {student.config.t0}, the student's), guidance {guidance:g}",
                                 args.teacher, k, guidance, sampler="ve", t0=student.config.t0))
-    for n in sorted({k, args.teacher_steps}):
+    for n in sorted({k, args.teacher_steps}) if "teacher" in args.rows else []:
         settings.append(Setting(f"teacher, {n} steps, published DPM-Solver++ (t0 999), guidance {guidance:g}",
                                 args.teacher, n, guidance, sampler="dpmsolver++", t0=999))
-    if args.sd_student:
+    if args.sd_student and "students" in args.rows:
         settings.append(Setting(f"plain distillation student, {k} step(s)", args.sd_student, k, 1.0))
-    settings.append(Setting(f"Distillation-DPO student, {k} step(s)", args.student, k, 1.0))
-    if student.refiner is not None:
+    if "students" in args.rows:
+        settings.append(Setting(f"Distillation-DPO student, {k} step(s)", args.student, k, 1.0))
+    if student.refiner is not None and "students" in args.rows:
         settings.append(Setting(f"Distillation-DPO student, {k} step(s) + refinement", args.student, k, 1.0, True))
     max_range = args.max_range or student.config.max_range
     dataset, indices = _scans(args.root, args.sequences, args.max_scans, args.stride, max_range)
@@ -313,9 +319,12 @@ def report(argv: Sequence[str]) -> int:
         print(f"{setting.name}: CD {s['cd']:.3f} ± {s['cd_se']:.3f} m, JSD-BEV {s['jsd_bev']:.3f}, {s['time_s']:.2f} s/frame", flush=True)
     for index in shown:
         drawn[f"ground truth (scan {index})"] = dataset.pair(index)[1]
+    for earlier in args.merge:  # rows computed by an earlier run on the same scans
+        loaded = json.loads((earlier / "summary.json").read_text())
+        summary, per_scan = loaded["summary"] | summary, loaded["per_scan"] | per_scan
     table = write_outputs(args.out, summary, per_scan)
     _render_examples(drawn, args.out / "completions.png")
-    _plot_cd_vs_steps(settings, summary, args.out / "cd_vs_steps.png")
+    _plot_cd_vs_steps(summary, args.out / "cd_vs_steps.png")
     curves = plot_training_curves(args.runs, args.out / "training_curves.png")
     print(table)
     print(f"lidar-evaluate: {len(indices)} scans of {', '.join(args.sequences)}; outputs in {args.out}"
@@ -323,24 +332,25 @@ def report(argv: Sequence[str]) -> int:
     return 0
 
 
-def _plot_cd_vs_steps(settings: Sequence[Setting], summary: dict[str, dict[str, float]], path: Path) -> None:
-    """Sampled CD (± standard error) against sampler steps: teacher curves per sampler,
-    students as points, the input FPS'd to the completion's budget as the line to beat."""
+def _plot_cd_vs_steps(summary: dict[str, dict[str, float]], path: Path) -> None:
+    """Sampled CD (± standard error) against sampler steps: one line per model and sampler,
+    the input FPS'd to the completion's budget as the line to beat."""
+    import re
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
-    lines: dict[str, list[tuple[int, float, float]]] = {}
-    for setting in settings:
-        s = summary[setting.name]
-        if setting.checkpoint is None:
-            if setting.input_points and "budget" in setting.name:
-                ax.axhline(s["cd"], color="gray", linestyle="--", label=setting.name)
+    lines: dict[str, list[tuple[float, float, float]]] = {}
+    for name, s in summary.items():
+        if s.get("steps", 0) == 0:
+            if "budget" in name:
+                ax.axhline(s["cd"], color="gray", linestyle="--", label=name)
             continue
-        label = setting.name.split(",")[0] + (f", {setting.sampler}" if setting.sampler else "") + (" + refinement" if setting.refine else "")
-        lines.setdefault(label, []).append((setting.steps, s["cd"], s["cd_se"]))
+        label = re.sub(r", \d+ steps?(\(s\))?", "", name)
+        lines.setdefault(label, []).append((s["steps"], s["cd"], s["cd_se"]))
     for label, points in lines.items():
         steps, cd, se = zip(*sorted(points))
         ax.errorbar(steps, cd, yerr=se, marker="o", capsize=3, label=label)
