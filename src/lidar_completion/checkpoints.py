@@ -131,7 +131,7 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown model config keys: {', '.join(unknown)}")
+            raise ValueError(f"unknown model config keys: {', '.join(map(repr, unknown))}")  # repr: a key may hold any character
         return cls(**values)
 
 
