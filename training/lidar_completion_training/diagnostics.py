@@ -18,7 +18,9 @@ import torch
 
 from lidar_completion.checkpoints import CompletionModel
 from lidar_completion.completer import encode_scans, predict_noise
-from lidar_completion.diffusion import NoiseSchedule, make_sampler, sample
+
+from .metrics import chamfer_distance
+from .objectives import generate, sample_bound
 
 __all__ = ["timestep_buckets", "noise_mse_by_bucket", "sampled_chamfer"]
 
@@ -41,7 +43,7 @@ def noise_mse_by_bucket(
     Timestep and noise of pair ``i`` in bucket ``b`` are a pure function of ``(seed, i, b)``,
     so successive calls during training measure the same thing.
     """
-    schedule = NoiseSchedule.of(model.config)
+    schedule = model.schedule
     was_training = model.training
     model.eval()
     sums = {f"mse_t{lo:03d}-{hi:03d}": 0.0 for lo, hi in buckets}
@@ -62,29 +64,18 @@ def sampled_chamfer(
     model: CompletionModel,
     pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
     steps: int,
-    sampler: str | None = None,
-    t0: int | None = None,
     repeat: int = 10,
     seed: int = 0,
 ) -> float:
-    """Mean Chamfer distance (m) of ``steps``-step samples to the ground truth of ``pairs``."""
-    from .metrics import chamfer_distance
-
-    mc = model.config
+    """Mean Chamfer distance (m) of ``steps``-step samples (the model's own sampler and t0,
+    the loop distillation trains through) to the ground truth of ``pairs``."""
     was_training = model.training
     model.eval()
     total = 0.0
     for partial, full in pairs:
-        scan = encode_scans(model, partial)
-        x_init = partial.repeat(1, repeat, 1)
         g = torch.Generator(partial.device).manual_seed(seed)
-        noise = torch.randn(x_init.shape, generator=g, device=partial.device)
-        kind = sampler or mc.sampler
-        bound = 4.0 * float(partial.abs().max().clamp_min(1.0))  # a diverging model stays voxelisable
-        points = sample(
-            lambda x, t: predict_noise(model, x, [scan], t)[0],
-            make_sampler(mc, kind, steps, mc.t0 if t0 is None else t0), x_init, noise, g, bound,
-        )
+        noise = torch.randn(partial.shape[0], partial.shape[1] * repeat, 3, generator=g, device=partial.device)
+        points = generate(model, model.denoiser, partial, encode_scans(model, partial), noise, 1.0, steps, repeat, g, sample_bound(partial))
         total += chamfer_distance(points[0].cpu().numpy(), full[0].cpu().numpy()) / len(pairs)
     model.train(was_training)
     return total

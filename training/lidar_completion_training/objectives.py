@@ -129,6 +129,11 @@ def generate(
     return sample(lambda x_t, t: _predict(model, generator_net, x_t, scan, t), sampler, x_init, noise_scale * noise, generator, bound)
 
 
+def sample_bound(partial: torch.Tensor) -> float:
+    """Box (m) that keeps a diverging model's samples voxelisable: 4x the scan's extent."""
+    return 4.0 * float(partial.detach().abs().max().clamp_min(1.0))
+
+
 def chamfer_preference(samples: list[torch.Tensor], full: torch.Tensor) -> torch.Tensor:
     """Chamfer distance of each sample [B, N, 3] to its ground truth: [len(samples), B].
 
@@ -211,7 +216,7 @@ def distillation_iteration(
     scales = [1.0, noise_scale_loser] if preference else [1.0]
     # Bounded box for the student's samples (zero gradient outside): a diverging student
     # must not crash voxelisation with kilometre-scale coordinates.
-    box = 4.0 * float(partial.detach().abs().max().clamp_min(1.0))
+    box = sample_bound(partial)
     samples = [
         generate(model, student, partial, scan, noise, s, student_steps, repeat, generator).clamp(-box, box)
         for s in scales
