@@ -99,6 +99,29 @@ def test_plain_score_distillation_uses_one_sample_and_one_aux(pairs):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.denoiser.parameters())
 
 
+def test_aux_steps_update_the_auxiliaries_several_times_per_student_step(pairs):
+    torch.manual_seed(0)
+    model = CompletionModel(ModelConfig(channel_ratio=0.25)).eval()
+    aux = [copy.deepcopy(model.denoiser) for _ in range(2)]
+    optimizer = torch.optim.SGD([p for net in aux for p in net.parameters()], lr=1e-2)
+    partial, full = pairs
+    steps, aux_losses = [], []
+
+    def step_aux(loss):
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        steps.append("aux")
+        aux_losses.append(float(loss))
+
+    distillation_iteration(
+        model, NoiseSchedule(), model.denoiser, copy.deepcopy(model.denoiser), aux, partial, full, seeded_generator(0, 0),
+        step_aux, lambda loss: (loss.backward(), steps.append("student")), aux_steps=3,
+    )
+    assert steps == ["aux", "aux", "aux", "student"]
+    assert len(set(aux_losses)) == 3, "each auxiliary step draws its own timestep and noise"
+
+
 def test_short_teacher_run_lowers_the_loss(tiny_dataset, tmp_path):
     import csv
 
@@ -177,6 +200,7 @@ def test_distillation_run_exports_a_student_with_the_teachers_encoder(tiny_datas
         ({"trainer": {"lr": -1}}, "trainer.lr"),
         ({"data": {"n_full": 1000, "n_part": 96}}, "data.n_full"),
         ({"distill": {"mode": "magic"}}, "distill.mode"),
+        ({"distill": {"aux_steps": 0}}, "distill.aux_steps"),
         ({"kind": "distill"}, "distill.teacher"),
         ({"trainer": {"bogus": 1}}, "trainer.bogus"),
         ({"trainer": {"backend": "spconv"}}, "trainer.backend"),

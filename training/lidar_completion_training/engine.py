@@ -223,6 +223,7 @@ class DistillationModule(_Base):
             noise_scale_loser=d.noise_scale_loser,
             loser_weight=d.loser_weight,
             student_steps=d.student_steps,
+            aux_steps=d.aux_steps,
             repeat=self.config.data.n_full // self.config.data.n_part,
             max_timestep=d.max_timestep or self.model.config.t0,
         )

@@ -194,6 +194,7 @@ def distillation_iteration(
     noise_scale_loser: float = 1.1,
     loser_weight: float = 1.0,
     student_steps: int = 1,
+    aux_steps: int = 1,
     repeat: int | None = None,
     max_timestep: int | None = None,
     preference_metric: Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor] = chamfer_preference,
@@ -202,8 +203,10 @@ def distillation_iteration(
     False: one sample, ``aux_nets[0]`` only).
 
     (a) the student completes the scan from ``x_init + eps`` and ``x_init + lambda eps``;
-    (b) the metric names winner and loser; (c) each auxiliary net takes a diffusion-loss
-    step (``step_aux(loss)``) on its own noised, detached sample; (d) the student takes a
+    (b) the metric names winner and loser; (c) each auxiliary net takes ``aux_steps``
+    diffusion-loss steps (``step_aux(loss)``, fresh timestep and noise each) on its own
+    detached sample, so it tracks the moving student more closely than the student moves
+    (the two time-scale update of DMD2); (d) the student takes a
     step (``step_student(loss)``) on the score-distillation surrogate of the winner minus
     ``loser_weight`` x that of the loser, scored with the *updated* auxiliaries (as
     published: at initialisation teacher and auxiliaries are equal, so scoring before
@@ -235,11 +238,12 @@ def distillation_iteration(
         ranked = samples
         logs["cd_sample"] = float(preference_metric(samples, full)[0].mean())
 
-    aux_loss = partial.new_zeros(())
-    for aux, ranked_sample in zip(aux_nets, ranked):
-        t, eps, x_t = _noise_step(schedule, ranked_sample.detach(), generator, max_timestep)
-        aux_loss = aux_loss + denoising_loss(model, _predict(model, aux, x_t, scan, t), eps, t)
-    step_aux(aux_loss)
+    for _ in range(aux_steps):
+        aux_loss = partial.new_zeros(())
+        for aux, ranked_sample in zip(aux_nets, ranked):
+            t, eps, x_t = _noise_step(schedule, ranked_sample.detach(), generator, max_timestep)
+            aux_loss = aux_loss + denoising_loss(model, _predict(model, aux, x_t, scan, t), eps, t)
+        step_aux(aux_loss)
 
     # Same t and noise for winner and loser, as published.
     high = schedule.num_train_timesteps if max_timestep is None else max_timestep + 1

@@ -116,6 +116,7 @@ class DistillSection:
     loser_weight: float = 1.0
     student_steps: int = 1
     aux_lr: float | None = None
+    aux_steps: int = 1  # auxiliary diffusion-loss steps per student step (two time-scale, as DMD2)
     max_timestep: int | None = None  # score-distillation timesteps in [0, max_timestep]; null: the teacher's t0, else all
     t0: int | None = None  # the student's start timestep; null: the teacher's
 
@@ -126,6 +127,7 @@ class DistillSection:
         _check(self.noise_scale_loser > 0 and self.noise_scale_loser != 1.0, "distill.noise_scale_loser", "must be > 0 and != 1")
         _check(self.loser_weight >= 0, "distill.loser_weight", "must be >= 0")
         _check(1 <= self.student_steps <= 8, "distill.student_steps", "must be in [1, 8]")
+        _check(1 <= self.aux_steps <= 20, "distill.aux_steps", f"must be in [1, 20], got {self.aux_steps}")
 
 
 @dataclass(frozen=True)
