@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from lidar_completion.checkpoints import CompletionModel, ModelConfig, save_model
@@ -60,3 +61,73 @@ def test_report_has_every_row_with_standard_errors_and_the_steps_curve(tiny_data
     budget = next(v for k, v in summary.items() if "budget" in k)
     assert budget["points"] == 320 and budget["cd_se"] > 0
     assert (out / "cd_vs_steps.png").stat().st_size > 0 and (out / "completions.png").stat().st_size > 0
+
+
+def _bags(tiny_dataset, tmp_path):
+    """The bag of sequence 01 and a 'completed' bag: scan 0 completed by its ground truth,
+    scan 2 by its own static points, and a cloud at a stamp that is no scan."""
+    from lidar_completion.bags import kitti_sequence_to_bag, read_clouds, write_clouds
+    from lidar_completion_training.dataset import CompletionDataset, PairConfig
+
+    in_bag = tmp_path / "in_bag"
+    kitti_sequence_to_bag(tiny_dataset / "sequences" / "01", in_bag)
+    stamps = [c.stamp_ns for c in read_clouds(in_bag)]
+    dataset = CompletionDataset(tiny_dataset, ["01"], PairConfig())
+    completed = tmp_path / "completed_bag"
+    write_clouds(completed, [(stamps[0], "velodyne", dataset.pair(0)[1]), (stamps[2], "velodyne", dataset.pair(2)[0]),
+                             (stamps[-1] + 7, "velodyne", dataset.pair(1)[1])], topic="points_completed")
+    return in_bag, completed, stamps
+
+
+def test_evaluate_completed_bag_scores_each_frame_against_the_input(tiny_dataset, tmp_path, capsys):
+    in_bag, completed, stamps = _bags(tiny_dataset, tmp_path)
+    out = tmp_path / "eval"
+    code = main(["--root", str(tiny_dataset), "--sequences", "01", "--completed-bag", str(completed), "--input-bag", str(in_bag),
+                 "--no-emd", "--out", str(out), "--picture", str(tmp_path / "comparison.png"), "--picture-note", "[TEST]"])
+    assert code == 0
+    captured = capsys.readouterr()
+    assert "no scan of" in captured.err and "| input scan (all points in range) |" in captured.out
+    frames = json.loads((out / "frames.json").read_text())
+    assert [f["frame"] for f in frames] == [0, 2]
+    assert round(frames[1]["stamp"] * 1e9) == stamps[2]
+    assert np.isclose(frames[0]["completion_cd"], 0.0) and frames[0]["input_cd"] > 0
+    assert np.isclose(frames[1]["completion_cd"], frames[1]["input_cd"])  # the input scan itself
+    assert "completion_emd" not in frames[0] and frames[0]["output_points"] == frames[0]["gt_points"]
+    summary = json.loads((out / "summary.json").read_text())["summary"]
+    assert list(summary) == ["input scan (all points in range)", "completion (completed_bag)"]
+    assert (tmp_path / "comparison.png").stat().st_size > 0
+
+
+def test_evaluate_completed_bag_needs_the_input_bag(tiny_dataset, tmp_path):
+    with pytest.raises(SystemExit):
+        main(["--root", str(tiny_dataset), "--sequences", "01", "--completed-bag", str(tmp_path / "x")])
+
+
+def test_demo_scores_through_the_command_and_prints_the_table(tiny_dataset, tmp_path, monkeypatch, capsys):
+    """The ROS demo runs ``lidar-evaluate --completed-bag`` as a command (never importing this
+    package), merges the node's timings and prints its table; without the command it says so."""
+    import argparse
+
+    pytest.importorskip("lidar_completion_ros")
+    from lidar_completion.bags import read_clouds
+    from lidar_completion_ros import demo
+
+    in_bag, completed, stamps = _bags(tiny_dataset, tmp_path)
+    args = argparse.Namespace(root=tiny_dataset, sequence="01", bag=in_bag, out=tmp_path / "demo")
+    args.out.mkdir()
+    outputs = list(read_clouds(completed))
+    timings = {s: {"input_points": 1000.0, "processing_ms": 50.0, "model_ms": 40.0, "overhead_ms": 1.5} for s in stamps}
+    assert demo.evaluate_command() is not None
+    scored = demo.score(args, completed, 50.0, "[TEST]")
+    assert scored is not None and (args.out / "comparison.png").stat().st_size > 0
+    rows = demo.frame_rows(outputs, stamps, timings, scored)
+    assert [r["frame"] for r in rows] == [0, 2] and rows[0]["processing_ms"] == 50.0
+    text, mean = demo.table(rows)
+    assert "CD out" in text and "IoU.5 in" in text and text.splitlines()[-1].lstrip().startswith("mean")
+    assert np.isclose(mean["completion_cd"], np.mean([r["completion_cd"] for r in rows]))
+
+    monkeypatch.setattr(demo.shutil, "which", lambda *a, **k: None)
+    assert demo.score(args, completed, 50.0, "") is None
+    assert "not installed" in capsys.readouterr().out
+    text, _ = demo.table(demo.frame_rows(outputs, stamps, timings, None))
+    assert "node ms" in text and "CD" not in text and len(text.splitlines()) == 2 + 2 + 2  # the cloud at no scan's stamp is left out

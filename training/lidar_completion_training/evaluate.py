@@ -2,6 +2,7 @@
 
     lidar-evaluate --root data/synthetic --sequences 05 --checkpoint MODEL [--steps K] [--guidance W]
     lidar-evaluate --root ... --sequences 05 --completed DIR        # score files made elsewhere
+    lidar-evaluate --root ... --sequences 00 --completed-bag OUT_BAG --input-bag IN_BAG   # a bag completed over ROS
     lidar-evaluate report --root ... --sequences 05 --teacher T --student S --sd-student SD [--runs ...]
 
 Every model goes through :class:`~lidar_completion.completer.SceneCompleter` and every
@@ -23,9 +24,10 @@ import numpy as np
 from .dataset import CompletionDataset, PairConfig
 from .metrics import evaluate_completion
 
-__all__ = ["Setting", "evaluate_setting", "main"]
+__all__ = ["Setting", "evaluate_setting", "score_completed_bag", "main"]
 
 COLUMNS = ("cd", "jsd_bev", "emd", "fscore", "iou_0.5", "iou_0.2", "iou_0.1", "nfe", "time_s")
+INPUT_ROW = "input scan (all points in range)"  # the line every completion has to beat
 HEADERS = {"cd": "CD (m) ↓", "jsd_bev": "JSD-BEV ↓", "emd": "EMD ↓", "fscore": "F-score ↑", "iou_0.5": "IoU 0.5 ↑",
            "iou_0.2": "IoU 0.2 ↑", "iou_0.1": "IoU 0.1 ↑", "nfe": "NFE", "time_s": "time/frame (s)"}
 
@@ -212,9 +214,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="model to run through the completion pipeline")
     source.add_argument("--completed", type=Path, help="directory of completed scans named <sequence>/<NNNNNN>.(ply|npy|bin|pcd)")
+    source.add_argument("--completed-bag", type=Path,
+                        help="bag of completed scans (e.g. recorded from the ROS node) of one sequence; needs --input-bag")
+    parser.add_argument("--input-bag", type=Path, help="with --completed-bag: the bag that was completed (its stamps number the frames)")
+    parser.add_argument("--picture", type=Path, help="with --completed-bag: PNG of the middle frame (input, completion, ground truth)")
+    parser.add_argument("--picture-note", default="", help="appended to the picture's title")
     parser.add_argument("--steps", type=int)
     parser.add_argument("--guidance", type=float)
     parser.add_argument("--refine", action="store_true")
+    parser.add_argument("--no-emd", action="store_true", help="skip EMD (exact optimal transport; the slowest metric)")
     args = parser.parse_args(argv)
     max_range = args.max_range
     if max_range is None and args.checkpoint:
@@ -222,33 +230,106 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         max_range = load_model(args.checkpoint).config.max_range
     dataset, indices = _scans(args.root, args.sequences, args.max_scans, args.stride, max_range)
+    with_emd = not args.no_emd
+    if args.completed_bag:
+        if args.input_bag is None or len(args.sequences) != 1:
+            parser.error("--completed-bag needs --input-bag and exactly one of --sequences")
+        name = f"completion ({args.completed_bag.name})"
+        frames = score_completed_bag(dataset, args.input_bag, args.completed_bag, with_emd=with_emd)
+        if not frames:
+            print(f"lidar-evaluate: no completed scan in {args.completed_bag} matches a scan of {args.input_bag}", file=sys.stderr)
+            return 2
+        rows = [_prefixed(f, "completion_") | {"points": f["output_points"]} for f in frames]
+        baseline = [_prefixed(f, "input_") | {"points": f["input_points"]} for f in frames]
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "frames.json").write_text(json.dumps(frames, indent=2))
+        if args.picture:
+            _picture(dataset, args.input_bag, args.completed_bag, frames, args.picture, max_range or 50.0, args.picture_note)
+        summary, per_scan = {INPUT_ROW: summarise(baseline), name: summarise(rows)}, {INPUT_ROW: baseline, name: rows}
+        print(write_outputs(args.out, summary, per_scan))
+        print(f"lidar-evaluate: {len(rows)} completed scans; table, JSON (frames.json: per frame), CSV and plot in {args.out}")
+        return 0
     if args.completed:
-        from lidar_completion.io import PointFileError, read_points
-
-        rows = []
-        for index in indices:
-            sequence, i = dataset.locate(index)
-            matches = sorted((args.completed / sequence.name).glob(f"{i:06d}.*"))
-            if not matches:
-                print(f"lidar-evaluate: no completed file for {sequence.name}/{i:06d}, skipped", file=sys.stderr)
-                continue
-            try:
-                pred = read_points(matches[0])
-            except PointFileError as err:
-                print(f"lidar-evaluate: {err}, skipped", file=sys.stderr)
-                continue
-            rows.append(evaluate_completion(pred, dataset.pair(index)[1]) | {"nfe": 0, "time_s": 0.0})
+        rows = _score_files(dataset, indices, args.completed, with_emd)
         if not rows:
             print("lidar-evaluate: nothing to evaluate", file=sys.stderr)
             return 2
         name = str(args.completed)
     else:
         setting = Setting(Path(args.checkpoint).name, args.checkpoint, args.steps, args.guidance, args.refine)
-        rows = evaluate_setting(setting, dataset, indices, preset=args.preset, n_part=args.n_part, device=args.device, seed=args.seed)
+        rows = evaluate_setting(setting, dataset, indices, preset=args.preset, n_part=args.n_part, device=args.device,
+                                seed=args.seed, with_emd=with_emd)
         name = setting.name
     print(write_outputs(args.out, {name: summarise(rows)}, {name: rows}))
     print(f"lidar-evaluate: {len(rows)} scans; table, JSON, CSV and plot in {args.out}")
     return 0
+
+
+def _score_files(dataset: CompletionDataset, indices: Sequence[int], completed: Path, with_emd: bool) -> list[dict[str, float]]:
+    """Metrics of files completed elsewhere, named ``<sequence>/<NNNNNN>.<suffix>``; unreadable or missing ones are skipped."""
+    from lidar_completion.io import PointFileError, read_points
+
+    rows = []
+    for index in indices:
+        sequence, i = dataset.locate(index)
+        matches = sorted((completed / sequence.name).glob(f"{i:06d}.*"))
+        if not matches:
+            print(f"lidar-evaluate: no completed file for {sequence.name}/{i:06d}, skipped", file=sys.stderr)
+            continue
+        try:
+            pred = read_points(matches[0])
+        except PointFileError as err:
+            print(f"lidar-evaluate: {err}, skipped", file=sys.stderr)
+            continue
+        rows.append(evaluate_completion(pred, dataset.pair(index)[1], with_emd=with_emd) | {"nfe": 0, "time_s": 0.0})
+    return rows
+
+
+
+def _prefixed(frame: dict[str, float], prefix: str) -> dict[str, float]:
+    """The metrics under ``prefix`` of a :func:`score_completed_bag` row, unprefixed, as a table row."""
+    return {k.removeprefix(prefix): v for k, v in frame.items() if k.startswith(prefix)} | {"nfe": 0, "time_s": 0.0}
+
+
+def score_completed_bag(dataset: CompletionDataset, input_bag: Path, completed_bag: Path, *,
+                        with_emd: bool = False) -> list[dict[str, float]]:
+    """One row per completed scan of ``completed_bag`` whose stamp is a scan of ``input_bag``
+    (a bag of ``dataset``'s one sequence, scan ``i`` its ``i``-th message): ``frame``, ``stamp``
+    (s), ``input_points`` (the scan's static points in range), ``output_points``, ``gt_points``,
+    then every metric of the input scan (``input_<metric>``, the line to beat) and of the
+    completion (``completion_<metric>``) against the ground truth."""
+    from lidar_completion.bags import read_clouds
+
+    stamps = {cloud.stamp_ns: i for i, cloud in enumerate(read_clouds(input_bag))}
+    frames = []
+    for cloud in read_clouds(completed_bag):
+        index = stamps.get(cloud.stamp_ns)
+        if index is None:
+            print(f"lidar-evaluate: completed scan at {cloud.stamp_ns} ns is no scan of {input_bag}, skipped", file=sys.stderr)
+            continue
+        partial, full = dataset.pair(index)
+        before = evaluate_completion(partial, full, with_emd=with_emd)
+        after = evaluate_completion(cloud.xyz, full, with_emd=with_emd)
+        frames.append({"frame": index, "stamp": cloud.stamp_ns / 1e9, "input_points": len(partial),
+                       "output_points": len(cloud.xyz), "gt_points": len(full),
+                       **{f"input_{k}": v for k, v in before.items()}, **{f"completion_{k}": v for k, v in after.items()}})
+    return frames
+
+
+def _picture(dataset: CompletionDataset, input_bag: Path, completed_bag: Path, frames: list[dict[str, float]],
+             path: Path, max_range: float, note: str) -> Path:
+    """Input scan, completion and ground truth of the middle scored frame, side by side."""
+    from lidar_completion.bags import read_clouds
+    from lidar_completion.render import render_comparison
+
+    pick = frames[len(frames) // 2]
+    stamp = round(pick["stamp"] * 1e9)
+    scan = next(c for c in read_clouds(input_bag) if c.stamp_ns == stamp)
+    completion = next(c for c in read_clouds(completed_bag) if c.stamp_ns == stamp)
+    title = (f"frame {pick['frame']}: CD {pick['input_cd']:.3f} m (input) -> {pick['completion_cd']:.3f} m "
+             f"(completion){'  ' + note if note else ''}")
+    return render_comparison([("input scan", scan.xyz), ("completion", completion.xyz),
+                              ("ground truth", dataset.pair(pick["frame"])[1])], path, max_range=max_range, title=title)
 
 
 def report(argv: Sequence[str]) -> int:
@@ -280,7 +361,7 @@ def report(argv: Sequence[str]) -> int:
     n_input = args.n_part or student.config.n_part
     budget = n_input * 10 if n_input else None
     guidance = teacher.default_guidance if args.teacher_guidance is None else args.teacher_guidance
-    settings = [Setting("input scan (all points in range)")]
+    settings = [Setting(INPUT_ROW)]
     if n_input and "inputs" in args.rows:
         settings += [Setting(f"input scan, FPS to {budget:,} points (the completion's budget)", input_points=budget),
                      Setting(f"input scan, FPS to {n_input:,} points (what the model sees)", input_points=n_input)]

@@ -5,10 +5,13 @@
 (``scripts/demo.sh`` makes the synthetic sequence, its ground-truth map and the bag first,
 then calls this.) Starts three real processes -- the completion node, ``bag_record`` on
 ``points_completed`` and ``bag_replay`` of the bag in lock-step with the node -- and watches
-the node's ``~/debug/timings`` for per-frame latency. Then it scores every completed frame
-against the sequence's ground truth with the training package's metrics (the input scan is
-scored too, as the baseline), prints a table, writes ``metrics.json`` and ``frames.csv``,
-and renders input / completion / ground truth of one frame to ``comparison.png``.
+the node's ``~/debug/timings`` for per-frame latency. Then the training package's
+``lidar-evaluate --completed-bag`` (run as a command: this package never imports the training
+package) scores every completed frame against the sequence's ground truth (the input scan is
+scored too, as the baseline) and renders input / completion / ground truth of one frame to
+``comparison.png``; the demo prints a table with the node's timings beside the metrics and
+writes ``metrics.json`` and ``frames.csv``. Without the training package it says so and
+prints the timings alone.
 
 Uses the shipped student (``lidar_completion/models/student_lite``); without it, a random
 tiny model stands in, with a loud warning: the pipeline runs, the numbers mean nothing.
@@ -20,6 +23,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -186,27 +190,81 @@ def run_pipeline(bag: Path, out: Path, checkpoint: Path, overrides: dict[str, An
     return timings, counters, completed_bag
 
 
-def score(root: Path, sequence: str, outputs: list, in_stamps: list[int], timings: dict[int, dict[str, float]],
-          max_range: float) -> list[dict[str, Any]]:
-    from lidar_completion_training.dataset import CompletionDataset, PairConfig
-    from lidar_completion_training.metrics import evaluate_completion
+def evaluate_command() -> list[str] | None:
+    """The training package's ``lidar-evaluate`` (this interpreter's first), or None when it is not installed.
 
-    dataset = CompletionDataset(root, [sequence], PairConfig(max_range=max_range))
+    The ROS package never imports the training package (the vehicle image has neither
+    Lightning nor POT): scoring runs as that command, in its own process."""
+    found = shutil.which("lidar-evaluate", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    return [found] if found else None
+
+
+def score(args: argparse.Namespace, completed_bag: Path, max_range: float, note: str) -> list[dict[str, Any]] | None:
+    """Per-frame metrics of the completed bag from ``lidar-evaluate --completed-bag`` (which also draws
+    ``comparison.png``); None, said plainly, when the training package is not installed."""
+    command = evaluate_command()
+    if command is None:
+        _say("no metrics: scoring needs the training package's `lidar-evaluate` (pip install -e training), which is "
+             "not installed here; the table below has the node's timings only")
+        return None
+    out = args.out / "evaluation"
+    cmd = [*command, "--root", str(args.root), "--sequences", args.sequence, "--completed-bag", str(completed_bag),
+           "--input-bag", str(args.bag), "--max-range", f"{max_range:g}", "--no-emd", "--out", str(out),
+           "--picture", str(args.out / "comparison.png"), "--picture-note", note]
+    _say(f"scoring against the ground truth: {' '.join(cmd)}")
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    (args.out / "evaluate.log").write_text(done.stdout)
+    if done.returncode != 0:
+        _say(f"warning: lidar-evaluate exited with status {done.returncode}; see {args.out / 'evaluate.log'}:\n"
+             + "\n".join(done.stdout.splitlines()[-10:]))
+        return None
+    return json.loads((out / "frames.json").read_text())
+
+
+def frame_rows(outputs: list, in_stamps: list[int], timings: dict[int, dict[str, float]],
+               scored: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """One row per completed scan of an input stamp: the node's timings, then its metrics when ``scored``
+    (a scan ``lidar-evaluate`` did not score is left out)."""
+    metrics = {round(f["stamp"] * 1e9): f for f in scored or []}
+    frames = {stamp: i for i, stamp in enumerate(in_stamps)}
     rows = []
     for cloud in outputs:
-        index = in_stamps.index(cloud.stamp_ns)
-        partial, full = dataset.pair(index)
-        before = evaluate_completion(partial, full, with_emd=False)
-        after = evaluate_completion(cloud.xyz, full, with_emd=False)
+        if cloud.stamp_ns not in frames:
+            continue
         t = timings.get(cloud.stamp_ns, {})
-        rows.append({
-            "frame": index, "stamp": cloud.stamp_ns / 1e9, "input_points": int(t.get("input_points", 0)),
-            "output_points": len(cloud.xyz), "gt_points": len(full),
-            "processing_ms": t.get("processing_ms", float("nan")), "model_ms": t.get("model_ms", float("nan")),
-            "overhead_ms": t.get("overhead_ms", float("nan")),
-            **{f"input_{k}": v for k, v in before.items()}, **{f"completion_{k}": v for k, v in after.items()},
-        })
+        row = {"frame": frames[cloud.stamp_ns], "stamp": cloud.stamp_ns / 1e9,
+               "input_points": int(t.get("input_points", 0)), "output_points": len(cloud.xyz),
+               **{k: t.get(k, float("nan")) for k in ("processing_ms", "model_ms", "overhead_ms")}}
+        if scored is not None:
+            if cloud.stamp_ns not in metrics:
+                continue
+            row |= {k: v for k, v in metrics[cloud.stamp_ns].items() if k not in row}
+        rows.append(row)
     return rows
+
+
+# (title, key, width, decimals); groups are separated by " | ". "in" = the input scan vs ground truth.
+TIMING_COLUMNS = [("frame", "frame", 5, 0), ("in pts", "input_points", 7, 0), ("out pts", "output_points", 7, 0),
+                  ("node ms", "processing_ms", 8, 0), ("model ms", "model_ms", 8, 0), ("ovh ms", "overhead_ms", 6, 2)]
+METRIC_COLUMNS = [[("CD in", "input_cd", 6, 3), ("CD out", "completion_cd", 6, 3)],
+                  [("F in", "input_fscore", 5, 3), ("F out", "completion_fscore", 5, 3)],
+                  [("JSD-BEV in", "input_jsd_bev", 10, 3), ("out", "completion_jsd_bev", 5, 3)],
+                  [("IoU.5 in", "input_iou_0.5", 8, 3), ("out", "completion_iou_0.5", 5, 3)]]
+
+
+def table(rows: list[dict[str, Any]]) -> tuple[str, dict[str, float]]:
+    """The per-frame table (metric columns when the rows have them) and the mean of every number."""
+    mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if isinstance(rows[0][k], (int, float))}
+    groups = [TIMING_COLUMNS] + [g for g in METRIC_COLUMNS if all(key in rows[0] for _, key, _, _ in g)]
+
+    header = " | ".join(" ".join(f"{title:>{width}}" for title, _, width, _ in group) for group in groups)
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        lines.append(" | ".join(" ".join(f"{row[key]:>{w}.{d}f}" for _, key, w, d in group) for group in groups))
+    lines.append("-" * len(header))
+    lines.append(" | ".join(" ".join("mean".rjust(w) if key == "frame" else f"{mean[key]:>{w}.{d}f}"
+                                     for _, key, w, d in group) for group in groups))
+    return "\n".join(lines), mean
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -223,7 +281,6 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
 
     from lidar_completion.bags import read_clouds
-    from lidar_completion.render import render_comparison
 
     inputs = list(read_clouds(args.bag))
     checkpoint, overrides, trained = _model(args.out)
@@ -241,50 +298,37 @@ def main(argv: list[str] | None = None) -> int:
     from lidar_completion.checkpoints import load_model
 
     max_range = min(50.0, load_model(checkpoint).config.max_range or 50.0)
-    rows = score(args.root, args.sequence, outputs, [c.stamp_ns for c in inputs], timings, max_range)
-    header = (f"{'frame':>5} {'in pts':>7} {'out pts':>7} {'node ms':>8} {'model ms':>8} {'ovh ms':>6} | "
-              f"{'CD in':>6} {'CD out':>6} | {'F in':>5} {'F out':>5} | {'JSD-BEV in':>10} {'out':>5} | "
-              f"{'IoU.5 in':>8} {'out':>5}")
-    print("\nper frame (CD in metres, F-score at 5-10 cm, IoU on 0.5 m voxels; 'in' = the input scan vs ground truth)")
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        print(f"{r['frame']:>5} {r['input_points']:>7} {r['output_points']:>7} {r['processing_ms']:>8.0f} "
-              f"{r['model_ms']:>8.0f} {r['overhead_ms']:>6.2f} | {r['input_cd']:>6.3f} {r['completion_cd']:>6.3f} | "
-              f"{r['input_fscore']:>5.3f} {r['completion_fscore']:>5.3f} | {r['input_jsd_bev']:>10.3f} "
-              f"{r['completion_jsd_bev']:>5.3f} | {r['input_iou_0.5']:>8.3f} {r['completion_iou_0.5']:>5.3f}")
-    mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if isinstance(rows[0][k], (int, float))}
-    print("-" * len(header))
-    print(f"{'mean':>5} {mean['input_points']:>7.0f} {mean['output_points']:>7.0f} {mean['processing_ms']:>8.0f} "
-          f"{mean['model_ms']:>8.0f} {mean['overhead_ms']:>6.2f} | {mean['input_cd']:>6.3f} "
-          f"{mean['completion_cd']:>6.3f} | {mean['input_fscore']:>5.3f} {mean['completion_fscore']:>5.3f} | "
-          f"{mean['input_jsd_bev']:>10.3f} {mean['completion_jsd_bev']:>5.3f} | {mean['input_iou_0.5']:>8.3f} "
-          f"{mean['completion_iou_0.5']:>5.3f}")
+    scored = score(args, completed_bag, max_range, "" if trained else "[RANDOM MODEL]")
+    rows = frame_rows(outputs, [c.stamp_ns for c in inputs], timings, scored)
+    if not rows:
+        _say("no completed scan was scored; see " + str(args.out / "evaluate.log"))
+        return 1
+    text, mean = table(rows)
+    print("\nper frame (times in ms" + ("; CD in metres, F-score at 5-10 cm, IoU on 0.5 m voxels; 'in' = the input "
+                                       "scan vs ground truth)" if scored is not None else ")"))
+    print(text)
+    picture = args.out / "comparison.png"
+    if scored is None:  # no ground truth without the training package: input and completion only
+        from lidar_completion.render import render_comparison
 
-    # Picture of the middle completed frame: input, completion, ground truth.
-    pick = rows[len(rows) // 2]
-    cloud = next(c for c in outputs if c.stamp_ns == round(pick["stamp"] * 1e9))
-    from lidar_completion_training.dataset import CompletionDataset, PairConfig
-
-    _, full = CompletionDataset(args.root, [args.sequence], PairConfig(max_range=max_range)).pair(pick["frame"])
-    picture = render_comparison(
-        [("input scan", inputs[pick["frame"]].xyz), ("completion (via ROS node)", cloud.xyz), ("ground truth", full)],
-        args.out / "comparison.png", max_range=max_range,
-        title=f"frame {pick['frame']}: CD {pick['input_cd']:.3f} m (input) -> {pick['completion_cd']:.3f} m "
-              f"(completion){'' if trained else '  [RANDOM MODEL]'}",
-    )
-    summary = {"checkpoint": str(checkpoint), "trained_model": trained, "scans": len(inputs),
+        pick = rows[len(rows) // 2]
+        cloud = next(c for c in outputs if c.stamp_ns == round(pick["stamp"] * 1e9))
+        render_comparison([("input scan", inputs[pick["frame"]].xyz), ("completion (via ROS node)", cloud.xyz)], picture,
+                          max_range=max_range, title=f"frame {pick['frame']}{'' if trained else '  [RANDOM MODEL]'}")
+    summary = {"checkpoint": str(checkpoint), "trained_model": trained, "scans": len(inputs), "scored": scored is not None,
                "completed": len(outputs), "node_counters": counters, "frames": rows, "mean": mean,
                "wall_s": time.monotonic() - start}
     (args.out / "metrics.json").write_text(json.dumps(summary, indent=2))
     keys = list(rows[0])
     (args.out / "frames.csv").write_text(
         "\n".join([",".join(keys)] + [",".join(str(r[k]) for k in keys) for r in rows]) + "\n")
+    cd = (f"; mean CD {mean['input_cd']:.3f} m (input) -> {mean['completion_cd']:.3f} m (completion)"
+          if scored is not None else "; not scored (no training package)")
     print(f"\ncompleted {len(outputs)}/{len(inputs)} scans (node: {counters.get('dropped', '?')} dropped, "
-          f"{counters.get('rejected', '?')} rejected); mean CD {mean['input_cd']:.3f} m (input) -> "
-          f"{mean['completion_cd']:.3f} m (completion)")
+          f"{counters.get('rejected', '?')} rejected){cd}")
     print(f"picture: {picture}\nmetrics: {args.out / 'metrics.json'}, {args.out / 'frames.csv'}\n"
-          f"bags:    {args.bag} -> {completed_bag}\nlogs:    {args.out}/node.log, bag_replay.log, bag_record.log")
+          f"bags:    {args.bag} -> {completed_bag}\nlogs:    {args.out}/node.log, bag_replay.log, bag_record.log"
+          + (", evaluate.log" if scored is not None else ""))
     if not trained:
         _warn_loudly("these numbers come from a RANDOM model (no shipped student found)")
     return 0
