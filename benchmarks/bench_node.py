@@ -95,7 +95,8 @@ def bench_node_overhead(scans: int, domain: int, checkpoint: str = "student_lite
     from sensor_msgs.msg import PointCloud2, PointField
     from std_msgs.msg import Float64, Header
 
-    from lidar_completion.checkpoints import CompletionModel, ModelConfig, save_model
+    from lidar_completion.checkpoints import save_model
+    from lidar_completion.model import CompletionModel, ModelConfig
     from lidar_completion.pointcloud2 import build_cloud
 
     from lidar_completion.checkpoints import find_checkpoint, load_model

@@ -79,7 +79,8 @@ def main() -> int:
     from bench_denoiser import measure
     from bench_pipeline import MODELS, SCAN
 
-    from lidar_completion.checkpoints import CompletionModel, ModelConfig, load_model
+    from lidar_completion.checkpoints import load_model
+    from lidar_completion.model import CompletionModel, ModelConfig
     from lidar_completion.io import read_points
 
     rows: list[tuple[str, str, str, str]] = []

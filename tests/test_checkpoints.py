@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from lidar_completion.checkpoints import CheckpointError, CompletionModel, ModelConfig, load_model, save_model
+from lidar_completion.checkpoints import CheckpointError, load_model, save_model
+from lidar_completion.model import CompletionModel, ModelConfig
 
 
 @pytest.fixture()
@@ -151,3 +152,35 @@ def test_a_separate_refinement_checkpoint_published_or_ours(tiny_model, tmp_path
         with_refiner(plain, save_model(plain, tmp_path / "plain"))
     with pytest.raises(CheckpointError, match="refinement checkpoint not found"):
         with_refiner(plain, tmp_path / "missing.ckpt")
+
+
+@pytest.mark.parametrize("name", ["student_lite", "teacher_lite"])
+def test_shipped_models_load_with_unchanged_state_dict_keys(name):
+    """The models shipped in the package load strictly, and the model built from their
+    config has exactly the keys and shapes stored in the file (none renamed by a refactor)."""
+    from safetensors import safe_open
+
+    from lidar_completion.checkpoints import SHIPPED_MODELS, find_checkpoint
+
+    path = find_checkpoint(name)
+    if path is None:
+        pytest.skip(f"no shipped {name} under {SHIPPED_MODELS}")
+    model = load_model(path)
+    with safe_open(str(path / "model.safetensors"), "pt") as handle:
+        stored = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    built = {key: tuple(value.shape) for key, value in CompletionModel(model.config).state_dict().items()}
+    assert built == stored
+    assert any(key.startswith("encoder.stem.") for key in stored) and any(key.startswith("denoiser.") for key in stored)
+
+
+def test_checkpoints_is_file_io_only():
+    """The model and its config live in lidar_completion.model; checkpoints defines no module or config."""
+    import ast
+    import inspect
+
+    import lidar_completion.checkpoints as checkpoints
+
+    tree = ast.parse(inspect.getsource(checkpoints))
+    classes = [node.name for node in tree.body if isinstance(node, ast.ClassDef)]
+    assert classes == ["CheckpointError"]
+    assert checkpoints.CompletionModel is CompletionModel  # still importable from here

@@ -16,7 +16,8 @@ import torch
 import yaml
 
 from lidar_completion import cli
-from lidar_completion.checkpoints import CompletionModel, ModelConfig, save_model
+from lidar_completion.checkpoints import save_model
+from lidar_completion.model import CompletionModel, ModelConfig
 from lidar_completion.io import read_points, write_points
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

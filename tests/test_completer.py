@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from lidar_completion.checkpoints import CompletionModel, ModelConfig
+from lidar_completion.model import CompletionModel, ModelConfig
 from lidar_completion.completer import ScanError, SceneCompleter, farthest_point_sample
 from lidar_completion.config import CompletionConfig
 

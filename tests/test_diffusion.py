@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from lidar_completion.checkpoints import CompletionModel, ModelConfig, load_model, save_model
+from lidar_completion.checkpoints import load_model, save_model
+from lidar_completion.model import CompletionModel, ModelConfig
 from lidar_completion.completer import SceneCompleter
 from lidar_completion.config import CompletionConfig
 from lidar_completion.diffusion import NoiseSchedule, make_sampler, sample

@@ -27,7 +27,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from lidar_completion.bags import BagError, read_clouds, write_clouds
-from lidar_completion.checkpoints import CheckpointError, CompletionModel, ModelConfig, load_model, save_model
+from lidar_completion.checkpoints import CheckpointError, load_model, save_model
+from lidar_completion.model import CompletionModel, ModelConfig
 from lidar_completion.io import PointFileError, read_points, write_points
 
 FUZZ = settings(max_examples=60, deadline=None, database=None,

@@ -12,7 +12,7 @@ import torch
 
 from lidar_completion import minkowski
 from lidar_completion import sparse as sp
-from lidar_completion.checkpoints import CompletionModel, ModelConfig
+from lidar_completion.model import CompletionModel, ModelConfig
 from lidar_completion.completer import SceneCompleter
 from lidar_completion.config import CompletionConfig
 from lidar_completion.networks import Denoiser, RefinementNet, ScanEncoder

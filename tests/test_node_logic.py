@@ -227,7 +227,7 @@ def test_a_batch_with_an_unusable_scan_still_completes_the_others(tmp_path) -> N
     no point in the range band is reported and gets None, the other is still completed."""
     import torch
 
-    from lidar_completion.checkpoints import CompletionModel, ModelConfig
+    from lidar_completion.model import CompletionModel, ModelConfig
     from lidar_completion_ros.parameters import completion_config
     from lidar_completion_ros.pipeline import Scan, complete_scans, make_completer
 

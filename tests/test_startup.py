@@ -27,7 +27,7 @@ def test_importing_the_pipeline_and_the_cli_imports_nothing_heavy():
 def test_the_ve_sampler_path_never_imports_diffusers():
     code = """
 import numpy as np, torch
-from lidar_completion.checkpoints import CompletionModel, ModelConfig
+from lidar_completion.model import CompletionModel, ModelConfig
 from lidar_completion.completer import SceneCompleter
 from lidar_completion.config import load_config
 torch.manual_seed(0)

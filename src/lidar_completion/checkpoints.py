@@ -1,10 +1,11 @@
-"""Loading and saving models: published Lightning checkpoints and the project's own format.
+"""Loading and saving models (file I/O only): published Lightning checkpoints and the project's own format.
 
 The project's format is a directory (or a ``.safetensors`` file with a sibling ``.json``)
 holding ``model.safetensors`` — weights under ``encoder.``, ``denoiser.`` and optionally
-``refiner.`` — and ``config.json``, the :class:`ModelConfig` that names widths, voxel size
-and diffusion schedule. Nothing is ever unpickled beyond plain tensors: pickled files go
-through ``torch.load(..., weights_only=True)``.
+``refiner.`` — and ``config.json``, the :class:`~lidar_completion.model.ModelConfig` that
+names widths, voxel size, diffusion schedule and sampler (the model itself is in
+:mod:`.model`). Nothing is ever unpickled beyond plain tensors: pickled files go through
+``torch.load(..., weights_only=True)``.
 
 Every failure (missing file, truncated or corrupt file, wrong keys or shapes) raises one
 :class:`CheckpointError` naming the file and the first offending key and shape.
@@ -16,21 +17,16 @@ import dataclasses
 import json
 import os
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from .config import PREDICTIONS, SAMPLERS
-from .diffusion import NoiseSchedule
-from .networks import Denoiser, RefinementNet, ScanEncoder, channel_widths, BASE_CHANNELS
-from .sparse import PointField, voxelize
+from .model import PUBLISHED_DEFAULTS, CompletionModel, ModelConfig
+from .networks import BASE_CHANNELS
 
+# CompletionModel and ModelConfig live in .model; importing them from here still works.
 __all__ = [
     "CheckpointError",
-    "ModelConfig",
-    "CompletionModel",
     "load_model",
     "save_model",
     "load_published",
@@ -40,8 +36,6 @@ __all__ = [
     "SHIPPED_MODELS",
     "find_checkpoint",
 ]
-
-FORMAT_VERSION = 1
 
 # Lightning ``state_dict`` prefixes of the published checkpoints: (encoder, denoiser).
 # The student file also holds ``teacher.`` and ``auxDiff*.`` nets, which are ignored.
@@ -70,104 +64,6 @@ def find_checkpoint(name_or_path: str | os.PathLike) -> Path | None:
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the file and the problem."""
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Model-bound parameters that travel with the weights."""
-
-    channel_ratio: float = 1.0
-    refine_channel_ratio: float | None = None
-    voxel_size: float = 0.05
-    beta_start: float = 3.5e-5
-    beta_end: float = 0.007
-    num_train_timesteps: int = 1000
-    kind: str = "teacher"  # "teacher" or "student": sets the default steps and guidance
-    default_steps: int = 50
-    default_guidance: float = 6.0
-    # Sampler the model runs with by default: "dpmsolver++" (published) or "ve" (consistent
-    # with the local training process; see diffusion.py), from start timestep t0 (None: T - 1).
-    sampler: str = "dpmsolver++"
-    t0: int | None = None
-    # What the denoiser outputs: "epsilon" (the noise, published) or "displacement" (the move
-    # x_0 - x_t onto the scene, = -sigma_t eps). Both are read back as a noise prediction.
-    prediction: str = "epsilon"
-    n_part: int | None = None  # scan points the model was trained with (the "model" preset)
-    max_range: float | None = None  # radius it was trained on; the pipeline never goes beyond
-    description: str = ""
-    format_version: int = FORMAT_VERSION
-
-    def __post_init__(self) -> None:
-        channel_widths(self.channel_ratio)
-        if self.refine_channel_ratio is not None:
-            channel_widths(self.refine_channel_ratio)
-        if not 0 < self.voxel_size < 10:
-            raise ValueError(f"voxel_size must be in (0, 10) m, got {self.voxel_size}")
-        if not 0 < self.beta_start < self.beta_end < 1:
-            raise ValueError("need 0 < beta_start < beta_end < 1")
-        if self.num_train_timesteps < 2:
-            raise ValueError("num_train_timesteps must be >= 2")
-        if self.kind not in ("teacher", "student"):
-            raise ValueError(f"kind must be 'teacher' or 'student', got {self.kind!r}")
-        if not 1 <= self.default_steps <= self.num_train_timesteps:
-            raise ValueError("default_steps must be in [1, num_train_timesteps]")
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {list(SAMPLERS)}, got {self.sampler!r}")
-        if self.prediction not in PREDICTIONS:
-            raise ValueError(f"prediction must be one of {list(PREDICTIONS)}, got {self.prediction!r}")
-        if self.t0 is not None and not 1 <= self.t0 < self.num_train_timesteps:
-            raise ValueError(f"t0 must be in [1, {self.num_train_timesteps - 1}], got {self.t0}")
-        if self.n_part is not None and not 16 <= self.n_part <= 200_000:
-            raise ValueError(f"n_part must be in [16, 200000], got {self.n_part}")
-        if self.max_range is not None and not 3.5 < self.max_range <= 500:
-            raise ValueError(f"max_range must be in (3.5, 500] m, got {self.max_range}")
-        if self.format_version > FORMAT_VERSION:
-            raise ValueError(
-                f"model format {self.format_version} is newer than this library ({FORMAT_VERSION})"
-            )
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown model config keys: {', '.join(map(repr, unknown))}")  # repr: a key may hold any character
-        return cls(**values)
-
-
-class CompletionModel(nn.Module):
-    """Encoder + denoiser (+ optional refinement net) and the config they were built from."""
-
-    def __init__(self, config: ModelConfig):
-        super().__init__()
-        self.config = config
-        self.encoder = ScanEncoder(config.channel_ratio)
-        self.denoiser = Denoiser(config.channel_ratio)
-        ratio = config.refine_channel_ratio
-        self.refiner = RefinementNet(ratio) if ratio is not None else None
-        self.backend = "torch"  # sparse-conv backend of voxelize(); not part of the weights
-        self.schedule = NoiseSchedule.of(config)
-
-    def as_noise(self, output: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The denoiser's raw output [B, N, 3] at timesteps ``t`` [B] read as a noise prediction."""
-        if self.config.prediction == "epsilon":
-            return output
-        return -output / self.schedule.noise_scale(t).view(-1, 1, 1)
-
-    def use_backend(self, backend: str, device: torch.device | str = "cpu") -> None:
-        """Run the sparse convolutions on ``backend`` ("torch" or "minkowski"); fails now,
-        saying how to install it, if MinkowskiEngine cannot run on ``device``."""
-        if backend == "minkowski":
-            from .minkowski import require
-
-            require(device)
-        elif backend != "torch":
-            raise ValueError(f"unknown sparse backend {backend!r} (use 'torch' or 'minkowski')")
-        self.backend = backend
-
-    def voxelize(self, points: torch.Tensor, batch: torch.Tensor | None = None) -> PointField:
-        """The model's voxelisation (its voxel size, on its backend) of [N, 3] points."""
-        return voxelize(points, batch, self.config.voxel_size, backend=self.backend)
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -378,11 +274,11 @@ def load_published(
     ours = {f"encoder.{k[len(enc_prefix):]}": v for k, v in state.items() if k.startswith(enc_prefix)}
     ours |= {f"denoiser.{k[len(den_prefix):]}": v for k, v in state.items() if k.startswith(den_prefix)}
     student = name == "distillation_dpo_student"
+    kind = "student" if student else "teacher"
     values = {
         "channel_ratio": _ratio_from_stem(path, state, den_prefix),
-        "kind": "student" if student else "teacher",
-        "default_steps": 1 if student else 50,
-        "default_guidance": 3.5 if student else 6.0,
+        "kind": kind,
+        **PUBLISHED_DEFAULTS[kind],
         "description": f"published {name} checkpoint {path.name}",
     }
     if refine_path is not None:

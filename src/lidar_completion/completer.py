@@ -24,7 +24,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from .checkpoints import CompletionModel, load_model
+from .checkpoints import load_model
+from .model import CompletionModel
 from .config import CompletionConfig
 from . import diffusion
 from .networks import Denoiser

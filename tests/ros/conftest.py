@@ -60,7 +60,8 @@ class Model:
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
 
-    from lidar_completion.checkpoints import CompletionModel, ModelConfig, save_model
+    from lidar_completion.checkpoints import save_model
+    from lidar_completion.model import CompletionModel, ModelConfig
 
     torch.manual_seed(0)
     return save_model(CompletionModel(ModelConfig(channel_ratio=0.25)), tmp_path_factory.mktemp("tiny") / "model")

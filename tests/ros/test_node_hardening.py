@@ -20,7 +20,8 @@ MODEL_STEPS, MODEL_GUIDANCE = 50, 6.0
 @pytest.fixture(scope="module")
 def radius_20_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny teacher trained (so its config says) on a 20 m radius."""
-    from lidar_completion.checkpoints import CompletionModel, ModelConfig, save_model
+    from lidar_completion.checkpoints import save_model
+    from lidar_completion.model import CompletionModel, ModelConfig
 
     torch.manual_seed(0)
     config = ModelConfig(channel_ratio=0.25, max_range=20.0, default_steps=MODEL_STEPS, default_guidance=MODEL_GUIDANCE)

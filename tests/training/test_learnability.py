@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lidar_completion.checkpoints import CompletionModel, ModelConfig
+from lidar_completion.model import CompletionModel, ModelConfig
 from lidar_completion.diffusion import NoiseSchedule
 from lidar_completion_training.dataset import CompletionDataset, PairConfig
 from lidar_completion_training.diagnostics import noise_mse_by_bucket, sampled_chamfer, timestep_buckets

@@ -14,7 +14,8 @@ import pytest
 import torch
 import yaml
 
-from lidar_completion.checkpoints import CompletionModel, ModelConfig, load_model, save_model
+from lidar_completion.checkpoints import load_model, save_model
+from lidar_completion.model import CompletionModel, ModelConfig
 from lidar_completion.diffusion import NoiseSchedule
 from lidar_completion_training.dataset import CompletionDataset, PairConfig
 from lidar_completion_training.objectives import distillation_iteration, seeded_generator

@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from lidar_completion.checkpoints import CompletionModel
+from lidar_completion.model import CompletionModel
 from lidar_completion.completer import encode_scans, predict_noise
 
 from .metrics import chamfer_distance

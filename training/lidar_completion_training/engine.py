@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from lidar_completion.checkpoints import CompletionModel, ModelConfig, load_model, save_model
+from lidar_completion.checkpoints import load_model, save_model
+from lidar_completion.model import CompletionModel, ModelConfig
 from lidar_completion.diffusion import NoiseSchedule
 
 from .dataset import CompletionDataset, PairConfig

@@ -103,7 +103,8 @@ def _model(out: Path) -> tuple[Path, dict[str, Any], bool]:
                  "!! The pipeline runs end to end, but the completions and metrics below are meaningless.")
     import torch
 
-    from lidar_completion.checkpoints import CompletionModel, ModelConfig, save_model
+    from lidar_completion.checkpoints import save_model
+    from lidar_completion.model import CompletionModel, ModelConfig
 
     torch.manual_seed(0)
     path = save_model(CompletionModel(ModelConfig(channel_ratio=0.25, description="random demo stand-in")),
