@@ -56,7 +56,7 @@ def run_one(ratio: float, n_points: int, threads: int, repeats: int, backend: st
     torch.manual_seed(0)  # the same weights for every backend
     part, noisy = make_inputs(n_points)
     from lidar_completion.networks import Denoiser, ScanEncoder
-    from lidar_completion.sparse import voxelize
+    from lidar_completion.backends import voxelize
 
     dev = torch.device(device)
     encoder, denoiser = ScanEncoder(ratio).eval().to(dev), Denoiser(ratio).eval().to(dev)

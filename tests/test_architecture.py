@@ -10,8 +10,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[1]
 CORE = REPO / "src" / "lidar_completion"
 
@@ -96,9 +94,35 @@ def test_cycle_finder_finds_a_cycle() -> None:
     assert _cycle({"a": {"b"}, "b": set()}) is None
 
 
-@pytest.mark.xfail(strict=True, reason="sparse <-> minkowski: goes with the typed backend interface (issue 12)")
 def test_no_import_cycle_in_the_core() -> None:
     graph = _core_graph()
     assert "lidar_completion.sparse" in graph and graph["lidar_completion.completer"]  # the scan reads something
     cycle = _cycle(graph)
     assert cycle is None, "import cycle in src/lidar_completion: " + " -> ".join(cycle)
+
+
+def _project_sources() -> list[Path]:
+    return [p for top in ("src", "training", "ros2_ws") for p in (REPO / top).rglob("*.py")]
+
+
+def test_only_minkowski_py_imports_minkowski_engine() -> None:
+    importers = sorted(str(path.relative_to(REPO)) for path in _project_sources()
+                       if any(name.split(".")[0].startswith("MinkowskiEngine") for name in _imports(path)))
+    assert importers == ["src/lidar_completion/minkowski.py"]
+
+
+def test_backend_names_are_checked_in_one_place() -> None:
+    """No comparison with a backend's name outside lidar_completion.backends: every setting
+    that takes one calls ``check_backend``, the model asks ``get_backend``."""
+    from lidar_completion.backends import BACKENDS
+
+    offenders = []
+    for path in _project_sources():
+        if path.name == "backends.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Compare):
+                constants = [n.value for n in ast.walk(node) if isinstance(n, ast.Constant)]
+                if any(c in BACKENDS for c in constants):
+                    offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert not offenders, "backend names compared outside lidar_completion/backends.py: " + ", ".join(offenders)

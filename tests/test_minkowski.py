@@ -16,7 +16,8 @@ from lidar_completion.model import CompletionModel, ModelConfig
 from lidar_completion.completer import SceneCompleter
 from lidar_completion.config import CompletionConfig
 from lidar_completion.networks import Denoiser, RefinementNet, ScanEncoder
-from lidar_completion.sparse import SparseConv, SparseConvTranspose, voxelize
+from lidar_completion.backends import voxelize
+from lidar_completion.sparse import SparseConv, SparseConvTranspose
 
 needs_me = pytest.mark.skipif(not minkowski.available(), reason="MinkowskiEngine not installed (optional)")
 
@@ -24,8 +25,23 @@ needs_me = pytest.mark.skipif(not minkowski.available(), reason="MinkowskiEngine
 def test_unknown_backend_is_a_config_error():
     with pytest.raises(ValueError, match="backend: must be one of"):
         CompletionConfig(backend="spconv")
-    with pytest.raises(ValueError, match="unknown sparse backend"):
+    with pytest.raises(ValueError, match="backend: must be one of"):
         voxelize(torch.zeros(3, 3), None, 0.1, backend="spconv")
+    with pytest.raises(ValueError, match="backend: must be one of"):
+        CompletionModel(ModelConfig(channel_ratio=0.125)).use_backend("spconv")
+
+
+def test_both_backends_keep_the_typed_contract():
+    """Registered by name, they satisfy the Protocols without importing MinkowskiEngine."""
+    from lidar_completion.backends import BACKENDS, SparseBackend, get_backend
+
+    assert BACKENDS == ("torch", "minkowski")
+    assert isinstance(get_backend("torch"), SparseBackend) and get_backend("torch").name == "torch"
+    assert isinstance(minkowski.MinkowskiBackend(), SparseBackend) and minkowski.MinkowskiBackend().name == "minkowski"
+    assert isinstance(sp.CoordinateManager(), sp.Coordinates)
+    assert isinstance(minkowski.MinkowskiCoordinates(manager=None, key_at_stride_1=None), sp.Coordinates)
+    field = CompletionModel(ModelConfig(channel_ratio=0.125)).voxelize(torch.randn(50, 3))
+    assert isinstance(field.sparse.manager, sp.CoordinateManager)
 
 
 def test_minkowski_backend_without_minkowski_says_how_to_install(monkeypatch):

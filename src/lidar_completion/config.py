@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from .backends import BACKENDS, check_backend
+
 __all__ = ["DataConfig", "SamplingConfig", "CompletionConfig", "PRESETS", "MODEL_PRESET", "BACKENDS", "SAMPLERS", "PREDICTIONS",
            "effective_range", "load_config"]
 
@@ -24,9 +26,6 @@ PRESETS: dict[str, dict[str, int]] = {
     "lite": {"n_part": 2000},
 }
 MODEL_PRESET = "model"
-# Sparse-convolution backends: the built-in pure-PyTorch one, or MinkowskiEngine 0.5.4 when
-# installed (scripts/install_minkowski.sh); both compute the same thing.
-BACKENDS = ("torch", "minkowski")
 # Diffusion samplers (lidar_completion.diffusion): the published DPM-Solver++ on the offsets,
 # or deterministic steps of the variance-exploding process the models are trained with.
 SAMPLERS = ("dpmsolver++", "ve")
@@ -101,7 +100,7 @@ class CompletionConfig:
     backend: str = "torch"  # sparse convolutions: "torch" (built in) or "minkowski" (optional)
 
     def __post_init__(self) -> None:
-        _check(self.backend in BACKENDS, "backend", f"must be one of {list(BACKENDS)}, got {self.backend!r}")
+        check_backend(self.backend, "backend")
         _check(
             self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
             "device",

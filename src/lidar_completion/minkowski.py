@@ -1,7 +1,8 @@
 """Optional MinkowskiEngine 0.5.4 backend: the same networks, run on MinkowskiEngine.
 
-This is the only module that imports MinkowskiEngine. It stands in for
-:class:`lidar_completion.sparse.CoordinateManager`: :func:`voxelize` quantises with
+This is the only module that imports MinkowskiEngine; :class:`MinkowskiBackend` is its
+entry in :mod:`lidar_completion.backends`. :class:`MinkowskiCoordinates` keeps the contract
+of :class:`lidar_completion.sparse.Coordinates`: :func:`voxelize` quantises with
 MinkowskiEngine's own ``TensorField(..., UNWEIGHTED_AVERAGE).sparse()`` (as LiDiff does),
 and every convolution on the tensors it returns calls MinkowskiEngine's convolution
 functions with the network's own kernels. So one set of modules and weights runs on
@@ -24,9 +25,9 @@ from types import ModuleType
 
 import torch
 
-from .sparse import PointField, SparseTensor
+from .sparse import PointField, SparseTensor, field_inputs
 
-__all__ = ["available", "require", "voxelize", "MinkowskiCoordinates", "INSTALL_HINT"]
+__all__ = ["available", "require", "voxelize", "MinkowskiBackend", "MinkowskiCoordinates", "INSTALL_HINT"]
 
 INSTALL_HINT = "install it with ./scripts/install_minkowski.sh, or use backend: torch"
 
@@ -69,9 +70,8 @@ def _kernel_generator(kernel_size: int, stride: int):
 
 
 class MinkowskiCoordinates:
-    """A MinkowskiEngine ``CoordinateManager`` behind the interface of the torch backend's
-    :class:`~lidar_completion.sparse.CoordinateManager` (``coordinates``, ``convolve``,
-    ``convolve_transpose``), one coordinate-map key per tensor stride."""
+    """A MinkowskiEngine ``CoordinateManager`` as a :class:`~lidar_completion.sparse.Coordinates`
+    (``coordinates``, ``convolve``, ``convolve_transpose``), one coordinate-map key per tensor stride."""
 
     def __init__(self, manager, key_at_stride_1):
         self.manager = manager
@@ -111,10 +111,12 @@ class MinkowskiCoordinates:
         return self._run("MinkowskiConvolutionTransposeFunction", x, kernel, 2, 2, fine)
 
 
-def voxelize(points: torch.Tensor, batch: torch.Tensor, voxel_size: float, feats: torch.Tensor) -> PointField:
+def voxelize(points: torch.Tensor, batch: torch.Tensor | None, voxel_size: float,
+             feats: torch.Tensor | None = None) -> PointField:
     """LiDiff's quantisation on MinkowskiEngine: a ``TensorField`` of ``round(p / voxel)``
     coordinates with unweighted averaging, its ``sparse()`` tensor and the point-to-voxel
     inverse map used to slice outputs back to the points."""
+    points, batch, feats = field_inputs(points, batch, feats)
     ME = require(points.device)
     if points.shape[0] == 0:
         raise ValueError("cannot voxelise an empty point set on MinkowskiEngine")
@@ -141,3 +143,18 @@ def voxelize(points: torch.Tensor, batch: torch.Tensor, voxel_size: float, feats
     inverse = field.inverse_mapping(sparse.coordinate_map_key).long()
     coordinates = MinkowskiCoordinates(engine_manager, sparse.coordinate_map_key)
     return PointField(points, inverse, SparseTensor(sparse.F, 1, coordinates))
+
+
+class MinkowskiBackend:
+    """MinkowskiEngine as a :class:`lidar_completion.backends.SparseBackend` (imported only
+    when a check or a voxelisation needs it)."""
+
+    name = "minkowski"
+
+    def check_device(self, device: torch.device | str) -> None:
+        """Fails, saying how to install or rebuild it, when MinkowskiEngine cannot run on ``device``."""
+        require(device)
+
+    def voxelize(self, points: torch.Tensor, batch: torch.Tensor | None, voxel_size: float,
+                 feats: torch.Tensor | None = None) -> PointField:
+        return voxelize(points, batch, voxel_size, feats)

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .backends import SparseBackend, get_backend
 from .config import PREDICTIONS, SAMPLERS
 from .diffusion import NoiseSchedule
 from .networks import Denoiser, RefinementNet, ScanEncoder, channel_widths
-from .sparse import PointField, voxelize
+from .sparse import PointField
 
 __all__ = ["FORMAT_VERSION", "PUBLISHED_DEFAULTS", "ModelConfig", "CompletionModel"]
 
@@ -105,7 +106,7 @@ class CompletionModel(nn.Module):
         self.denoiser = Denoiser(config.channel_ratio)
         ratio = config.refine_channel_ratio
         self.refiner = RefinementNet(ratio) if ratio is not None else None
-        self.backend = "torch"  # sparse-conv backend of voxelize(); not part of the weights
+        self.backend: SparseBackend = get_backend("torch")  # of voxelize(); not part of the weights
         self.schedule = NoiseSchedule.of(config)
 
     def as_noise(self, output: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -115,16 +116,10 @@ class CompletionModel(nn.Module):
         return -output / self.schedule.noise_scale(t).view(-1, 1, 1)
 
     def use_backend(self, backend: str, device: torch.device | str = "cpu") -> None:
-        """Run the sparse convolutions on ``backend`` ("torch" or "minkowski"); fails now,
-        saying how to install it, if MinkowskiEngine cannot run on ``device``."""
-        if backend == "minkowski":
-            from .minkowski import require
-
-            require(device)
-        elif backend != "torch":
-            raise ValueError(f"unknown sparse backend {backend!r} (use 'torch' or 'minkowski')")
-        self.backend = backend
+        """Run the sparse convolutions on the backend called ``backend`` (:mod:`.backends`);
+        fails now, saying what to do, if it cannot run on ``device``."""
+        self.backend = get_backend(backend, device)
 
     def voxelize(self, points: torch.Tensor, batch: torch.Tensor | None = None) -> PointField:
         """The model's voxelisation (its voxel size, on its backend) of [N, 3] points."""
-        return voxelize(points, batch, self.config.voxel_size, backend=self.backend)
+        return self.backend.voxelize(points, batch, self.config.voxel_size)

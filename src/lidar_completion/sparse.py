@@ -13,18 +13,23 @@ loop over points) and row order is deterministic (lexicographic in batch, x, y, 
 
 All tensors that share one voxelised input share one :class:`CoordinateManager`, which
 caches coordinate sets per stride and the kernel maps between them (a U-Net reuses each
-map several times).
+map several times). It is this module's implementation of :class:`Coordinates`, the
+contract every backend's coordinate sets keep; :class:`TorchBackend` is this module's
+entry in :mod:`lidar_completion.backends` (MinkowskiEngine's is :mod:`lidar_completion.minkowski`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 __all__ = [
+    "Coordinates",
     "CoordinateManager",
+    "TorchBackend",
     "SparseTensor",
     "PointField",
     "voxelize",
@@ -119,15 +124,31 @@ def _packed_shifts(offsets: torch.Tensor) -> torch.Tensor:
     return (offsets[:, 0] << (2 * _COORD_BITS)) + (offsets[:, 1] << _COORD_BITS) + offsets[:, 2]
 
 
+@runtime_checkable
+class Coordinates(Protocol):
+    """What a :class:`SparseTensor` holds as its ``manager``: the coordinate sets of one
+    voxelised input, per tensor stride, and the convolutions between them. Convolution
+    modules ask the tensor's manager to run them, so the same networks and weights run on
+    any backend that provides these three methods (:class:`CoordinateManager` here,
+    ``lidar_completion.minkowski.MinkowskiCoordinates`` on MinkowskiEngine)."""
+
+    def coordinates(self, stride: int) -> torch.Tensor:
+        """``(batch, x, y, z)`` int64 rows of the stride-``stride`` set, in row order."""
+        ...
+
+    def convolve(self, x: "SparseTensor", kernel: torch.Tensor, kernel_size: int, stride: int) -> "SparseTensor":
+        """MinkowskiConvolution of ``x``: k=3/1 stride 1 keeps the coordinates, k=2 s=2 halves them."""
+        ...
+
+    def convolve_transpose(self, x: "SparseTensor", kernel: torch.Tensor) -> "SparseTensor":
+        """MinkowskiConvolutionTranspose k=2 s=2 of ``x`` onto the finer set that already exists."""
+        ...
+
+
 @dataclass
 class CoordinateManager:
-    """Coordinate sets per tensor stride and cached kernel maps, shared by one forward.
-
-    It is also the *backend* of every :class:`SparseTensor` built on it: convolutions ask
-    the tensor's manager to run them (:meth:`convolve`, :meth:`convolve_transpose`,
-    :meth:`coordinates`), so ``lidar_completion.minkowski`` can stand in an object with
-    the same three methods and run the very same networks on MinkowskiEngine.
-    """
+    """Coordinate sets per tensor stride and cached kernel maps, shared by one forward: the
+    pure-PyTorch :class:`Coordinates`."""
 
     keys: dict[int, torch.Tensor] = field(default_factory=dict)
     coords: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -229,7 +250,7 @@ class SparseTensor:
 
     feats: torch.Tensor
     stride: int
-    manager: CoordinateManager
+    manager: Coordinates
 
     @property
     def coords(self) -> torch.Tensor:
@@ -266,31 +287,32 @@ class PointField:
         return tensor.feats.index_select(0, self.voxel_of_point)
 
 
+def field_inputs(
+    points: torch.Tensor, batch: torch.Tensor | None, feats: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(points, batch, feats)`` checked, with the defaults every backend's ``voxelize``
+    uses: batch 0 for every point, the point position itself as the feature (LiDiff)."""
+    if points.ndim != 2 or points.shape[1] != 3:
+        raise ValueError(f"points must be [N, 3], got {tuple(points.shape)}")
+    if batch is None:
+        batch = torch.zeros(points.shape[0], dtype=torch.long, device=points.device)
+    return points, batch, points if feats is None else feats
+
+
 def voxelize(
     points: torch.Tensor,
     batch: torch.Tensor | None,
     voxel_size: float,
     feats: torch.Tensor | None = None,
-    backend: str = "torch",
 ) -> PointField:
     """Quantise points to ``round(p / voxel_size)`` and average features per voxel.
 
     This is MinkowskiEngine's ``TensorField(..., UNWEIGHTED_AVERAGE).sparse()`` as used by
-    LiDiff: the default feature is the point position itself. The tensors it returns carry
-    their backend: with ``backend="minkowski"`` every convolution applied to them downstream
-    runs on MinkowskiEngine (see :mod:`lidar_completion.minkowski`).
+    LiDiff: the default feature is the point position itself. The tensors it returns run
+    their convolutions in pure PyTorch; ``lidar_completion.backends.voxelize`` picks a
+    backend by name.
     """
-    if points.ndim != 2 or points.shape[1] != 3:
-        raise ValueError(f"points must be [N, 3], got {tuple(points.shape)}")
-    feats = points if feats is None else feats
-    if batch is None:
-        batch = torch.zeros(points.shape[0], dtype=torch.long, device=points.device)
-    if backend == "minkowski":
-        from . import minkowski
-
-        return minkowski.voxelize(points, batch, voxel_size, feats)
-    if backend != "torch":
-        raise ValueError(f"unknown sparse backend {backend!r} (use 'torch' or 'minkowski')")
+    points, batch, feats = field_inputs(points, batch, feats)
     grid = torch.round(points / voxel_size).long()
     coords = torch.cat([batch.long().view(-1, 1), grid], dim=1)
     keys, inverse = torch.unique(pack(coords), sorted=True, return_inverse=True)
@@ -300,6 +322,20 @@ def voxelize(
     counts = torch.bincount(inverse, minlength=keys.numel()).clamp_(min=1)
     sparse = SparseTensor(sums / counts.unsqueeze(1).to(feats.dtype), 1, manager)
     return PointField(points, inverse, sparse)
+
+
+class TorchBackend:
+    """The built-in backend (a :class:`lidar_completion.backends.SparseBackend`): plain
+    tensor ops, on any device torch runs on."""
+
+    name = "torch"
+
+    def check_device(self, device: torch.device | str) -> None:
+        """Nothing to check: this backend runs wherever torch does."""
+
+    def voxelize(self, points: torch.Tensor, batch: torch.Tensor | None, voxel_size: float,
+                 feats: torch.Tensor | None = None) -> PointField:
+        return voxelize(points, batch, voxel_size, feats)
 
 
 # Offsets are processed in groups of about this many bytes of gathered inputs + products:

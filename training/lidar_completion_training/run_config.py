@@ -13,7 +13,8 @@ from typing import Any
 
 import yaml
 
-from lidar_completion.config import BACKENDS, PREDICTIONS, SAMPLERS
+from lidar_completion.backends import check_backend
+from lidar_completion.config import PREDICTIONS, SAMPLERS
 
 __all__ = ["RunConfig", "load_run_config"]
 
@@ -93,7 +94,7 @@ class TrainerSection:
         _check(self.diagnose_every >= 0, "trainer.diagnose_every", "must be >= 0 (0: off)")
         _check(self.accelerator in ("auto", "cpu", "gpu", "cuda"), "trainer.accelerator", f"unknown accelerator {self.accelerator!r}")
         _check(self.num_nodes >= 1, "trainer.num_nodes", "must be >= 1")
-        _check(self.backend in BACKENDS, "trainer.backend", f"must be one of {list(BACKENDS)}, got {self.backend!r}")
+        check_backend(self.backend, "trainer.backend")
 
 
 @dataclass(frozen=True)

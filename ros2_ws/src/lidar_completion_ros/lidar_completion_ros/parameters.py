@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lidar_completion.backends import BACKENDS
+
 __all__ = [
     "COMPLETION_KEYS",
     "PARAMETERS",
@@ -147,7 +149,7 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec(
         "backend", "torch",
         "Sparse convolutions: torch (built in) or minkowski (MinkowskiEngine 0.5.4, when installed).",
-        choices=("torch", "minkowski"), read_only=True,
+        choices=BACKENDS, read_only=True,
     ),
     ParamSpec("refine", False, "Run the x6 refinement net after sampling (the checkpoint, or refine_checkpoint, "
               "must have one)."),
