@@ -61,6 +61,21 @@ def test_report_has_every_row_with_standard_errors_and_the_steps_curve(tiny_data
     budget = next(v for k, v in summary.items() if "budget" in k)
     assert budget["points"] == 320 and budget["cd_se"] > 0
     assert (out / "cd_vs_steps.png").stat().st_size > 0 and (out / "completions.png").stat().st_size > 0
+    paired = (out / "paired.md").read_text()
+    # The same checkpoint as both students: the paired difference is exactly zero.
+    assert "| Distillation-DPO student, 1 step(s) − plain distillation student, 1 step(s) | +0.0000 ± 0.0000 | 0/2 |" in paired
+    assert "+ refinement − input scan (all points in range)" in paired
+
+
+def test_paired_differences_cancel_scene_difficulty():
+    from lidar_completion_training.evaluate import paired_differences
+
+    # b is worse than a by 0.01 on every scan while the scans themselves differ by 1 m:
+    # unpaired standard errors would hide the gap, the paired one is zero.
+    per_scan = {"a": [{"cd": c} for c in (1.0, 2.0, 3.0)], "b": [{"cd": c + 0.01} for c in (1.0, 2.0, 3.0)], "c": [{"cd": 1.0}]}
+    table = paired_differences(per_scan, [("a", "b"), ("a", "c"), ("a", "missing")])
+    assert "| a − b | -0.0100 ± 0.0000 | 3/3 |" in table
+    assert "a − c" not in table and "missing" not in table
 
 
 def _bags(tiny_dataset, tmp_path):

@@ -185,10 +185,12 @@ def test_distillation_run_exports_a_student_with_the_teachers_encoder(tiny_datas
     config = run_config(
         tiny_dataset, tmp_path / "student", kind="distill",
         trainer={"max_steps": 2, "checkpoint_every": 1, "optimizer": "sgd", "lr": 1e-3, "grad_clip": 0.05},
-        distill={"teacher": str(teacher_dir)},
+        distill={"teacher": str(teacher_dir), "aux_steps": 2},
     )
     student = load_model(fit(config, progress=False))
     assert student.config.kind == "student" and student.config.default_steps == 1
+    # Lightning counts optimizer steps (2 auxiliary + 1 student per batch); the run trains max_steps batches.
+    assert torch.load(tmp_path / "student" / "checkpoints" / "last.ckpt", weights_only=True)["data_step"] == 2
     for key, value in teacher.encoder.state_dict().items():
         assert torch.equal(student.encoder.state_dict()[key], value)
     changed = [k for k, v in teacher.denoiser.state_dict().items() if not torch.equal(student.denoiser.state_dict()[k], v)]

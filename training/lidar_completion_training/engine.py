@@ -345,8 +345,9 @@ def build_trainer(config: RunConfig, progress: bool = True, resume_step: int | N
         devices=t.devices,
         num_nodes=t.num_nodes,
         strategy=strategy,
-        # Lightning counts optimizer steps; distillation steps two optimizers per batch.
-        max_steps=t.max_steps * (2 if config.kind == "distill" else 1),
+        # Lightning counts optimizer steps; distillation steps the auxiliaries aux_steps times
+        # and the student once per batch.
+        max_steps=t.max_steps * (config.distill.aux_steps + 1 if config.kind == "distill" else 1),
         max_epochs=-1,
         precision=t.precision,
         gradient_clip_val=t.grad_clip if config.kind != "distill" else None,

@@ -1,6 +1,6 @@
 """Evaluation: completion metrics on held-out sequences, as a table, JSON, CSV and plots.
 
-    lidar-evaluate --root data/synthetic --sequences 05 --checkpoint MODEL [--steps K] [--guidance W]
+    lidar-evaluate --root data/synthetic --sequences 05 --checkpoint MODEL [--steps K] [--guidance W] [--sampler ve --t0 T]
     lidar-evaluate --root ... --sequences 05 --completed DIR        # score files made elsewhere
     lidar-evaluate --root ... --sequences 00 --completed-bag OUT_BAG --input-bag IN_BAG   # a bag completed over ROS
     lidar-evaluate report --root ... --sequences 05 --teacher T --student S --sd-student SD [--runs ...]
@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from lidar_completion.config import SAMPLERS
 
 from .dataset import CompletionDataset, PairConfig
 from .metrics import evaluate_completion
@@ -122,6 +124,20 @@ def markdown_table(summary: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def paired_differences(per_scan: dict[str, list[dict[str, float]]], pairs: Sequence[tuple[str, str]], key: str = "cd") -> str:
+    """Per-scan differences ``a - b`` of ``key`` for rows computed on the same scans: mean ±
+    standard error of the difference (the paired comparison: scene difficulty cancels) and
+    how often ``a`` was lower. Pairs whose rows are missing are skipped."""
+    lines = [f"| {key}: a - b (paired, same scans) | mean ± SE | a lower on |", "|---|---|---|"]
+    for a, b in pairs:
+        if a not in per_scan or b not in per_scan or len(per_scan[a]) != len(per_scan[b]):
+            continue
+        diff = np.array([ra[key] - rb[key] for ra, rb in zip(per_scan[a], per_scan[b])])
+        se = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else 0.0
+        lines.append(f"| {a} − {b} | {diff.mean():+.4f} ± {se:.4f} | {(diff < 0).sum()}/{len(diff)} |")
+    return "\n".join(lines)
+
+
 def write_outputs(out: Path, summary: dict[str, dict[str, float]], per_scan: dict[str, list[dict[str, float]]]) -> str:
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(summary)
@@ -221,6 +237,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--picture-note", default="", help="appended to the picture's title")
     parser.add_argument("--steps", type=int)
     parser.add_argument("--guidance", type=float)
+    parser.add_argument("--sampler", choices=SAMPLERS, help="default: the checkpoint's own")
+    parser.add_argument("--t0", type=int, help="start timestep of the sampler (default: the checkpoint's own)")
     parser.add_argument("--refine", action="store_true")
     parser.add_argument("--no-emd", action="store_true", help="skip EMD (exact optimal transport; the slowest metric)")
     args = parser.parse_args(argv)
@@ -256,7 +274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         name = str(args.completed)
     else:
-        setting = Setting(Path(args.checkpoint).name, args.checkpoint, args.steps, args.guidance, args.refine)
+        setting = Setting(Path(args.checkpoint).name, args.checkpoint, args.steps, args.guidance, args.refine,
+                          sampler=args.sampler, t0=args.t0)
         rows = evaluate_setting(setting, dataset, indices, preset=args.preset, n_part=args.n_part, device=args.device,
                                 seed=args.seed, with_emd=with_emd)
         name = setting.name
@@ -404,10 +423,18 @@ def report(argv: Sequence[str]) -> int:
         loaded = json.loads((earlier / "summary.json").read_text())
         summary, per_scan = loaded["summary"] | summary, loaded["per_scan"] | per_scan
     table = write_outputs(args.out, summary, per_scan)
+    budget_row = next((name for name in summary if "the completion's budget" in name), None)
+    teacher_at_k = next((name for name in summary if "the student's)" in name), None)
+    teacher_full = next((name for name in summary if name.startswith(f"teacher, {args.teacher_steps} steps, VE")), None)
+    dpo, sd = f"Distillation-DPO student, {k} step(s)", f"plain distillation student, {k} step(s)"
+    paired = paired_differences(per_scan, [(dpo, sd), (dpo, teacher_at_k), (sd, teacher_at_k), (dpo, teacher_full),
+                                           (dpo, budget_row), (f"{dpo} + refinement", INPUT_ROW)])
+    (args.out / "paired.md").write_text(paired + "\n")
     _render_examples(drawn, args.out / "completions.png")
     _plot_cd_vs_steps(summary, args.out / "cd_vs_steps.png")
     curves = plot_training_curves(args.runs, args.out / "training_curves.png")
     print(table)
+    print(paired)
     print(f"lidar-evaluate: {len(indices)} scans of {', '.join(args.sequences)}; outputs in {args.out}"
           + (f"; curves {curves}" if curves else ""))
     return 0
