@@ -30,7 +30,8 @@ import torch
 import lidar_completion
 from lidar_completion.checkpoints import load_model
 from lidar_completion.model import CompletionModel, ModelConfig
-from lidar_completion.completer import SceneCompleter, farthest_point_sample, resolve_device
+from lidar_completion.completer import SceneCompleter, resolve_device
+from lidar_completion.points import farthest_point_sample
 from lidar_completion.config import MODEL_PRESET, PRESETS, load_config
 from lidar_completion.io import read_points
 

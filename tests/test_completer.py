@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from lidar_completion.model import CompletionModel, ModelConfig
-from lidar_completion.completer import ScanError, SceneCompleter, farthest_point_sample
+from lidar_completion.completer import ScanError, SceneCompleter
+from lidar_completion.points import farthest_point_sample
 from lidar_completion.config import CompletionConfig
 
 

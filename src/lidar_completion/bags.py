@@ -18,6 +18,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 
 from lidar_completion.pointcloud2 import build_cloud, cloud_to_xyz
+from lidar_completion.points import read_kitti_bin
 
 __all__ = [
     "DEFAULT_START_NS",
@@ -30,7 +31,6 @@ __all__ = [
     "kitti_sequence_to_bag",
     "main",
     "read_clouds",
-    "read_kitti_scan",
     "write_clouds",
 ]
 
@@ -213,14 +213,6 @@ def read_clouds(
 _SCAN_NAME = re.compile(r"^\d+\.bin$")
 
 
-def read_kitti_scan(path: str | Path) -> np.ndarray:
-    """(N, 4) float32 x, y, z, remission from a KITTI ``velodyne/NNNNNN.bin`` file."""
-    raw = np.fromfile(path, dtype="<f4")
-    if raw.size % 4:
-        raise BagError(f"{path}: size is not a multiple of 16 bytes (x, y, z, remission float32)")
-    return raw.reshape(-1, 4).astype(np.float32, copy=False)
-
-
 def _kitti_stamps(sequence: Path, n: int, rate_hz: float | None, start_ns: int) -> np.ndarray:
     times_file = sequence / "times.txt"
     if rate_hz is None and times_file.is_file():
@@ -268,7 +260,7 @@ def kitti_sequence_to_bag(
 
     def clouds() -> Iterator[tuple[int, str, np.ndarray, dict[str, np.ndarray]]]:
         for scan, stamp in zip(scans, stamps, strict=True):
-            pts = read_kitti_scan(scan)
+            pts = read_kitti_bin(scan)
             yield int(stamp), frame_id, pts[:, :3], {"intensity": pts[:, 3]}
 
     return write_clouds(out, clouds(), topic, storage, store=store)

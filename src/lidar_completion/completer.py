@@ -26,12 +26,13 @@ import torch
 
 from .checkpoints import load_model
 from .model import CompletionModel
+from .points import farthest_point_sample, in_range
 from .config import CompletionConfig
 from . import diffusion
 from .networks import Denoiser
 from .sparse import SparseTensor
 
-__all__ = ["ScanError", "CompletionResult", "SceneCompleter", "resolve_device", "farthest_point_sample"]
+__all__ = ["ScanError", "CompletionResult", "SceneCompleter", "resolve_device"]
 
 
 class ScanError(ValueError):
@@ -77,19 +78,6 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device {name!r} requested but CUDA is not available (use 'auto' or 'cpu')")
     return torch.device(name)
-
-
-def farthest_point_sample(points: np.ndarray, count: int, start: int = 0) -> np.ndarray:
-    """``count`` points by farthest-point sampling (fpsample's KD-tree "QuickFPS"), starting
-    at row ``start`` (deterministic); repeats points when there are fewer than ``count``."""
-    import fpsample
-
-    n = len(points)
-    if n <= count:
-        return points[np.resize(np.arange(n), count)]  # every point once, then wrap around
-    height = 3 if n < 20_000 else 7 if n < 200_000 else 9  # bucket height per fpsample's guide
-    index = fpsample.bucket_fps_kdline_sampling(points, count, h=height, start_idx=start)
-    return points[np.sort(index.astype(np.int64))]
 
 
 class _Timer:
@@ -171,9 +159,7 @@ class SceneCompleter:
         if points.ndim != 2 or points.shape[1] < 3:
             raise ScanError(f"expected an [N, 3] array of points, got shape {points.shape}")
         xyz = np.ascontiguousarray(points[:, :3], dtype=np.float32)
-        xyz = xyz[np.isfinite(xyz).all(axis=1)]
-        r = np.linalg.norm(xyz.astype(np.float64), axis=1)  # float64: no overflow on garbage values
-        xyz = xyz[(r > data.min_range) & (r < self.max_range)]
+        xyz = xyz[in_range(xyz, data.min_range, self.max_range)]  # NaN/inf rows are never in range
         if len(xyz) == 0:
             raise ScanError(
                 f"no finite point between {data.min_range} m and {self.max_range} m "
@@ -186,8 +172,7 @@ class SceneCompleter:
         (bounds inclusive, so a flat scan keeps its plane)."""
         z = partial[:, 2]
         low, high = z.mean() - 2 * z.std(), z.max()
-        r = np.linalg.norm(completed.astype(np.float64), axis=1)
-        keep = (r < self.max_range) & (completed[:, 2] >= low) & (completed[:, 2] <= high)
+        keep = in_range(completed, max_range=self.max_range) & (completed[:, 2] >= low) & (completed[:, 2] <= high)
         return completed[keep]
 
     def _generators(self, count: int) -> list[torch.Generator] | None:

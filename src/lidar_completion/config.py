@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import yaml
 
@@ -33,9 +33,20 @@ SAMPLERS = ("dpmsolver++", "ve")
 PREDICTIONS = ("epsilon", "displacement")
 
 
-def _check(condition: bool, key: str, message: str) -> None:
+def check(condition: bool, key: str, message: str) -> None:
+    """The one form of a config error: ``ValueError("<key>: <message>")`` unless ``condition``."""
     if not condition:
         raise ValueError(f"{key}: {message}")
+
+
+def check_keys(values: Mapping[Any, Any], allowed: Any, what: str = "config", prefix: str = "") -> None:
+    """``ValueError`` naming (as ``repr``, since a key may hold any character) every key of
+    ``values`` that ``allowed`` -- a dataclass, or an iterable of names -- does not have;
+    ``prefix`` (e.g. ``"data."``) says which section they were found in."""
+    names = {f.name for f in dataclasses.fields(allowed)} if dataclasses.is_dataclass(allowed) else set(allowed)
+    unknown = sorted((str(k) for k in values if k not in names))
+    if unknown:
+        raise ValueError(f"unknown {what} keys: {', '.join(repr(prefix + k) for k in unknown)}")
 
 
 @dataclass(frozen=True)
@@ -50,12 +61,12 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         choices = sorted([*PRESETS, MODEL_PRESET])
-        _check(self.preset in choices, "data.preset", f"must be one of {choices}, got {self.preset!r}")
-        _check(0 <= self.min_range < self.max_range, "data.min_range", "need 0 <= min_range < max_range")
-        _check(self.max_range <= 500, "data.max_range", "must be <= 500 m")
+        check(self.preset in choices, "data.preset", f"must be one of {choices}, got {self.preset!r}")
+        check(0 <= self.min_range < self.max_range, "data.min_range", "need 0 <= min_range < max_range")
+        check(self.max_range <= 500, "data.max_range", "must be <= 500 m")
         if self.n_part is not None:
-            _check(16 <= self.n_part <= 200_000, "data.n_part", f"must be in [16, 200000], got {self.n_part}")
-        _check(1 <= self.repeat <= 50, "data.repeat", "must be in [1, 50]")
+            check(16 <= self.n_part <= 200_000, "data.n_part", f"must be in [16, 200000], got {self.n_part}")
+        check(1 <= self.repeat <= 50, "data.repeat", "must be in [1, 50]")
 
     def resolve_n_part(self, model_n_part: int | None) -> int:
         """Explicit ``n_part``, else the preset's, else the model's trained budget, else lite."""
@@ -78,15 +89,15 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         if self.steps is not None:
-            _check(1 <= self.steps <= 1000, "sampling.steps", f"must be in [1, 1000], got {self.steps}")
+            check(1 <= self.steps <= 1000, "sampling.steps", f"must be in [1, 1000], got {self.steps}")
         if self.guidance is not None:
-            _check(0 <= self.guidance <= 50, "sampling.guidance", f"must be in [0, 50], got {self.guidance}")
+            check(0 <= self.guidance <= 50, "sampling.guidance", f"must be in [0, 50], got {self.guidance}")
         if self.seed is not None:
-            _check(0 <= self.seed < 2**63, "sampling.seed", "must be a non-negative integer")
+            check(0 <= self.seed < 2**63, "sampling.seed", "must be a non-negative integer")
         if self.sampler is not None:
-            _check(self.sampler in SAMPLERS, "sampling.sampler", f"must be one of {list(SAMPLERS)}, got {self.sampler!r}")
+            check(self.sampler in SAMPLERS, "sampling.sampler", f"must be one of {list(SAMPLERS)}, got {self.sampler!r}")
         if self.t0 is not None:
-            _check(1 <= self.t0 <= 999, "sampling.t0", f"must be in [1, 999], got {self.t0}")
+            check(1 <= self.t0 <= 999, "sampling.t0", f"must be in [1, 999], got {self.t0}")
 
 
 @dataclass(frozen=True)
@@ -101,7 +112,7 @@ class CompletionConfig:
 
     def __post_init__(self) -> None:
         check_backend(self.backend, "backend")
-        _check(
+        check(
             self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
             "device",
             f"must be auto, cpu, cuda or cuda:N, got {self.device!r}",
@@ -120,17 +131,11 @@ class CompletionConfig:
             else:
                 nested[key] = value
         sections = {"data": DataConfig, "sampling": SamplingConfig}
-        top = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(nested) - top)
-        if unknown:
-            raise ValueError(f"unknown config keys: {', '.join(unknown)}")
+        check_keys(nested, cls)
         kwargs: dict[str, Any] = {}
         for key, value in nested.items():
             if key in sections:
-                allowed = {f.name for f in dataclasses.fields(sections[key])}
-                bad = sorted(set(value) - allowed)
-                if bad:
-                    raise ValueError(f"unknown config keys: {', '.join(f'{key}.{b}' for b in bad)}")
+                check_keys(value, sections[key], prefix=f"{key}.")
                 kwargs[key] = sections[key](**value)
             else:
                 kwargs[key] = value

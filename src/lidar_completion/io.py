@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .points import read_kitti_bin, write_kitti_bin
+
 __all__ = ["PointFileError", "read_points", "write_points", "SUPPORTED_SUFFIXES"]
 
 SUPPORTED_SUFFIXES = (".bin", ".ply", ".pcd", ".npy")
@@ -22,10 +24,10 @@ class PointFileError(ValueError):
 
 
 def _read_bin(path: Path) -> np.ndarray:
-    size = path.stat().st_size
-    if size % 16:
-        raise PointFileError(f"{path}: size {size} bytes is not a multiple of 16 (x, y, z, remission float32)")
-    return np.fromfile(path, dtype=np.float32).reshape(-1, 4)[:, :3]
+    try:
+        return read_kitti_bin(path)[:, :3]
+    except ValueError as err:
+        raise PointFileError(str(err)) from None
 
 
 def _read_ply(path: Path) -> np.ndarray:
@@ -89,7 +91,7 @@ def write_points(path: str | os.PathLike, points: np.ndarray) -> Path:
     elif suffix == ".npy":
         np.save(path, points)
     elif suffix == ".bin":
-        np.hstack([points, np.zeros((len(points), 1), np.float32)]).tofile(path)
+        write_kitti_bin(path, points)
     elif suffix == ".pcd":
         from pypcd4 import PointCloud
 

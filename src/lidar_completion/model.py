@@ -9,14 +9,13 @@ from it. Reading and writing them is :mod:`.checkpoints`' job; sampling is :mod:
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .backends import SparseBackend, get_backend
-from .config import PREDICTIONS, SAMPLERS
+from .config import PREDICTIONS, SAMPLERS, check_keys
 from .diffusion import NoiseSchedule
 from .networks import Denoiser, RefinementNet, ScanEncoder, channel_widths
 from .sparse import PointField
@@ -89,10 +88,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown model config keys: {', '.join(map(repr, unknown))}")  # repr: a key may hold any character
+        check_keys(values, cls, "model config")
         return cls(**values)
 
 

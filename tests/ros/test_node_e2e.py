@@ -98,7 +98,7 @@ def test_replay_through_node_into_recorder(domain_id: int, model, synthetic_root
 
     if model.trained:
         from lidar_completion.checkpoints import load_model
-        from lidar_completion.completer import farthest_point_sample
+        from lidar_completion.points import farthest_point_sample
         from lidar_completion_training.dataset import CompletionDataset, PairConfig
         from lidar_completion_training.metrics import chamfer_distance
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from scipy.spatial import cKDTree
 
+from lidar_completion.points import voxel_keys
 from lidar_completion_training import kitti, maps, metrics
 from lidar_completion_training import synthetic as S
 from lidar_completion_training.dataset import CompletionDataset, PairConfig
@@ -49,7 +50,7 @@ def test_voxel_downsample_averages_each_cell() -> None:
 
 def test_map_is_a_dense_static_voxel_grid(sequence: kitti.KittiSequence, ground_truth: np.ndarray) -> None:
     assert ground_truth.dtype == np.float32 and ground_truth.shape[1] == 3
-    assert len(np.unique(maps.voxel_keys(ground_truth, 0.1))) == len(ground_truth)  # one point per 10 cm voxel
+    assert len(np.unique(voxel_keys(ground_truth, 0.1))) == len(ground_truth)  # one point per 10 cm voxel
     assert len(ground_truth) > 4 * len(sequence.scan(0))
 
 

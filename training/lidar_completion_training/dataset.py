@@ -25,12 +25,12 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from lidar_completion.completer import farthest_point_sample as fps_from
+from lidar_completion.points import farthest_point_sample, in_range, pack_cells, voxel_keys
 
 from .kitti import KittiSequence, static_mask
 from .maps import load_map
 
-__all__ = ["PairConfig", "CompletionDataset", "augment_pair", "farthest_point_sample", "random_sample"]
+__all__ = ["PairConfig", "CompletionDataset", "augment_pair", "random_sample"]
 
 
 @dataclass(frozen=True)
@@ -50,11 +50,6 @@ class PairConfig:
 
 def _repeat_to(points: np.ndarray, n: int) -> np.ndarray:
     return np.resize(points, (n, points.shape[1]))
-
-
-def farthest_point_sample(points: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """``n`` points spread by farthest-point sampling from a random start (the pipeline's sampler)."""
-    return fps_from(points, n, start=int(rng.integers(len(points))))
 
 
 def random_sample(points: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -80,17 +75,11 @@ def augment_pair(
     return move(partial), move(full)
 
 
-def _cell_keys(xy: np.ndarray, cell: float) -> np.ndarray:
-    """One int64 per x/y cell (x index in the high 32 bits)."""
-    ij = np.floor(xy / cell).astype(np.int64)
-    return (ij[:, 0] << 32) + ij[:, 1]
-
-
 class _CellIndex:
     """Map points sorted by x/y cell, so a radius query reads only the cells near the sensor."""
 
     def __init__(self, points: np.ndarray, cell: float) -> None:
-        keys = _cell_keys(points[:, :2], cell)
+        keys = voxel_keys(points, cell, axes=2)
         order = np.argsort(keys, kind="stable")
         self.points, self.cell = points[order], cell
         self.keys, self.starts = np.unique(keys[order], return_index=True)
@@ -100,7 +89,7 @@ class _CellIndex:
         lo = np.floor((center[:2] - radius) / self.cell).astype(np.int64)
         hi = np.floor((center[:2] + radius) / self.cell).astype(np.int64)
         gx, gy = np.meshgrid(np.arange(lo[0], hi[0] + 1), np.arange(lo[1], hi[1] + 1), indexing="ij")
-        wanted = (gx.ravel() << 32) + gy.ravel()
+        wanted = pack_cells(np.stack([gx.ravel(), gy.ravel()], axis=1))
         pos = np.clip(np.searchsorted(self.keys, wanted), 0, len(self.keys) - 1)
         pos = pos[self.keys[pos] == wanted]
         counts = self.ends[pos] - self.starts[pos]
@@ -155,14 +144,13 @@ class CompletionDataset(Dataset):
         c = self.config
         scan = sequence.scan(i)
         partial = scan[static_mask(sequence.labels(i, len(scan))), :3]
-        r = np.linalg.norm(partial, axis=1)
-        partial = partial[(r > c.min_range) & (r < c.max_range) & (partial[:, 2] > c.min_z)]
+        partial = partial[in_range(partial, c.min_range, c.max_range) & (partial[:, 2] > c.min_z)]
         if len(partial) == 0:
             raise ValueError(f"{sequence.scan_paths[i]}: no static point within {c.min_range}-{c.max_range} m")
         pose = sequence.poses[i]
         full = (self._map(sequence).within(pose[:3, 3], c.max_range) - pose[:3, 3]) @ pose[:3, :3]
         full = full[full[:, 2] > c.min_z]
-        full = full[np.isin(_cell_keys(full[:, :2], c.cell), _cell_keys(partial[:, :2], c.cell))]
+        full = full[np.isin(voxel_keys(full, c.cell, axes=2), voxel_keys(partial, c.cell, axes=2))]
         if len(full) == 0:
             raise ValueError(f"{sequence.path}: the map has no point near scan {i}; was it built from these poses?")
         return partial.astype(np.float32), full.astype(np.float32)
@@ -170,7 +158,7 @@ class CompletionDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         partial, full = self.pair(index)
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        partial = farthest_point_sample(partial, self.config.n_part, rng)
+        partial = farthest_point_sample(partial, self.config.n_part, start=rng)  # from a random row
         full = random_sample(full, self.config.n_full, rng)
         if self.augment:
             partial, full = augment_pair(partial, full, rng, self.config)

@@ -24,6 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+from lidar_completion.points import read_kitti_bin as read_scan
+from lidar_completion.points import write_kitti_bin as write_scan
+
 __all__ = [
     "KittiSequence",
     "read_calib",
@@ -54,15 +57,6 @@ def _existing(path: PathLike) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     return path
-
-
-def read_scan(path: PathLike) -> np.ndarray:
-    """Read a ``.bin`` scan as an (N, 4) float32 array of x, y, z, remission."""
-    path = _existing(path)
-    if path.stat().st_size % 16:
-        size = path.stat().st_size
-        raise ValueError(f"{path}: {size} bytes is not a whole number of 16-byte (x, y, z, remission) points")
-    return np.fromfile(path, dtype=np.float32).reshape(-1, 4)
 
 
 def read_labels(path: PathLike, n_points: int | None = None) -> np.ndarray:
@@ -147,14 +141,6 @@ def read_times(path: PathLike) -> np.ndarray:
     """Read ``times.txt`` as (M,) float64 seconds."""
     path = _existing(path)
     return np.array([values[0] for _, values in _read_rows(path, 1)], dtype=np.float64)
-
-
-def write_scan(path: PathLike, points: np.ndarray) -> None:
-    """Write (N, 4) x, y, z, remission as float32 ``.bin``."""
-    points = np.ascontiguousarray(points, dtype=np.float32)
-    if points.ndim != 2 or points.shape[1] != 4:
-        raise ValueError(f"{path}: expected (N, 4) points, got {points.shape}")
-    points.tofile(path)
 
 
 def write_labels(path: PathLike, labels: np.ndarray) -> None:

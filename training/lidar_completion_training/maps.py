@@ -16,22 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
+from lidar_completion.points import voxel_keys
+
 from .kitti import KittiSequence, static_mask
 
-__all__ = ["MAP_FILE", "VoxelMean", "build_map", "load_map", "map_path", "voxel_downsample", "voxel_keys", "main"]
+__all__ = ["MAP_FILE", "VoxelMean", "build_map", "load_map", "map_path", "voxel_downsample", "main"]
 
 MAP_FILE = "map_clean.npy"
-_BITS = 21  # per axis in a packed voxel key: +-2^20 voxels, i.e. +-104 km at 0.1 m
-
-
-def voxel_keys(points: np.ndarray, voxel: float) -> np.ndarray:
-    """One int64 per point naming its ``voxel``-sized cell (x, y, z packed in 21 bits each)."""
-    cells = np.floor(np.asarray(points)[:, :3] / voxel).astype(np.int64)
-    half = 1 << (_BITS - 1)
-    if cells.size and (cells.min() < -half or cells.max() >= half):
-        raise ValueError(f"points span more than +-{half * voxel:.0f} m; cannot key voxels of {voxel} m")
-    cells += half
-    return (cells[:, 0] << (2 * _BITS)) | (cells[:, 1] << _BITS) | cells[:, 2]
 
 
 class VoxelMean:

@@ -22,7 +22,7 @@ import numpy as np
 from scipy.spatial import cKDTree
 from scipy.spatial.distance import cdist, jensenshannon
 
-from .maps import voxel_keys
+from lidar_completion.points import KEY_BITS, voxel_keys
 
 __all__ = [
     "IOU_VOXELS",
@@ -42,7 +42,6 @@ EMD_VOXEL = 0.5
 EMD_MAX_VOXELS = 3000
 PRF_THRESHOLDS = np.linspace(0.05, 0.10, 100)
 IOU_VOXELS = (0.5, 0.2, 0.1)
-_Z_BITS = 21  # voxel_keys packs z in the low 21 bits
 
 
 def _points(points: Any, name: str) -> np.ndarray:
@@ -113,7 +112,7 @@ def jsd_bev(pred: Any, gt: Any, voxel: float = JSD_VOXEL, bound: float = JSD_BOU
     """Jensen-Shannon distance of bird's-eye views: occupied voxels (0/1) counted per x/y column."""
 
     def columns(points: np.ndarray, name: str) -> np.ndarray:
-        return np.unique(_histogram_keys(points, name, voxel, bound)) >> _Z_BITS
+        return np.unique(_histogram_keys(points, name, voxel, bound)) >> KEY_BITS  # drop z: the x/y column
 
     return _jsd(columns(_points(pred, "pred"), "pred"), columns(_points(gt, "gt"), "gt"))
 

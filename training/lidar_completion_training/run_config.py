@@ -14,14 +14,9 @@ from typing import Any
 import yaml
 
 from lidar_completion.backends import check_backend
-from lidar_completion.config import PREDICTIONS, SAMPLERS
+from lidar_completion.config import PREDICTIONS, SAMPLERS, check, check_keys
 
 __all__ = ["RunConfig", "load_run_config"]
-
-
-def _check(condition: bool, key: str, message: str) -> None:
-    if not condition:
-        raise ValueError(f"{key}: {message}")
 
 
 @dataclass(frozen=True)
@@ -37,11 +32,11 @@ class DataSection:
     val_sequences: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        _check(len(self.train_sequences) > 0, "data.train_sequences", "must not be empty")
-        _check(16 <= self.n_part <= 200_000, "data.n_part", f"must be in [16, 200000], got {self.n_part}")
-        _check(self.n_full % self.n_part == 0, "data.n_full", f"must be a multiple of data.n_part ({self.n_part}), got {self.n_full}")
-        _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
-        _check(3.5 < self.max_range <= 100, "data.max_range", f"must be in (3.5, 100] m, got {self.max_range}")
+        check(len(self.train_sequences) > 0, "data.train_sequences", "must not be empty")
+        check(16 <= self.n_part <= 200_000, "data.n_part", f"must be in [16, 200000], got {self.n_part}")
+        check(self.n_full % self.n_part == 0, "data.n_full", f"must be a multiple of data.n_part ({self.n_part}), got {self.n_full}")
+        check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        check(3.5 < self.max_range <= 100, "data.max_range", f"must be in (3.5, 100] m, got {self.max_range}")
 
 
 @dataclass(frozen=True)
@@ -57,12 +52,12 @@ class ModelSection:
     guidance: float = 6.0
 
     def __post_init__(self) -> None:
-        _check(self.sampler in SAMPLERS, "model.sampler", f"must be one of {list(SAMPLERS)}, got {self.sampler!r}")
-        _check(self.t0 is None or 1 <= self.t0 <= 999, "model.t0", f"must be in [1, 999] or null, got {self.t0}")
-        _check(self.prediction in PREDICTIONS, "model.prediction", f"must be one of {list(PREDICTIONS)}, got {self.prediction!r}")
-        _check(0 <= self.guidance <= 50, "model.guidance", f"must be in [0, 50], got {self.guidance}")
-        _check(0.05 <= self.channel_ratio <= 4, "model.channel_ratio", f"must be in [0.05, 4], got {self.channel_ratio}")
-        _check(0 < self.voxel_size <= 1, "model.voxel_size", f"must be in (0, 1] m, got {self.voxel_size}")
+        check(self.sampler in SAMPLERS, "model.sampler", f"must be one of {list(SAMPLERS)}, got {self.sampler!r}")
+        check(self.t0 is None or 1 <= self.t0 <= 999, "model.t0", f"must be in [1, 999] or null, got {self.t0}")
+        check(self.prediction in PREDICTIONS, "model.prediction", f"must be one of {list(PREDICTIONS)}, got {self.prediction!r}")
+        check(0 <= self.guidance <= 50, "model.guidance", f"must be in [0, 50], got {self.guidance}")
+        check(0.05 <= self.channel_ratio <= 4, "model.channel_ratio", f"must be in [0.05, 4], got {self.channel_ratio}")
+        check(0 < self.voxel_size <= 1, "model.voxel_size", f"must be in (0, 1] m, got {self.voxel_size}")
 
 
 @dataclass(frozen=True)
@@ -85,15 +80,15 @@ class TrainerSection:
     diagnose_every: int = 0  # steps between learnability diagnostics on data.val_sequences; 0: off
 
     def __post_init__(self) -> None:
-        _check(self.max_steps >= 1, "trainer.max_steps", "must be >= 1")
-        _check(self.batch_size >= 1, "trainer.batch_size", "must be >= 1")
-        _check(0 < self.lr < 1, "trainer.lr", f"must be in (0, 1), got {self.lr}")
-        _check(self.optimizer in ("adam", "sgd"), "trainer.optimizer", f"must be adam or sgd, got {self.optimizer!r}")
-        _check(self.grad_clip is None or self.grad_clip > 0, "trainer.grad_clip", "must be > 0 or null")
-        _check(self.checkpoint_every >= 1, "trainer.checkpoint_every", "must be >= 1")
-        _check(self.diagnose_every >= 0, "trainer.diagnose_every", "must be >= 0 (0: off)")
-        _check(self.accelerator in ("auto", "cpu", "gpu", "cuda"), "trainer.accelerator", f"unknown accelerator {self.accelerator!r}")
-        _check(self.num_nodes >= 1, "trainer.num_nodes", "must be >= 1")
+        check(self.max_steps >= 1, "trainer.max_steps", "must be >= 1")
+        check(self.batch_size >= 1, "trainer.batch_size", "must be >= 1")
+        check(0 < self.lr < 1, "trainer.lr", f"must be in (0, 1), got {self.lr}")
+        check(self.optimizer in ("adam", "sgd"), "trainer.optimizer", f"must be adam or sgd, got {self.optimizer!r}")
+        check(self.grad_clip is None or self.grad_clip > 0, "trainer.grad_clip", "must be > 0 or null")
+        check(self.checkpoint_every >= 1, "trainer.checkpoint_every", "must be >= 1")
+        check(self.diagnose_every >= 0, "trainer.diagnose_every", "must be >= 0 (0: off)")
+        check(self.accelerator in ("auto", "cpu", "gpu", "cuda"), "trainer.accelerator", f"unknown accelerator {self.accelerator!r}")
+        check(self.num_nodes >= 1, "trainer.num_nodes", "must be >= 1")
         check_backend(self.backend, "trainer.backend")
 
 
@@ -104,9 +99,9 @@ class TeacherSection:
     max_timestep: int | None = None  # train on t in [0, max_timestep] (the sampler's range); null: all
 
     def __post_init__(self) -> None:
-        _check(self.max_timestep is None or 1 <= self.max_timestep <= 999, "teacher.max_timestep", "must be in [1, 999] or null")
-        _check(0 <= self.uncond_prob < 1, "teacher.uncond_prob", "must be in [0, 1)")
-        _check(self.reg_weight >= 0, "teacher.reg_weight", "must be >= 0")
+        check(self.max_timestep is None or 1 <= self.max_timestep <= 999, "teacher.max_timestep", "must be in [1, 999] or null")
+        check(0 <= self.uncond_prob < 1, "teacher.uncond_prob", "must be in [0, 1)")
+        check(self.reg_weight >= 0, "teacher.reg_weight", "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -122,13 +117,13 @@ class DistillSection:
     t0: int | None = None  # the student's start timestep; null: the teacher's
 
     def __post_init__(self) -> None:
-        _check(self.max_timestep is None or 1 <= self.max_timestep <= 999, "distill.max_timestep", "must be in [1, 999] or null")
-        _check(self.t0 is None or 1 <= self.t0 <= 999, "distill.t0", "must be in [1, 999] or null")
-        _check(self.mode in ("dpo", "sd"), "distill.mode", f"must be dpo or sd, got {self.mode!r}")
-        _check(self.noise_scale_loser > 0 and self.noise_scale_loser != 1.0, "distill.noise_scale_loser", "must be > 0 and != 1")
-        _check(self.loser_weight >= 0, "distill.loser_weight", "must be >= 0")
-        _check(1 <= self.student_steps <= 8, "distill.student_steps", "must be in [1, 8]")
-        _check(1 <= self.aux_steps <= 20, "distill.aux_steps", f"must be in [1, 20], got {self.aux_steps}")
+        check(self.max_timestep is None or 1 <= self.max_timestep <= 999, "distill.max_timestep", "must be in [1, 999] or null")
+        check(self.t0 is None or 1 <= self.t0 <= 999, "distill.t0", "must be in [1, 999] or null")
+        check(self.mode in ("dpo", "sd"), "distill.mode", f"must be dpo or sd, got {self.mode!r}")
+        check(self.noise_scale_loser > 0 and self.noise_scale_loser != 1.0, "distill.noise_scale_loser", "must be > 0 and != 1")
+        check(self.loser_weight >= 0, "distill.loser_weight", "must be >= 0")
+        check(1 <= self.student_steps <= 8, "distill.student_steps", "must be in [1, 8]")
+        check(1 <= self.aux_steps <= 20, "distill.aux_steps", f"must be in [1, 20], got {self.aux_steps}")
 
 
 @dataclass(frozen=True)
@@ -138,8 +133,8 @@ class RefineSection:
     jitter: float = 0.1
 
     def __post_init__(self) -> None:
-        _check(0.05 <= self.channel_ratio <= 4, "refine.channel_ratio", f"must be in [0.05, 4], got {self.channel_ratio}")
-        _check(0 <= self.jitter < 1, "refine.jitter", "must be in [0, 1) m")
+        check(0.05 <= self.channel_ratio <= 4, "refine.channel_ratio", f"must be in [0.05, 4], got {self.channel_ratio}")
+        check(0 <= self.jitter < 1, "refine.jitter", "must be in [0, 1) m")
 
 
 _SECTIONS = {"data": DataSection, "model": ModelSection, "trainer": TrainerSection, "teacher": TeacherSection, "distill": DistillSection, "refine": RefineSection}
@@ -156,26 +151,23 @@ class RunConfig:
     refine: RefineSection = field(default_factory=RefineSection)
 
     def __post_init__(self) -> None:
-        _check(self.kind in ("teacher", "distill", "refine"), "kind", f"must be teacher, distill or refine, got {self.kind!r}")
+        check(self.kind in ("teacher", "distill", "refine"), "kind", f"must be teacher, distill or refine, got {self.kind!r}")
         if self.trainer.diagnose_every:
-            _check(bool(self.data.val_sequences), "data.val_sequences", "needed by trainer.diagnose_every")
+            check(bool(self.data.val_sequences), "data.val_sequences", "needed by trainer.diagnose_every")
         if self.kind == "refine":
-            _check(bool(self.refine.base) and Path(self.refine.base).exists(), "refine.base", f"exported model {self.refine.base!r} not found")
+            check(bool(self.refine.base) and Path(self.refine.base).exists(), "refine.base", f"exported model {self.refine.base!r} not found")
         if self.kind == "distill":
-            _check(bool(self.distill.teacher), "distill.teacher", "path of the teacher export is required")
-            _check(Path(self.distill.teacher).exists(), "distill.teacher", f"{self.distill.teacher} does not exist")
+            check(bool(self.distill.teacher), "distill.teacher", "path of the teacher export is required")
+            check(Path(self.distill.teacher).exists(), "distill.teacher", f"{self.distill.teacher} does not exist")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "RunConfig":
-        unknown = sorted(set(values) - {"kind", *_SECTIONS})
-        _check(not unknown, ", ".join(unknown), "unknown config key")
+        check_keys(values, {"kind", *_SECTIONS})
         kwargs: dict[str, Any] = {"kind": values.get("kind", "teacher")}
         for name, section in _SECTIONS.items():
             given = values.get(name) or {}
-            _check(isinstance(given, dict), name, "must be a mapping")
-            allowed = {f.name for f in dataclasses.fields(section)}
-            bad = sorted(set(given) - allowed)
-            _check(not bad, ", ".join(f"{name}.{b}" for b in bad), "unknown config key")
+            check(isinstance(given, dict), name, "must be a mapping")
+            check_keys(given, section, prefix=f"{name}.")
             if name == "data":
                 given = given | {k: tuple(str(s) for s in given[k]) for k in ("train_sequences", "val_sequences") if k in given}
             try:
@@ -204,7 +196,7 @@ def _with_overrides(values: dict[str, Any], dotted: dict[str, Any]) -> dict[str,
     values = {k: (dict(v) if isinstance(v, dict) else v) for k, v in values.items()}
     for key, value in dotted.items():
         section, _, leaf = key.partition(".")
-        _check(bool(leaf) and section in _SECTIONS, key, "override must be section.key")
+        check(bool(leaf) and section in _SECTIONS, key, "override must be section.key")
         values[section] = dict(values.get(section) or {}) | {leaf: value}
     return values
 

@@ -1,0 +1,108 @@
+"""Point-cloud utilities every layer shares: KITTI ``.bin`` files, farthest-point sampling,
+packed voxel keys and range filters. NumPy only (no torch), written once here and used by
+the point files (:mod:`.io`), the bag converter (:mod:`.bags`), the completer, and the
+training package's KITTI reader, dataset, maps and metrics.
+
+(The sparse convolutions pack ``(batch, x, y, z)`` torch rows into their own sortable keys,
+:func:`lidar_completion.sparse.pack`: another layout, on the device, with a batch field.)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["KEY_BITS", "read_kitti_bin", "write_kitti_bin", "farthest_point_sample", "pack_cells", "voxel_keys",
+           "in_range"]
+
+# --- KITTI .bin ------------------------------------------------------------------------
+
+
+def read_kitti_bin(path: str | os.PathLike) -> np.ndarray:
+    """(N, 4) float32 x, y, z, remission of a KITTI ``.bin`` scan (little-endian float32).
+
+    ``FileNotFoundError`` when there is no such file, ``ValueError`` naming the file when
+    its size is not a whole number of 16-byte points."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    size = path.stat().st_size
+    if size % 16:
+        raise ValueError(f"{path}: size {size} bytes is not a multiple of 16 (x, y, z, remission float32)")
+    return np.fromfile(path, dtype="<f4").reshape(-1, 4).astype(np.float32, copy=False)
+
+
+def write_kitti_bin(path: str | os.PathLike, points: np.ndarray) -> Path:
+    """Write (N, 4) x, y, z, remission, or (N, 3) x, y, z with remission 0, as a KITTI ``.bin``."""
+    path = Path(path)
+    points = np.asarray(points)
+    if points.ndim != 2 or points.shape[1] not in (3, 4):
+        raise ValueError(f"{path}: expected (N, 3) or (N, 4) points, got {points.shape}")
+    if points.shape[1] == 3:
+        points = np.hstack([points, np.zeros((len(points), 1))])
+    np.ascontiguousarray(points, dtype="<f4").tofile(path)
+    return path
+
+
+# --- sampling --------------------------------------------------------------------------
+
+
+def farthest_point_sample(points: np.ndarray, count: int, start: int | np.random.Generator = 0) -> np.ndarray:
+    """``count`` points by farthest-point sampling (fpsample's KD-tree "QuickFPS"), starting
+    at row ``start``, or at a row drawn from ``start`` when it is a random generator (the
+    training data's augmentation); repeats points when there are fewer than ``count``."""
+    import fpsample
+
+    n = len(points)
+    if isinstance(start, np.random.Generator):
+        start = int(start.integers(n))
+    if n <= count:
+        return points[np.resize(np.arange(n), count)]  # every point once, then wrap around
+    height = 3 if n < 20_000 else 7 if n < 200_000 else 9  # bucket height per fpsample's guide
+    index = fpsample.bucket_fps_kdline_sampling(points, count, h=height, start_idx=start)
+    return points[np.sort(index.astype(np.int64))]
+
+
+# --- packed voxel keys -----------------------------------------------------------------
+
+KEY_BITS = 21  # per axis: +-2^20 cells, i.e. +-104 km at 0.1 m voxels
+
+
+def pack_cells(cells: np.ndarray) -> np.ndarray:
+    """One int64 per row of integer cell indices (N, D <= 3), ``KEY_BITS`` per axis, the first
+    axis most significant: equal cells get equal keys and sorting keys sorts the cells
+    lexicographically. The last axis is ``key & (2**KEY_BITS - 1)`` (shift it away with
+    ``key >> KEY_BITS`` to key the remaining axes). ``ValueError`` when a cell does not fit."""
+    cells = np.asarray(cells, dtype=np.int64)
+    half = 1 << (KEY_BITS - 1)
+    if not 1 <= cells.shape[1] <= 3:
+        raise ValueError(f"can pack 1 to 3 axes, got {cells.shape[1]}")
+    if cells.size and (cells.min() < -half or cells.max() >= half):
+        raise ValueError(f"cell indices outside [-{half}, {half}): cannot pack them into {KEY_BITS} bits per axis")
+    keys = np.zeros(len(cells), dtype=np.int64)
+    for axis in range(cells.shape[1]):
+        keys = (keys << KEY_BITS) | (cells[:, axis] + half)
+    return keys
+
+
+def voxel_keys(points: np.ndarray, voxel: float, axes: int = 3) -> np.ndarray:
+    """One int64 per point naming the ``voxel``-sized cell (``floor(p / voxel)``) of its first
+    ``axes`` coordinates (3: x, y, z; 2: the x/y column)."""
+    cells = np.floor(np.asarray(points)[:, :axes] / voxel).astype(np.int64)
+    try:
+        return pack_cells(cells)
+    except ValueError:
+        raise ValueError(f"points span more than +-{(1 << (KEY_BITS - 1)) * voxel:.0f} m; "
+                         f"cannot key voxels of {voxel} m") from None
+
+
+# --- range filters ---------------------------------------------------------------------
+
+
+def in_range(points: np.ndarray, min_range: float = float("-inf"), max_range: float = float("inf")) -> np.ndarray:
+    """Mask of the points with ``min_range < |p| < max_range`` (metres, from the origin; norm
+    in float64, so garbage values neither overflow nor pass; NaN rows are outside)."""
+    r = np.linalg.norm(np.asarray(points)[:, :3].astype(np.float64), axis=1)
+    return (r > min_range) & (r < max_range)
