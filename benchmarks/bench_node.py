@@ -86,12 +86,10 @@ def bench_node_overhead(scans: int, domain: int, checkpoint: str = "student_lite
     """The node completing ``scans`` scans one after another (the first one not counted):
     per-stage medians of ``~/debug/timings`` and what ran. ``checkpoint`` "tiny": a random
     channel-ratio-0.25 model (the node's cost without a trained model's budget)."""
-    import rclpy
     import torch
     from diagnostic_msgs.msg import DiagnosticArray
     from lidar_completion_ros.messages import qos_profile, stamp_ns, time_from_ns
-    from rclpy.context import Context
-    from rclpy.signals import SignalHandlerOptions
+    from lidar_completion_ros.runtime import PrivateNode
     from sensor_msgs.msg import PointCloud2, PointField
     from std_msgs.msg import Float64, Header
 
@@ -115,13 +113,8 @@ def bench_node_overhead(scans: int, domain: int, checkpoint: str = "student_lite
            "-p", "qos.input.reliability:=reliable"]  # the model's own budget (n_part) and radius
     node = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     os.environ["ROS_DOMAIN_ID"] = str(domain)
-    context = Context()
-    rclpy.init(context=context, domain_id=domain, signal_handler_options=SignalHandlerOptions.NO)
-    peer = rclpy.create_node("bench_peer", context=context)
-    from rclpy.executors import SingleThreadedExecutor
-
-    executor = SingleThreadedExecutor(context=context)
-    executor.add_node(peer)
+    monitor = PrivateNode("bench_peer", domain)
+    peer = monitor.node
     overheads: list[float] = []
     timings: list[dict[str, float]] = []
     outputs: list[int] = []
@@ -132,18 +125,13 @@ def bench_node_overhead(scans: int, domain: int, checkpoint: str = "student_lite
                              qos_profile("reliable", 10))
     pub = peer.create_publisher(PointCloud2, "/points_raw", qos_profile("reliable", 10))
 
-    def spin_until(predicate, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if time.monotonic() > deadline or node.poll() is not None:
-                return False
-            executor.spin_once(timeout_sec=0.05)
-        return True
+    def spin(predicate, timeout: float) -> bool:  # gives up when the node's process has ended
+        return monitor.spin_until(lambda: predicate() or node.poll() is not None, timeout) and bool(predicate())
 
     try:
-        if not spin_until(lambda: pub.get_subscription_count() > 0, 240):
+        if not spin(lambda: pub.get_subscription_count() > 0, 240):
             raise RuntimeError("node did not come up:\n" + (node.stdout.read() if node.poll() is not None else ""))
-        spin_until(lambda: False, 1.0)
+        spin(lambda: False, 1.0)
         if scan_path is not None and scan_path.exists():
             from lidar_completion.io import read_points
 
@@ -155,7 +143,7 @@ def bench_node_overhead(scans: int, domain: int, checkpoint: str = "student_lite
             msg = build_cloud(scan, Header(frame_id="velodyne", stamp=time_from_ns((i + 1) * 10**8)),
                               PointCloud2, PointField, extra=extra)
             pub.publish(msg)
-            if not spin_until(lambda i=i: len(timings) > i and len(outputs) > i, 120):
+            if not spin(lambda i=i: len(timings) > i and len(outputs) > i, 120):
                 raise RuntimeError(f"no answer for scan {i}")
     finally:
         node.send_signal(2)
@@ -163,9 +151,7 @@ def bench_node_overhead(scans: int, domain: int, checkpoint: str = "student_lite
             node.wait(60)
         except subprocess.TimeoutExpired:
             node.kill()
-        executor.shutdown()
-        peer.destroy_node()
-        rclpy.try_shutdown(context=context)
+        monitor.close()
     values = {key: [float(t[key]) for t in timings[1:]] for key in timings[0]}  # first scan: cold caches
     return {
         "scans": len(timings) - 1,

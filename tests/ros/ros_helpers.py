@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from lidar_completion_ros.parameters import parameter_args
+from lidar_completion_ros.runtime import PrivateNode
 
 REPO = Path(__file__).resolve().parents[2]
 NODE_YAML = REPO / "config" / "completion_node.yaml"
@@ -134,20 +135,11 @@ def parse_summary(output: str) -> dict[str, int]:
     return {k: int(v) for k, v in (item.split("=") for item in match.group(1).split())}
 
 
-class Peer:
+class Peer(PrivateNode):
     """In-process rclpy node on its own context and domain: publish clouds, collect topics."""
 
     def __init__(self, domain_id: int, name: str = "test_peer") -> None:
-        import rclpy
-        from rclpy.context import Context
-        from rclpy.executors import SingleThreadedExecutor
-        from rclpy.signals import SignalHandlerOptions
-
-        self.context = Context()
-        rclpy.init(context=self.context, domain_id=domain_id, signal_handler_options=SignalHandlerOptions.NO)
-        self.node = rclpy.create_node(name, context=self.context)
-        self.executor = SingleThreadedExecutor(context=self.context)
-        self.executor.add_node(self.node)
+        super().__init__(name, domain_id)
         self.diagnostics: list[dict[str, str]] = []  # all tasks' values of our node, one dict per message
         self.tasks: dict[str, list[tuple[int, str, dict[str, str]]]] = {}  # task -> (level, message, values)
         self.received: dict[str, list[Any]] = {}
@@ -184,29 +176,17 @@ class Peer:
         return self.node.create_publisher(msg_type, topic, qos_profile(reliability, depth))
 
     def spin_until(self, predicate: Callable[[], bool], timeout: float, what: str = "condition") -> None:
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-            self.executor.spin_once(timeout_sec=0.05)
+        if not super().spin_until(predicate, timeout):
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
     def spin_for(self, seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            self.executor.spin_once(timeout_sec=0.05)
+        super().spin_until(lambda: False, seconds)
 
     def counters(self) -> dict[str, int]:
         """Latest diagnostics counters of the node (ints only)."""
         if not self.diagnostics:
             return {}
         return {k: int(v) for k, v in self.diagnostics[-1].items() if re.fullmatch(r"-?\d+", v or "")}
-
-    def close(self) -> None:
-        import rclpy
-
-        self.executor.shutdown(timeout_sec=1.0)
-        self.node.destroy_node()
-        rclpy.try_shutdown(context=self.context)
 
 
 def make_cloud_msg(xyz: np.ndarray, stamp_ns: int, frame_id: str = "velodyne",

@@ -28,7 +28,7 @@ from sensor_msgs.msg import PointCloud2
 from lidar_completion.bags import BagError, CloudBagWriter
 from lidar_completion.pointcloud2 import CloudError, cloud_to_xyz, read_fields
 
-from .messages import qos_profile, stamp_ns
+from .messages import add_qos_arguments, qos_profile, stamp_ns
 
 __all__ = ["main", "build_parser"]
 
@@ -42,9 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bag-topic", help="topic name inside the bag (default: the resolved --topic)")
     parser.add_argument("--count", type=int, default=0, help="stop after this many clouds (0 = no limit)")
     parser.add_argument("--timeout", type=float, default=0.0, help="stop after this many seconds (0 = none)")
-    parser.add_argument("--qos", choices=("reliable", "best_effort"), default="reliable",
-                        help="subscription reliability (default reliable; best_effort matches every publisher)")
-    parser.add_argument("--depth", type=int, default=50, help="subscription history depth (default 50)")
+    add_qos_arguments(parser, "subscription", 50, "best_effort matches every publisher")
     parser.add_argument("--storage", choices=("mcap", "sqlite3"), default="mcap")
     parser.add_argument("--quiet", action="store_true", help="no line per recorded cloud")
     return parser

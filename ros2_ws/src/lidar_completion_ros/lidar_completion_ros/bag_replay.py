@@ -28,7 +28,8 @@ from sensor_msgs.msg import PointCloud2
 
 from lidar_completion.bags import BagError, iter_cloud_messages
 
-from .messages import qos_profile, stamp_ns, to_rclpy_cloud
+from .messages import add_qos_arguments, qos_profile, stamp_ns, to_rclpy_cloud
+from .runtime import spin_until
 
 __all__ = ["main", "build_parser"]
 
@@ -42,9 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-topic", default="points_raw",
                         help="topic to publish on (default: points_raw, relative so remappable)")
     parser.add_argument("--rate", type=float, default=1.0, help="speed factor vs the recorded rate (default 1)")
-    parser.add_argument("--qos", choices=("reliable", "best_effort"), default="reliable",
-                        help="publisher reliability (default reliable: matches every subscriber)")
-    parser.add_argument("--depth", type=int, default=10, help="publisher history depth (default 10)")
+    add_qos_arguments(parser, "publisher", 10, "it matches every subscriber")
     parser.add_argument("--limit", type=int, default=0, help="publish at most this many clouds (0 = all)")
     parser.add_argument("--wait-subscribers", type=int, default=1, metavar="N",
                         help="wait until N subscribers matched before publishing (default 1; 0 = don't)")
@@ -72,14 +71,7 @@ class _Replayer(Node):
 
 
 def _spin_until(node: Node, predicate, timeout: float) -> bool:
-    """Serve callbacks on this thread until ``predicate()`` or ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or not rclpy.ok():
-            return False
-        rclpy.spin_once(node, timeout_sec=min(0.02, remaining))
-    return True
+    return spin_until(node, predicate, timeout, step=0.02)
 
 
 def replay(node: _Replayer, args: argparse.Namespace) -> int:

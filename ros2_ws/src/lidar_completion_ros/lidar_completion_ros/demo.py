@@ -115,13 +115,10 @@ def _model(out: Path) -> tuple[Path, dict[str, Any], bool]:
 def run_pipeline(bag: Path, out: Path, checkpoint: Path, overrides: dict[str, Any], n_scans: int,
                  domain_id: int, params_file: Path) -> tuple[dict[int, dict[str, float]], dict[str, int], Path]:
     """Node + recorder + lock-step replay; returns per-stamp timings, node counters, output bag."""
-    import rclpy
     from diagnostic_msgs.msg import DiagnosticArray
-    from rclpy.context import Context
-    from rclpy.executors import SingleThreadedExecutor
-    from rclpy.signals import SignalHandlerOptions
 
     from lidar_completion_ros.messages import stamp_ns
+    from lidar_completion_ros.runtime import PrivateNode
 
     env = dict(os.environ, ROS_DOMAIN_ID=str(domain_id), PYTHONUNBUFFERED="1")
     env.setdefault("FASTDDS_DEFAULT_PROFILES_FILE", str(REPO / "config" / "fastdds_large_data.xml"))
@@ -133,11 +130,7 @@ def run_pipeline(bag: Path, out: Path, checkpoint: Path, overrides: dict[str, An
                                       str(params_file), *parameter_args(params)],
                   env, out / "node.log")
     completed_bag = out / "completed_bag"
-    context = Context()
-    rclpy.init(context=context, domain_id=domain_id, signal_handler_options=SignalHandlerOptions.NO)
-    peer = rclpy.create_node("demo_monitor", context=context)
-    executor = SingleThreadedExecutor(context=context)
-    executor.add_node(peer)
+    monitor = PrivateNode("demo_monitor", domain_id)
     timings: dict[int, dict[str, float]] = {}
     subscribers = [0]
 
@@ -150,16 +143,9 @@ def run_pipeline(bag: Path, out: Path, checkpoint: Path, overrides: dict[str, An
                 if status.name.startswith("completion_node: ") and kv.key == "output_subscribers":
                     subscribers[0] = int(kv.value)
 
-    peer.create_subscription(DiagnosticArray, "/completion_node/debug/timings", on_timings, 50)
-    peer.create_subscription(DiagnosticArray, "/diagnostics", on_diagnostics, 50)
-
-    def spin_until(predicate, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if time.monotonic() > deadline:
-                return False
-            executor.spin_once(timeout_sec=0.05)
-        return True
+    monitor.node.create_subscription(DiagnosticArray, "/completion_node/debug/timings", on_timings, 50)
+    monitor.node.create_subscription(DiagnosticArray, "/diagnostics", on_diagnostics, 50)
+    spin = monitor.spin_until
 
     recorder = replay = None
     try:
@@ -169,21 +155,19 @@ def run_pipeline(bag: Path, out: Path, checkpoint: Path, overrides: dict[str, An
         recorder = _Child("bag_record", [py, "-m", "lidar_completion_ros.bag_record", "--topic", "points_completed",
                                          "--out", str(completed_bag), "--count", str(n_scans), "--timeout", "900"],
                           env, out / "bag_record.log")
-        if not spin_until(lambda: subscribers[0] >= 1, 60):
+        if not spin(lambda: subscribers[0] >= 1, 60):
             raise RuntimeError("the node never saw the recorder subscribe")
         _say(f"replaying {bag} through the node over DDS (lock-step: each scan waits for its completion) ...")
         replay = _Child("bag_replay", [py, "-m", "lidar_completion_ros.bag_replay", str(bag), "--wait-for",
                                        "points_completed", "--wait-timeout", "300"], env, out / "bag_replay.log")
-        spin_until(lambda: replay.popen.poll() is not None, 1800)
-        spin_until(lambda: recorder.popen.poll() is not None and len(timings) >= n_scans, 30)
+        spin(lambda: replay.popen.poll() is not None, 1800)
+        spin(lambda: recorder.popen.poll() is not None and len(timings) >= n_scans, 30)
     finally:
         for child in (replay, recorder):
             if child is not None:
                 child.stop()
         node_code = node.stop()
-        executor.shutdown()
-        peer.destroy_node()
-        rclpy.try_shutdown(context=context)
+        monitor.close()
     match = re.search(r"summary: (.*)", "\n".join(node.lines))
     counters = {k: int(v) for k, v in (i.split("=") for i in match.group(1).split())} if match else {}
     if node_code != 0:

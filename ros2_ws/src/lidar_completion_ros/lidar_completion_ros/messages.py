@@ -11,12 +11,14 @@ from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPo
 from sensor_msgs.msg import PointCloud2, PointField
 from std_msgs.msg import Header
 
-__all__ = ["qos_profile", "stamp_ns", "time_from_ns", "to_rclpy_cloud"]
+__all__ = ["add_qos_arguments", "qos_profile", "stamp_ns", "time_from_ns", "to_rclpy_cloud"]
+
+RELIABILITIES = ("reliable", "best_effort")
 
 
 def qos_profile(reliability: str, depth: int) -> QoSProfile:
     """Keep-last, volatile QoS with the given reliability (``reliable`` / ``best_effort``)."""
-    if reliability not in ("reliable", "best_effort"):
+    if reliability not in RELIABILITIES:
         raise ValueError(f"reliability must be reliable or best_effort, got {reliability!r}")
     return QoSProfile(
         history=HistoryPolicy.KEEP_LAST,
@@ -24,6 +26,13 @@ def qos_profile(reliability: str, depth: int) -> QoSProfile:
         reliability=ReliabilityPolicy.RELIABLE if reliability == "reliable" else ReliabilityPolicy.BEST_EFFORT,
         durability=DurabilityPolicy.VOLATILE,
     )
+
+
+def add_qos_arguments(parser: Any, role: str, depth: int, why: str) -> None:
+    """``--qos`` (reliability, default reliable) and ``--depth`` options of a bag tool's ``role``
+    ("subscription" or "publisher"); ``why`` says what the default matches."""
+    parser.add_argument("--qos", choices=RELIABILITIES, default="reliable", help=f"{role} reliability (default reliable; {why})")
+    parser.add_argument("--depth", type=int, default=depth, help=f"{role} history depth (default {depth})")
 
 
 def stamp_ns(header: Any) -> int:

@@ -1,19 +1,60 @@
-"""Running a managed node as an executable: autostart, exit statuses, clean shutdown."""
+"""Running ROS executables: a managed node's autostart, exit statuses and clean shutdown;
+spinning until a condition, and a private monitor node (the bag tools, the demo, the
+benchmarks and the tests)."""
 
 from __future__ import annotations
 
 import sys
-from typing import Any
+import time
+from typing import Any, Callable
 
 import rclpy
+from rclpy.context import Context
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.lifecycle import TransitionCallbackReturn
+from rclpy.signals import SignalHandlerOptions
 
 from .parameters import StartupError
 
-__all__ = ["EXIT_FAILURES", "EXIT_STARTUP", "run_managed_node", "summary_line"]
+__all__ = ["EXIT_FAILURES", "EXIT_STARTUP", "PrivateNode", "run_managed_node", "spin_until", "summary_line"]
 
 EXIT_STARTUP, EXIT_FAILURES = 2, 3
+
+
+def spin_until(spinner: Any, predicate: Callable[[], Any], timeout: float, step: float = 0.05) -> bool:
+    """Serve callbacks on this thread until ``predicate()`` is true (True), or ``timeout``
+    seconds pass or the context shuts down (False). ``spinner``: an executor, or a node
+    (spun with ``rclpy.spin_once``); either carries its own context."""
+    once = getattr(spinner, "spin_once", None) or (lambda timeout_sec: rclpy.spin_once(spinner, timeout_sec=timeout_sec))
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not spinner.context.ok():
+            return False
+        once(timeout_sec=min(step, remaining))
+    return True
+
+
+class PrivateNode:
+    """A node on its own context and ROS domain, with its own single-threaded executor and
+    no signal handlers (the process keeps its own): a monitor beside the processes it
+    watches. ``close()`` shuts it down."""
+
+    def __init__(self, name: str, domain_id: int) -> None:
+        self.context = Context()
+        rclpy.init(context=self.context, domain_id=domain_id, signal_handler_options=SignalHandlerOptions.NO)
+        self.node = rclpy.create_node(name, context=self.context)
+        self.executor = SingleThreadedExecutor(context=self.context)
+        self.executor.add_node(self.node)
+
+    def spin_until(self, predicate: Callable[[], Any], timeout: float) -> bool:
+        """:func:`spin_until` on this node's executor."""
+        return spin_until(self.executor, predicate, timeout)
+
+    def close(self) -> None:
+        self.executor.shutdown(timeout_sec=1.0)
+        self.node.destroy_node()
+        rclpy.try_shutdown(context=self.context)
 
 
 def summary_line(counts: dict[str, int]) -> str:
