@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from lidar_completion.checkpoints import CompletionModel, ModelConfig, save_model
+from lidar_completion.checkpoints import save_model
+from lidar_completion.model import CompletionModel, ModelConfig
 from lidar_completion.io import write_points
 from lidar_completion_training.evaluate import main
 

@@ -85,7 +85,7 @@ def evaluate_setting(
         if completer is None:
             pred, nfe, seconds = partial, 0, 0.0
             if setting.input_points:
-                from lidar_completion.completer import farthest_point_sample
+                from lidar_completion.points import farthest_point_sample
 
                 pred = farthest_point_sample(partial, setting.input_points)
         else:
