@@ -147,7 +147,8 @@ def cases(draw, kind: str) -> Case:
     elif finite < MIN_POINTS:
         expected = "rejected.too_small"
     msg = _message(fields, point_step, height, width, row_step, bigendian, data)
-    return Case(msg, expected, nonfinite if kind in ("valid", "too_small") else 0,
+    # NaN/inf points count as repairs only on a cloud that is completed; a rejected cloud is dropped whole.
+    return Case(msg, expected, nonfinite if expected == "completed" else 0,
                 expected == "completed" and finite > MAX_POINTS, kind)
 
 

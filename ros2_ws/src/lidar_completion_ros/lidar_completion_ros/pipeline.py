@@ -102,7 +102,9 @@ def read_scan(msg: Any, index: int, pose: SensorPose, t_enter: float, *, min_poi
         n_bad = int(n_input - np.count_nonzero(finite))
         xyz, intensity = (xyz[finite], intensity[finite]) if n_bad else (xyz, intensity)
     if len(xyz) < min_points:
-        raise Rejected("too_small", f"{len(xyz)} finite points, min_input_points is {min_points}")
+        # The whole cloud is dropped: its NaN/inf points are named here, not counted as repairs.
+        bad = f" ({n_bad} NaN/inf of {n_input} dropped)" if n_bad else ""
+        raise Rejected("too_small", f"{len(xyz)} finite points{bad}, min_input_points is {min_points}")
     subsampled_from = 0
     if len(xyz) > max_points:
         subsampled_from = len(xyz)
