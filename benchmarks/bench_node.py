@@ -88,6 +88,7 @@ def bench_node_overhead(scans: int, domain: int, checkpoint: str = "student_lite
     channel-ratio-0.25 model (the node's cost without a trained model's budget)."""
     import torch
     from diagnostic_msgs.msg import DiagnosticArray
+    from lidar_completion_ros.children import ChildProcess
     from lidar_completion_ros.messages import qos_profile, stamp_ns, time_from_ns
     from lidar_completion_ros.runtime import PrivateNode
     from sensor_msgs.msg import PointCloud2, PointField
@@ -111,7 +112,7 @@ def bench_node_overhead(scans: int, domain: int, checkpoint: str = "student_lite
            "-p", f"checkpoint:={checkpoint}", "-p", "sampling.steps:=1", "-p", "sampling.guidance:=1.0",
            "-p", "data.preset:=model", "-p", f"data.max_range:={max_range}", "-p", f"device:={device}",
            "-p", "qos.input.reliability:=reliable"]  # the model's own budget (n_part) and radius
-    node = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    node = ChildProcess(cmd, env, "completion_node")  # its output drained (a full pipe would stall it)
     os.environ["ROS_DOMAIN_ID"] = str(domain)
     monitor = PrivateNode("bench_peer", domain)
     peer = monitor.node
@@ -126,11 +127,11 @@ def bench_node_overhead(scans: int, domain: int, checkpoint: str = "student_lite
     pub = peer.create_publisher(PointCloud2, "/points_raw", qos_profile("reliable", 10))
 
     def spin(predicate, timeout: float) -> bool:  # gives up when the node's process has ended
-        return monitor.spin_until(lambda: predicate() or node.poll() is not None, timeout) and bool(predicate())
+        return monitor.spin_until(lambda: predicate() or node.returncode is not None, timeout) and bool(predicate())
 
     try:
         if not spin(lambda: pub.get_subscription_count() > 0, 240):
-            raise RuntimeError("node did not come up:\n" + (node.stdout.read() if node.poll() is not None else ""))
+            raise RuntimeError("node did not come up:\n" + node.tail(40))
         spin(lambda: False, 1.0)
         if scan_path is not None and scan_path.exists():
             from lidar_completion.io import read_points
@@ -146,11 +147,7 @@ def bench_node_overhead(scans: int, domain: int, checkpoint: str = "student_lite
             if not spin(lambda i=i: len(timings) > i and len(outputs) > i, 120):
                 raise RuntimeError(f"no answer for scan {i}")
     finally:
-        node.send_signal(2)
-        try:
-            node.wait(60)
-        except subprocess.TimeoutExpired:
-            node.kill()
+        node.interrupt(60)
         monitor.close()
     values = {key: [float(t[key]) for t in timings[1:]] for key in timings[0]}  # first scan: cold caches
     return {

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from lidar_completion_ros.children import ChildProcess
 
 REPO = Path(__file__).resolve().parents[1]
 SCAN = REPO.parent / "shared" / "data" / "semantickitti_08_000123.ply"
@@ -32,30 +32,25 @@ HEAVY = ("diffusers", "scipy", "matplotlib", "open3d", "lightning", "fpsample", 
 def timed(cmd: list[str], env: dict[str, str], until: str | None, timeout: float) -> tuple[float, float]:
     """(seconds to the first output line matching ``until`` (None: to exit), seconds to exit)."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    first = None
-    lines = []
+    proc = ChildProcess(cmd, env, group=True)
     try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-            if until is not None and first is None and re.search(until, line):
-                first = time.perf_counter() - start
-                if until == "ready: ":  # a node runs until told to stop
-                    os.killpg(proc.pid, signal.SIGINT)
-            if time.perf_counter() - start > timeout:
-                os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
+        first = None
+        if until is not None and proc.wait_for(until, timeout) is not None:
+            first = time.perf_counter() - start
+        if first is not None and until == "ready: ":  # a node runs until told to stop
+            proc.interrupt(60)
+        else:
+            try:
+                proc.wait(max(timeout - (time.perf_counter() - start), 1.0))
+            except subprocess.TimeoutExpired:
+                pass  # killed below
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        proc.kill()
     total = time.perf_counter() - start
     if until is not None and first is None:
-        raise RuntimeError(f"{' '.join(cmd)}: no line matching {until!r}; output:\n{''.join(lines[-20:])}")
+        raise RuntimeError(f"{' '.join(cmd)}: no line matching {until!r}; output:\n{proc.tail(20)}")
     if until is None and proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)}: exit {proc.returncode}; output:\n{''.join(lines[-20:])}")
+        raise RuntimeError(f"{' '.join(cmd)}: exit {proc.returncode}; output:\n{proc.tail(20)}")
     return (total if first is None else first), total
 
 

@@ -11,14 +11,13 @@ import re
 import signal
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from lidar_completion_ros.children import ChildProcess
 from lidar_completion_ros.parameters import parameter_args
 from lidar_completion_ros.runtime import PrivateNode
 
@@ -47,76 +46,38 @@ def ros_env(domain_id: int) -> dict[str, str]:
     return env
 
 
-class Proc:
-    """A child process whose merged stdout/stderr is collected line by line."""
+class Proc(ChildProcess):
+    """A :class:`ChildProcess` (run from the repository root) whose waits fail the test,
+    with its last output lines, instead of returning None or a kill status."""
 
     def __init__(self, cmd: Sequence[str], env: dict[str, str], name: str) -> None:
-        self.name, self.cmd = name, list(cmd)
-        self.lines: list[str] = []
-        self._cv = threading.Condition()
-        self.popen = subprocess.Popen(
-            self.cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-            cwd=REPO,
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+        super().__init__(cmd, env, name, cwd=REPO)
 
-    def _read(self) -> None:
-        assert self.popen.stdout is not None
-        for line in self.popen.stdout:
-            with self._cv:
-                self.lines.append(line.rstrip("\n"))
-                self._cv.notify_all()
-        with self._cv:
-            self._cv.notify_all()
-
-    @property
-    def output(self) -> str:
-        with self._cv:
-            return "\n".join(self.lines)
+    def _fail(self, what: str) -> AssertionError:
+        return AssertionError(f"{self.name}: {what}:\n{self.tail()}")
 
     def wait_for_line(self, pattern: str, timeout: float) -> re.Match:
-        """First output line matching ``pattern``; fails with the output so far on timeout."""
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        seen = 0
-        with self._cv:
-            while True:
-                for line in self.lines[seen:]:
-                    match = regex.search(line)
-                    if match:
-                        return match
-                seen = len(self.lines)
-                if self.popen.poll() is not None and not self._reader.is_alive():
-                    raise AssertionError(f"{self.name} exited ({self.popen.returncode}) before "
-                                         f"/{pattern}/:\n{self.output_unlocked()}")
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise AssertionError(f"{self.name}: no /{pattern}/ within {timeout} s:\n{self.output_unlocked()}")
-                self._cv.wait(min(remaining, 0.5))
+        """First output line matching ``pattern``; fails with the output so far on timeout or exit."""
+        match = self.wait_for(pattern, timeout)
+        if match is None and not self.output_ended:
+            raise self._fail(f"no /{pattern}/ within {timeout} s")
+        if match is None:
+            raise self._fail(f"exited ({self.wait(10)}) before /{pattern}/")
+        return match
 
-    def output_unlocked(self) -> str:
-        return "\n".join(self.lines[-80:])
-
-    def wait(self, timeout: float) -> int:
+    def wait(self, timeout: float | None = None) -> int:
         try:
-            code = self.popen.wait(timeout)
+            return super().wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill()
-            raise AssertionError(f"{self.name} did not exit within {timeout} s:\n{self.output}") from None
-        self._reader.join(5)
-        return code
+            raise self._fail(f"did not exit within {timeout} s") from None
 
     def interrupt(self, timeout: float = 30.0, sig: int = signal.SIGINT) -> int:
-        """Send SIGINT (or ``sig``) and wait for a clean exit."""
-        if self.popen.poll() is None:
-            self.popen.send_signal(sig)
-        return self.wait(timeout)
-
-    def kill(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.kill()
-            self.popen.wait(10)
+        """Send SIGINT (or ``sig``) and wait for a clean exit; fails if it had to be killed."""
+        code = super().interrupt(timeout, sig)
+        if self.killed:
+            raise self._fail(f"did not exit within {timeout} s of signal {sig}")
+        return code
 
 
 def start_node(domain_id: int, params: dict[str, Any], *, params_file: Path | None = NODE_YAML,

@@ -24,16 +24,15 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from lidar_completion_ros.children import ChildProcess
 from lidar_completion_ros.parameters import parameter_args
 
 REPO = Path(__file__).resolve().parents[4]
@@ -47,49 +46,6 @@ def _say(text: str) -> None:
 def _warn_loudly(text: str) -> None:
     bar = "!" * 100
     print(f"\n{bar}\n!! WARNING: {text}\n{bar}\n", file=sys.stderr, flush=True)
-
-
-class _Child:
-    """A child process whose output goes to a log file and is kept for parsing."""
-
-    def __init__(self, name: str, cmd: list[str], env: dict[str, str], log: Path) -> None:
-        self.name, self.log = name, log
-        self.lines: list[str] = []
-        self._file = log.open("w")
-        self.popen = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                      bufsize=1)
-        self._thread = threading.Thread(target=self._pump, daemon=True)
-        self._thread.start()
-
-    def _pump(self) -> None:
-        for line in self.popen.stdout:  # type: ignore[union-attr]
-            self.lines.append(line.rstrip("\n"))
-            self._file.write(line)
-            self._file.flush()
-
-    def wait_for(self, pattern: str, timeout: float) -> bool:
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if any(regex.search(line) for line in list(self.lines)):
-                return True
-            if self.popen.poll() is not None:
-                time.sleep(0.2)
-                return any(regex.search(line) for line in list(self.lines))
-            time.sleep(0.1)
-        return False
-
-    def stop(self, timeout: float = 60.0) -> int:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGINT)
-        try:
-            code = self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            code = self.popen.wait(10)
-        self._thread.join(5)
-        self._file.close()
-        return code
 
 
 def _model(out: Path) -> tuple[Path, dict[str, Any], bool]:
@@ -126,9 +82,8 @@ def run_pipeline(bag: Path, out: Path, checkpoint: Path, overrides: dict[str, An
     py = sys.executable
     params = {"checkpoint": str(checkpoint), "qos.input.reliability": "reliable", "qos.input.depth": 10,
               "diagnostics.period": 0.5, **overrides}
-    node = _Child("completion_node", [py, "-m", "lidar_completion_ros.node", "--ros-args", "--params-file",
-                                      str(params_file), *parameter_args(params)],
-                  env, out / "node.log")
+    node = ChildProcess([py, "-m", "lidar_completion_ros.node", "--ros-args", "--params-file", str(params_file),
+                         *parameter_args(params)], env, "completion_node", log=out / "node.log")
     completed_bag = out / "completed_bag"
     monitor = PrivateNode("demo_monitor", domain_id)
     timings: dict[int, dict[str, float]] = {}
@@ -150,25 +105,25 @@ def run_pipeline(bag: Path, out: Path, checkpoint: Path, overrides: dict[str, An
     recorder = replay = None
     try:
         _say("starting the completion node (model load + warm-up inference) ...")
-        if not node.wait_for(r"ready: ", 300):
-            raise RuntimeError(f"the node did not start; see {node.log}:\n" + "\n".join(node.lines[-15:]))
-        recorder = _Child("bag_record", [py, "-m", "lidar_completion_ros.bag_record", "--topic", "points_completed",
-                                         "--out", str(completed_bag), "--count", str(n_scans), "--timeout", "900"],
-                          env, out / "bag_record.log")
+        if node.wait_for(r"ready: ", 300) is None:
+            raise RuntimeError(f"the node did not start; see {node.log}:\n{node.tail(15)}")
+        recorder = ChildProcess([py, "-m", "lidar_completion_ros.bag_record", "--topic", "points_completed", "--out",
+                                 str(completed_bag), "--count", str(n_scans), "--timeout", "900"],
+                                env, "bag_record", log=out / "bag_record.log")
         if not spin(lambda: subscribers[0] >= 1, 60):
             raise RuntimeError("the node never saw the recorder subscribe")
         _say(f"replaying {bag} through the node over DDS (lock-step: each scan waits for its completion) ...")
-        replay = _Child("bag_replay", [py, "-m", "lidar_completion_ros.bag_replay", str(bag), "--wait-for",
-                                       "points_completed", "--wait-timeout", "300"], env, out / "bag_replay.log")
-        spin(lambda: replay.popen.poll() is not None, 1800)
-        spin(lambda: recorder.popen.poll() is not None and len(timings) >= n_scans, 30)
+        replay = ChildProcess([py, "-m", "lidar_completion_ros.bag_replay", str(bag), "--wait-for", "points_completed",
+                               "--wait-timeout", "300"], env, "bag_replay", log=out / "bag_replay.log")
+        spin(lambda: replay.returncode is not None, 1800)
+        spin(lambda: recorder.returncode is not None and len(timings) >= n_scans, 30)
     finally:
         for child in (replay, recorder):
             if child is not None:
-                child.stop()
-        node_code = node.stop()
+                child.interrupt(60)
+        node_code = node.interrupt(60)
         monitor.close()
-    match = re.search(r"summary: (.*)", "\n".join(node.lines))
+    match = re.search(r"summary: (.*)", node.output)
     counters = {k: int(v) for k, v in (i.split("=") for i in match.group(1).split())} if match else {}
     if node_code != 0:
         _say(f"warning: the node exited with status {node_code}; see {node.log}")
