@@ -227,6 +227,14 @@ def _check_checkpoint(path: Path) -> None:
     assert isinstance(model, CompletionModel)
 
 
+def _fresh_copy(model_dir: Path, target: Path) -> Path:
+    """An undamaged copy of ``model_dir`` at ``target`` (Hypothesis reuses tmp_path across examples)."""
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(model_dir, target)
+    return target
+
+
 @settings(max_examples=40, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(data=st.data())
@@ -240,10 +248,7 @@ def test_damaged_published_checkpoints_end_in_checkpoint_error(tmp_path, publish
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_damaged_safetensors_end_in_checkpoint_error(tmp_path, ours, data):
-    target = tmp_path / "model"
-    if target.exists():
-        shutil.rmtree(target)
-    shutil.copytree(ours, target)
+    target = _fresh_copy(ours, tmp_path / "model")
     weights = target / "model.safetensors"
     original = weights.read_bytes()
     weights.write_bytes(apply(original, data.draw(damage(len(original)), label="edits")))
@@ -259,10 +264,7 @@ JSON = st.recursive(st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_odd_model_configs_end_in_checkpoint_error(tmp_path, ours, data):
-    target = tmp_path / "model"
-    if target.exists():
-        shutil.rmtree(target)
-    shutil.copytree(ours, target)
+    target = _fresh_copy(ours, tmp_path / "model")
     config = json.loads((target / "config.json").read_text())
     if data.draw(st.booleans(), label="replace whole config"):
         text = json.dumps(data.draw(JSON, label="config"))
