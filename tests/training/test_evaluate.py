@@ -66,6 +66,8 @@ def test_report_has_every_row_with_standard_errors_and_the_steps_curve(tiny_data
     # The same checkpoint as both students: the paired difference is exactly zero.
     assert "| Distillation-DPO student, 1 step(s) − plain distillation student, 1 step(s) | +0.0000 ± 0.0000 | 0/2 |" in paired
     assert "+ refinement − input scan (all points in range)" in paired
+    for key in ("cd", "jsd_bev", "fscore", "iou_0.5"):
+        assert f"| {key}: a - b (paired, same scans) |" in paired, key
 
 
 def test_paired_differences_cancel_scene_difficulty():

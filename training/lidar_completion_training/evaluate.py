@@ -427,8 +427,10 @@ def report(argv: Sequence[str]) -> int:
     teacher_at_k = next((name for name in summary if "the student's)" in name), None)
     teacher_full = next((name for name in summary if name.startswith(f"teacher, {args.teacher_steps} steps, VE")), None)
     dpo, sd = f"Distillation-DPO student, {k} step(s)", f"plain distillation student, {k} step(s)"
-    paired = paired_differences(per_scan, [(dpo, sd), (dpo, teacher_at_k), (sd, teacher_at_k), (dpo, teacher_full),
-                                           (dpo, budget_row), (f"{dpo} + refinement", INPUT_ROW)])
+    pairs = [(dpo, sd), (dpo, teacher_at_k), (sd, teacher_at_k), (dpo, teacher_full), (dpo, budget_row),
+             (f"{dpo} + refinement", INPUT_ROW)]
+    # CD decides the claims; the others show what a preference for CD trades (F-score, IoU: higher is better).
+    paired = "\n\n".join(paired_differences(per_scan, pairs, key) for key in ("cd", "jsd_bev", "fscore", "iou_0.5"))
     (args.out / "paired.md").write_text(paired + "\n")
     _render_examples(drawn, args.out / "completions.png")
     _plot_cd_vs_steps(summary, args.out / "cd_vs_steps.png")
