@@ -33,9 +33,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lidar_completion.checkpoints import CompletionModel
 from lidar_completion.completer import encode_scans, predict_noise
 from lidar_completion.diffusion import NoiseSchedule, make_sampler, sample
+from lidar_completion.model import CompletionModel
 from lidar_completion.networks import Denoiser
 from lidar_completion.sparse import SparseTensor
 
