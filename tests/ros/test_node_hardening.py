@@ -133,23 +133,35 @@ def test_running_node_limits_range_refines_and_times_its_own_overhead(domain_id:
         assert peer.diagnostics[-1]["max_range_effective"] == "18" and peer.diagnostics[-1]["min_range"] == "3.5"
 
         # Item 8: three scans at once; the later ones wait for the worker, which is not overhead.
+        # How many of a burst the worker takes before the mailbox keeps only the newest depends
+        # on scheduling (on a loaded machine all three can arrive first: one completed, two
+        # dropped), so bursts go out until a completed scan has waited, at most three.
         rng = np.random.default_rng(5)
-        stamps = [7_000_000_000 + i for i in range(3)]
-        for stamp in stamps:
-            pub.publish(make_cloud_msg(shell_points(4000, rng, 4.0, 17.0), stamp))
+        sent = 0
+
+        def waited_ms() -> list[float]:
+            return [float(kv.value) for t in timings for kv in t.status[0].values if kv.key == "wait_ms"]
 
         def settled() -> bool:
             c = peer.counters()
-            return c.get("received") == 3 and c["completed"] + c["dropped"] == 3
-        peer.spin_until(settled, 600, "the node to account for 3 scans")
-        peer.spin_until(lambda: len(timings) == peer.counters()["completed"] == len(completed), 120,
-                        "the debug timings of every completed scan")
+            return c.get("received") == sent and c["completed"] + c["dropped"] == sent
+
+        for _ in range(3):
+            for _ in range(3):
+                pub.publish(make_cloud_msg(shell_points(4000, rng, 4.0, 17.0), 7_000_000_000 + sent))
+                sent += 1
+            peer.spin_until(settled, 600, f"the node to account for {sent} scans")
+            peer.spin_until(lambda: len(timings) == peer.counters()["completed"] == len(completed), 120,
+                            "the debug timings of every completed scan")
+            if any(w > 50 for w in waited_ms()):
+                break
         assert node.interrupt(60) == 0, node.output
     finally:
         node.kill()
 
     summary = parse_summary(node.output)
-    assert summary["rejected"] == 0 and summary["completed"] >= 2, summary
+    assert summary["rejected"] == 0 and summary["completed"] >= 1, summary
+    assert summary["received"] == sent == summary["completed"] + summary["dropped"], summary
     stages = [{kv.key: float(kv.value) for kv in t.status[0].values} for t in timings]
     for s in stages:
         parts = s["convert_ms"] + s["wait_ms"] + s["model_ms"] + s["build_ms"] + s["publish_ms"]
