@@ -97,13 +97,18 @@ def evaluate_setting(
     return rows
 
 
+def _standard_error(values: np.ndarray) -> float:
+    """Standard error of the mean (0 for a single value)."""
+    return float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
+
+
 def summarise(rows: list[dict[str, float]]) -> dict[str, float]:
     """Mean of every metric over the scans, plus ``<key>_se``: its standard error."""
     summary = {}
     for key in rows[0]:
         values = np.array([row[key] for row in rows], dtype=np.float64)
         summary[key] = float(values.mean())
-        summary[f"{key}_se"] = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
+        summary[f"{key}_se"] = _standard_error(values)
     return summary
 
 
@@ -133,8 +138,7 @@ def paired_differences(per_scan: dict[str, list[dict[str, float]]], pairs: Seque
         if a not in per_scan or b not in per_scan or len(per_scan[a]) != len(per_scan[b]):
             continue
         diff = np.array([ra[key] - rb[key] for ra, rb in zip(per_scan[a], per_scan[b])])
-        se = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else 0.0
-        lines.append(f"| {a} − {b} | {diff.mean():+.4f} ± {se:.4f} | {(diff < 0).sum()}/{len(diff)} |")
+        lines.append(f"| {a} − {b} | {diff.mean():+.4f} ± {_standard_error(diff):.4f} | {(diff < 0).sum()}/{len(diff)} |")
     return "\n".join(lines)
 
 
