@@ -17,6 +17,7 @@ Every generated case is counted by Hypothesis (``--hypothesis-show-statistics``)
 from __future__ import annotations
 
 import json
+import resource
 import shutil
 from pathlib import Path
 
@@ -276,3 +277,16 @@ def test_odd_model_configs_end_in_checkpoint_error(tmp_path, ours, data):
         text = json.dumps(config)
     (target / "config.json").write_text(text)
     _check_checkpoint(target)
+
+
+@pytest.mark.parametrize("ratio", [60, 3.5, 1e6])
+def test_config_naming_huge_widths_fails_before_allocating(tmp_path, ours, ratio):
+    """Found by the fuzz test above (CI killed for memory): a config.json with channel_ratio 60
+    built a model of tens of GB before its shapes were compared with the weights."""
+    target = _fresh_copy(ours, tmp_path / "model")
+    config = json.loads((target / "config.json").read_text())
+    (target / "config.json").write_text(json.dumps(config | {"channel_ratio": ratio}))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    with pytest.raises(CheckpointError, match="channel_ratio must be at most|has shape"):
+        load_model(target)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000

@@ -106,8 +106,12 @@ def _check_state(path: Path, expected: dict[str, torch.Tensor], given: dict[str,
 
 
 def _build(path: Path, config: ModelConfig, state: dict[str, torch.Tensor]) -> CompletionModel:
+    # Shapes first, on the meta device: a config that does not fit the weights (a damaged
+    # config.json naming channel_ratio 60, say) must not allocate gigabytes before it fails.
+    with torch.device("meta"):
+        expected = CompletionModel(config).state_dict()
+    _check_state(path, expected, state)
     model = CompletionModel(config)
-    _check_state(path, model.state_dict(), state)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:  # e.g. a tensor of a type that cannot be copied into a parameter

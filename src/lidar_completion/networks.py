@@ -43,8 +43,13 @@ DOWN_NAMES = ("stage1", "stage2", "stage3", "stage4")
 UP_NAMES = ("up1", "up2", "up3", "up4")
 
 
+MAX_CHANNEL_RATIO = 4.0  # 4x the published widths: ~16x its weights; anything wider is a typo
+
+
 def channel_widths(channel_ratio: float) -> list[int]:
     """Per-stage widths, truncated like the published ``int(cr * x)``."""
+    if not channel_ratio <= MAX_CHANNEL_RATIO:  # also refuses NaN
+        raise ValueError(f"channel_ratio must be at most {MAX_CHANNEL_RATIO}, got {channel_ratio}")
     widths = [int(channel_ratio * c) for c in BASE_CHANNELS]
     if min(widths) < 2:
         raise ValueError(f"channel_ratio={channel_ratio} leaves a stage with < 2 channels")
