@@ -123,6 +123,36 @@ def test_aux_steps_update_the_auxiliaries_several_times_per_student_step(pairs):
     assert len(set(aux_losses)) == 3, "each auxiliary step draws its own timestep and noise"
 
 
+def test_regression_term_pulls_the_student_onto_the_teachers_many_step_sample(pairs):
+    """DMD's regression term: the same noise through the student (2 steps) and the teacher
+    (8 steps); a few student steps on it shrink the paired distance between the two."""
+    torch.manual_seed(0)
+    model = CompletionModel(ModelConfig(channel_ratio=0.25, sampler="ve", t0=300)).eval()
+    teacher = copy.deepcopy(model.denoiser).requires_grad_(False)
+    with torch.no_grad():  # a teacher that disagrees with the student
+        for p in teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    aux = [copy.deepcopy(teacher)]
+    optimizer = torch.optim.Adam(model.denoiser.parameters(), lr=1e-3)
+    partial, full = pairs
+
+    def step_student(loss):
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    distances = [
+        distillation_iteration(
+            model, NoiseSchedule(), model.denoiser, teacher, aux, partial, full, seeded_generator(0, 0),
+            lambda loss: None, step_student, preference=False, student_steps=2,
+            regression_weight=100.0, regression_steps=8,
+        ).logs["loss_regression"]
+        for _ in range(6)
+    ]
+    assert distances[0] > 0
+    assert distances[-1] < 0.8 * distances[0], distances
+
+
 def test_short_teacher_run_lowers_the_loss(tiny_dataset, tmp_path):
     import csv
 
@@ -204,6 +234,8 @@ def test_distillation_run_exports_a_student_with_the_teachers_encoder(tiny_datas
         ({"data": {"n_full": 1000, "n_part": 96}}, "data.n_full"),
         ({"distill": {"mode": "magic"}}, "distill.mode"),
         ({"distill": {"aux_steps": 0}}, "distill.aux_steps"),
+        ({"distill": {"regression_weight": -1}}, "distill.regression_weight"),
+        ({"distill": {"regression_steps": 0}}, "distill.regression_steps"),
         ({"kind": "distill"}, "distill.teacher"),
         ({"trainer": {"bogus": 1}}, "trainer.bogus"),
         ({"trainer": {"backend": "spconv"}}, "trainer.backend"),

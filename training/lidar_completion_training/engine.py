@@ -225,6 +225,8 @@ class DistillationModule(_Base):
             loser_weight=d.loser_weight,
             student_steps=d.student_steps,
             aux_steps=d.aux_steps,
+            regression_weight=d.regression_weight,
+            regression_steps=d.regression_steps,
             repeat=self.config.data.n_full // self.config.data.n_part,
             max_timestep=d.max_timestep or self.model.config.t0,
         )
