@@ -8,6 +8,7 @@ validated once, here, with messages that name the key.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -17,7 +18,7 @@ import yaml
 from .backends import BACKENDS, check_backend
 
 __all__ = ["DataConfig", "SamplingConfig", "CompletionConfig", "PRESETS", "MODEL_PRESET", "BACKENDS", "SAMPLERS", "PREDICTIONS",
-           "effective_range", "load_config"]
+           "effective_range", "load_config", "read_yaml", "check_types"]
 
 # Point budgets: "full" is the published setting (GPU); "lite" keeps a CPU frame in seconds;
 # "model" (the default) uses the budget the checkpoint was trained with, else "lite".
@@ -47,6 +48,55 @@ def check_keys(values: Mapping[Any, Any], allowed: Any, what: str = "config", pr
     unknown = sorted((str(k) for k in values if k not in names))
     if unknown:
         raise ValueError(f"unknown {what} keys: {', '.join(repr(prefix + k) for k in unknown)}")
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML reads YAML 1.1, where ``3e-5`` (no dot) is a string; every config here takes
+    it as the number a user means (YAML 1.2, and what JSON and Python do)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+
+
+def read_yaml(text: str) -> Any:
+    """Safe YAML load (no Python objects) with ``3e-5`` read as a float."""
+    return yaml.load(text, Loader=_Loader)
+
+
+_TYPE_NAMES = {"float": ((int, float), "a number"), "int": ((int,), "an integer"), "str": ((str,), "a string"),
+               "bool": ((bool,), "true or false")}
+
+
+def check_types(values: Mapping[str, Any], cls: Any, prefix: str = "") -> None:
+    """``ValueError`` naming the key when a value has the wrong type for the dataclass
+    field it sets (``trainer.lr: fast``, ``steps: 4.5``), before any range check compares
+    it: a config error reads as one, not as a ``TypeError`` deep inside validation."""
+    check(isinstance(values, Mapping), prefix.rstrip(".") or "config", f"must be a mapping, got {type(values).__name__}")
+    annotations = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    for key, value in values.items():
+        if key not in annotations:
+            continue  # check_keys names unknown keys
+        options = [option.strip() for option in annotations[key].split("|")]
+        if value is None:
+            check("None" in options, prefix + key, "must be set (got null)")
+            continue
+        wanted = []
+        for option in options:
+            if option.startswith(("tuple", "list")):
+                if isinstance(value, (list, tuple)):
+                    break
+                wanted.append("a list")
+            elif option in _TYPE_NAMES:
+                types, name = _TYPE_NAMES[option]
+                if isinstance(value, types) and (option == "bool") == isinstance(value, bool):
+                    break
+                wanted.append(name)
+            elif option != "None":
+                break  # a type this check does not describe: the dataclass validates it
+        else:
+            check(False, prefix + key, f"must be {' or '.join(wanted)}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -133,9 +183,12 @@ class CompletionConfig:
         sections = {"data": DataConfig, "sampling": SamplingConfig}
         check_keys(nested, cls)
         kwargs: dict[str, Any] = {}
+        check_types({k: v for k, v in nested.items() if k not in sections}, cls)
         for key, value in nested.items():
             if key in sections:
+                check(isinstance(value, dict), key, "must be a mapping")
                 check_keys(value, sections[key], prefix=f"{key}.")
+                check_types(value, sections[key], prefix=f"{key}.")
                 kwargs[key] = sections[key](**value)
             else:
                 kwargs[key] = value
@@ -180,7 +233,7 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> CompletionC
     """Defaults, then the YAML file (optionally under a ``completion:`` key), then overrides."""
     values: dict[str, Any] = {}
     if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        loaded = read_yaml(Path(path).read_text()) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: expected a mapping at the top level")
         values = loaded.get("completion", loaded)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .backends import SparseBackend, get_backend
-from .config import PREDICTIONS, SAMPLERS, check_keys
+from .config import PREDICTIONS, SAMPLERS, check_keys, check_types
 from .diffusion import NoiseSchedule
 from .networks import Denoiser, RefinementNet, ScanEncoder, channel_widths
 from .sparse import PointField
@@ -88,6 +88,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "ModelConfig":
+        check_types(values, cls)
         check_keys(values, cls, "model config")
         return cls(**values)
 

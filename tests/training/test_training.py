@@ -239,6 +239,8 @@ def test_distillation_run_exports_a_student_with_the_teachers_encoder(tiny_datas
         ({"kind": "distill"}, "distill.teacher"),
         ({"trainer": {"bogus": 1}}, "trainer.bogus"),
         ({"trainer": {"backend": "spconv"}}, "trainer.backend"),
+        ({"trainer": {"lr": "fast"}}, "trainer.lr: must be a number"),
+        ({"trainer": {"max_steps": 1.5}}, "trainer.max_steps: must be an integer"),
     ],
 )
 def test_bad_config_values_are_rejected_before_training(tmp_path, override, message):
@@ -252,6 +254,19 @@ def test_bad_config_values_are_rejected_before_training(tmp_path, override, mess
     from lidar_completion_training.train import main
 
     assert main([str(path)]) == 2
+
+
+def test_exponent_learning_rates_from_the_file_and_from_set(tmp_path):
+    """``lr: 3e-5`` is a string to YAML 1.1 (PyYAML); it was a TypeError deep in validation."""
+    values = yaml.safe_load(run_config(tmp_path, tmp_path / "x").to_yaml())
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(values).replace("lr: 0.001", "lr: 3e-5"))
+    assert "lr: 3e-5" in path.read_text()
+    assert load_run_config(path).trainer.lr == 3e-5
+    from lidar_completion_training.train import _parse_override
+
+    assert _parse_override("trainer.lr=2e-4") == ("trainer.lr", 2e-4)
+    assert load_run_config(path, dict([_parse_override("trainer.lr=2e-4")])).trainer.lr == 2e-4
 
 
 def test_refinement_run_adds_a_refiner_and_keeps_the_base_model(tiny_dataset, tmp_path):

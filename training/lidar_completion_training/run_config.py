@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from lidar_completion.backends import check_backend
-from lidar_completion.config import PREDICTIONS, SAMPLERS, check, check_keys
+from lidar_completion.config import PREDICTIONS, SAMPLERS, check, check_keys, check_types, read_yaml
 
 __all__ = ["RunConfig", "load_run_config"]
 
@@ -172,6 +172,7 @@ class RunConfig:
             given = values.get(name) or {}
             check(isinstance(given, dict), name, "must be a mapping")
             check_keys(given, section, prefix=f"{name}.")
+            check_types(given, section, prefix=f"{name}.")
             if name == "data":
                 given = given | {k: tuple(str(s) for s in given[k]) for k in ("train_sequences", "val_sequences") if k in given}
             try:
@@ -206,7 +207,7 @@ def _with_overrides(values: dict[str, Any], dotted: dict[str, Any]) -> dict[str,
 
 
 def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
-    loaded = yaml.safe_load(Path(path).read_text()) or {}
+    loaded = read_yaml(Path(path).read_text()) or {}
     if not isinstance(loaded, dict):
         raise ValueError(f"{path}: expected a mapping")
     try:

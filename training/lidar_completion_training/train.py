@@ -10,14 +10,14 @@ import argparse
 import sys
 from typing import Sequence
 
-import yaml
-
 
 def _parse_override(text: str) -> tuple[str, object]:
     key, sep, value = text.partition("=")
     if not sep:
         raise argparse.ArgumentTypeError(f"expected section.key=value, got {text!r}")
-    return key, yaml.safe_load(value)
+    from lidar_completion.config import read_yaml  # YAML scalars, 3e-5 included
+
+    return key, read_yaml(value)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

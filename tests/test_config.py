@@ -1,0 +1,40 @@
+"""Config files as users write them: exponents without a dot, and wrong types named by key."""
+
+from __future__ import annotations
+
+import pytest
+
+from lidar_completion.config import CompletionConfig, load_config, read_yaml
+from lidar_completion.model import ModelConfig
+
+
+def test_exponents_without_a_dot_are_numbers(tmp_path):
+    assert read_yaml("a: 3e-5\nb: -1E3\nc: 12\nd: 1.5e-3\ne: 2e5x\nf: '3e-5'") == {
+        "a": 3e-5, "b": -1000.0, "c": 12, "d": 1.5e-3, "e": "2e5x", "f": "3e-5"}
+    path = tmp_path / "completion.yaml"
+    path.write_text("completion:\n  data:\n    max_range: 4e1\n  sampling:\n    guidance: 1e0\n")
+    config = load_config(path)
+    assert (config.data.max_range, config.sampling.guidance) == (40.0, 1.0)
+
+
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        ({"data": {"max_range": "far"}}, "data.max_range: must be a number, got 'far'"),
+        ({"sampling": {"steps": 2.5}}, "sampling.steps: must be an integer, got 2.5"),
+        ({"data": {"repeat": True}}, "data.repeat: must be an integer, got True"),
+        ({"data": {"min_range": None}}, "data.min_range: must be set (got null)"),
+        ({"data": [1, 2]}, "data: must be a mapping"),
+        ({"device": 0}, "device: must be a string, got 0"),
+    ],
+)
+def test_wrong_types_are_config_errors_naming_the_key(values, message):
+    with pytest.raises(ValueError) as err:
+        CompletionConfig.from_dict(values)
+    assert str(err.value) == message
+
+
+def test_model_config_types_are_checked_too():
+    with pytest.raises(ValueError, match="channel_ratio: must be a number"):
+        ModelConfig.from_dict({"channel_ratio": "wide"})
+    assert ModelConfig.from_dict({"channel_ratio": 1, "t0": None}).channel_ratio == 1
