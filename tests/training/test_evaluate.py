@@ -112,7 +112,10 @@ def test_evaluate_completed_bag_scores_each_frame_against_the_input(tiny_dataset
     assert np.isclose(frames[1]["completion_cd"], frames[1]["input_cd"])  # the input scan itself
     assert "completion_emd" not in frames[0] and frames[0]["output_points"] == frames[0]["gt_points"]
     summary = json.loads((out / "summary.json").read_text())["summary"]
-    assert list(summary) == ["input scan (all points in range)", "completion (completed_bag)"]
+    assert list(summary) == ["input scan (all points in range)", "input scan, FPS to the completion's point count",
+                             "completion (completed_bag)"]
+    # The budget line: the input itself when the completion has at least as many points.
+    assert frames[1]["budget_points"] == frames[1]["input_points"] and np.isclose(frames[1]["budget_cd"], frames[1]["input_cd"])
     assert (tmp_path / "comparison.png").stat().st_size > 0
 
 

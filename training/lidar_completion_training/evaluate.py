@@ -30,6 +30,7 @@ __all__ = ["Setting", "evaluate_setting", "score_completed_bag", "main"]
 
 COLUMNS = ("cd", "jsd_bev", "emd", "fscore", "iou_0.5", "iou_0.2", "iou_0.1", "nfe", "time_s")
 INPUT_ROW = "input scan (all points in range)"  # the line every completion has to beat
+BAG_BUDGET_ROW = "input scan, FPS to the completion's point count"  # the same line at the same budget
 HEADERS = {"cd": "CD (m) ↓", "jsd_bev": "JSD-BEV ↓", "emd": "EMD ↓", "fscore": "F-score ↑", "iou_0.5": "IoU 0.5 ↑",
            "iou_0.2": "IoU 0.2 ↑", "iou_0.1": "IoU 0.1 ↑", "nfe": "NFE", "time_s": "time/frame (s)"}
 
@@ -263,11 +264,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         rows = [_prefixed(f, "completion_") | {"points": f["output_points"]} for f in frames]
         baseline = [_prefixed(f, "input_") | {"points": f["input_points"]} for f in frames]
+        at_budget = [_prefixed(f, "budget_") | {"points": f["budget_points"]} for f in frames]
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "frames.json").write_text(json.dumps(frames, indent=2))
         if args.picture:
             _picture(dataset, args.input_bag, args.completed_bag, frames, args.picture, max_range or 50.0, args.picture_note)
-        summary, per_scan = {INPUT_ROW: summarise(baseline), name: summarise(rows)}, {INPUT_ROW: baseline, name: rows}
+        summary = {INPUT_ROW: summarise(baseline), BAG_BUDGET_ROW: summarise(at_budget), name: summarise(rows)}
+        per_scan = {INPUT_ROW: baseline, BAG_BUDGET_ROW: at_budget, name: rows}
         print(write_outputs(args.out, summary, per_scan))
         print(f"lidar-evaluate: {len(rows)} completed scans; table, JSON (frames.json: per frame), CSV and plot in {args.out}")
         return 0
@@ -319,9 +322,11 @@ def score_completed_bag(dataset: CompletionDataset, input_bag: Path, completed_b
     """One row per completed scan of ``completed_bag`` whose stamp is a scan of ``input_bag``
     (a bag of ``dataset``'s one sequence, scan ``i`` its ``i``-th message): ``frame``, ``stamp``
     (s), ``input_points`` (the scan's static points in range), ``output_points``, ``gt_points``,
-    then every metric of the input scan (``input_<metric>``, the line to beat) and of the
-    completion (``completion_<metric>``) against the ground truth."""
+    then every metric against the ground truth of the input scan (``input_<metric>``), of the
+    input farthest-point sampled to the completion's point count (``budget_<metric>``: the line
+    to beat, same number of points) and of the completion (``completion_<metric>``)."""
     from lidar_completion.bags import read_clouds
+    from lidar_completion.points import farthest_point_sample
 
     stamps = {cloud.stamp_ns: i for i, cloud in enumerate(read_clouds(input_bag))}
     frames = []
@@ -332,10 +337,13 @@ def score_completed_bag(dataset: CompletionDataset, input_bag: Path, completed_b
             continue
         partial, full = dataset.pair(index)
         before = evaluate_completion(partial, full, with_emd=with_emd)
+        budget = (farthest_point_sample(partial, len(cloud.xyz)) if 0 < len(cloud.xyz) < len(partial) else partial)
+        at_budget = evaluate_completion(budget, full, with_emd=with_emd)
         after = evaluate_completion(cloud.xyz, full, with_emd=with_emd)
         frames.append({"frame": index, "stamp": cloud.stamp_ns / 1e9, "input_points": len(partial),
-                       "output_points": len(cloud.xyz), "gt_points": len(full),
-                       **{f"input_{k}": v for k, v in before.items()}, **{f"completion_{k}": v for k, v in after.items()}})
+                       "output_points": len(cloud.xyz), "gt_points": len(full), "budget_points": len(budget),
+                       **{f"input_{k}": v for k, v in before.items()}, **{f"budget_{k}": v for k, v in at_budget.items()},
+                       **{f"completion_{k}": v for k, v in after.items()}})
     return frames
 
 

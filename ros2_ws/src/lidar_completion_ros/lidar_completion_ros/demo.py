@@ -53,8 +53,8 @@ def _model(out: Path) -> tuple[Path, dict[str, Any], bool]:
     from lidar_completion_ros.parameters import shipped_models_dir
 
     shipped = shipped_models_dir() / "student_lite"
-    if (shipped / "config.json").is_file():
-        return shipped, {}, True
+    if (shipped / "config.json").is_file():  # with its refinement net: the product's densest, best-scoring output
+        return shipped, {"refine": True}, True
     _warn_loudly(f"no shipped student at {shipped}: using a RANDOM tiny model instead.\n"
                  "!! The pipeline runs end to end, but the completions and metrics below are meaningless.")
     import torch
@@ -183,10 +183,11 @@ def frame_rows(outputs: list, in_stamps: list[int], timings: dict[int, dict[str,
     return rows
 
 
-# (title, key, width, decimals); groups are separated by " | ". "in" = the input scan vs ground truth.
+# (title, key, width, decimals); groups are separated by " | ". "in" = the input scan vs ground truth,
+# "in@out" = the input farthest-point sampled to the completion's point count (same budget).
 TIMING_COLUMNS = [("frame", "frame", 5, 0), ("in pts", "input_points", 7, 0), ("out pts", "output_points", 7, 0),
                   ("node ms", "processing_ms", 8, 0), ("model ms", "model_ms", 8, 0), ("ovh ms", "overhead_ms", 6, 2)]
-METRIC_COLUMNS = [[("CD in", "input_cd", 6, 3), ("CD out", "completion_cd", 6, 3)],
+METRIC_COLUMNS = [[("CD in", "input_cd", 6, 3), ("in@out", "budget_cd", 6, 3), ("CD out", "completion_cd", 6, 3)],
                   [("F in", "input_fscore", 5, 3), ("F out", "completion_fscore", 5, 3)],
                   [("JSD-BEV in", "input_jsd_bev", 10, 3), ("out", "completion_jsd_bev", 5, 3)],
                   [("IoU.5 in", "input_iou_0.5", 8, 3), ("out", "completion_iou_0.5", 5, 3)]]
@@ -262,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     keys = list(rows[0])
     (args.out / "frames.csv").write_text(
         "\n".join([",".join(keys)] + [",".join(str(r[k]) for k in keys) for r in rows]) + "\n")
-    cd = (f"; mean CD {mean['input_cd']:.3f} m (input) -> {mean['completion_cd']:.3f} m (completion)"
+    cd = (f"; mean CD {mean['input_cd']:.3f} m (input, {mean['input_points']:,.0f} points; FPS'd to the "
+          f"completion's {mean['output_points']:,.0f}: {mean['budget_cd']:.3f} m) -> {mean['completion_cd']:.3f} m (completion)"
           if scored is not None else "; not scored (no training package)")
     print(f"\ncompleted {len(outputs)}/{len(inputs)} scans (node: {counters.get('dropped', '?')} dropped, "
           f"{counters.get('rejected', '?')} rejected){cd}")
