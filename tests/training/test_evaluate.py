@@ -144,7 +144,8 @@ def test_demo_scores_through_the_command_and_prints_the_table(tiny_dataset, tmp_
     rows = demo.frame_rows(outputs, stamps, timings, scored)
     assert [r["frame"] for r in rows] == [0, 2] and rows[0]["processing_ms"] == 50.0
     text, mean = demo.table(rows)
-    assert "CD out" in text and "IoU.5 in" in text and text.splitlines()[-1].lstrip().startswith("mean")
+    assert "CD out" in text and "in@out" in text and "IoU.5 in" in text and text.splitlines()[-1].lstrip().startswith("mean")
+    assert np.isclose(mean["budget_cd"], np.mean([r["budget_cd"] for r in rows]))
     assert np.isclose(mean["completion_cd"], np.mean([r["completion_cd"] for r in rows]))
 
     monkeypatch.setattr(demo.shutil, "which", lambda *a, **k: None)
