@@ -186,9 +186,8 @@ class CompletionConfig:
         check_types({k: v for k, v in nested.items() if k not in sections}, cls)
         for key, value in nested.items():
             if key in sections:
-                check(isinstance(value, dict), key, "must be a mapping")
-                check_keys(value, sections[key], prefix=f"{key}.")
                 check_types(value, sections[key], prefix=f"{key}.")
+                check_keys(value, sections[key], prefix=f"{key}.")
                 kwargs[key] = sections[key](**value)
             else:
                 kwargs[key] = value

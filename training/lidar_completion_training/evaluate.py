@@ -337,7 +337,7 @@ def score_completed_bag(dataset: CompletionDataset, input_bag: Path, completed_b
             continue
         partial, full = dataset.pair(index)
         before = evaluate_completion(partial, full, with_emd=with_emd)
-        budget = (farthest_point_sample(partial, len(cloud.xyz)) if 0 < len(cloud.xyz) < len(partial) else partial)
+        budget = farthest_point_sample(partial, len(cloud.xyz)) if 0 < len(cloud.xyz) < len(partial) else partial
         at_budget = evaluate_completion(budget, full, with_emd=with_emd)
         after = evaluate_completion(cloud.xyz, full, with_emd=with_emd)
         frames.append({"frame": index, "stamp": cloud.stamp_ns / 1e9, "input_points": len(partial),
