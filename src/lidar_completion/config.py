@@ -18,7 +18,7 @@ import yaml
 from .backends import BACKENDS, check_backend
 
 __all__ = ["DataConfig", "SamplingConfig", "CompletionConfig", "PRESETS", "MODEL_PRESET", "BACKENDS", "SAMPLERS", "PREDICTIONS",
-           "effective_range", "load_config", "read_yaml", "check_types"]
+           "MAX_CHANNEL_RATIO", "effective_range", "load_config", "read_yaml", "check_types"]
 
 # Point budgets: "full" is the published setting (GPU); "lite" keeps a CPU frame in seconds;
 # "model" (the default) uses the budget the checkpoint was trained with, else "lite".
@@ -32,6 +32,9 @@ MODEL_PRESET = "model"
 SAMPLERS = ("dpmsolver++", "ve")
 # What a denoiser outputs: the noise (published LiDiff) or the displacement x_0 - x_t.
 PREDICTIONS = ("epsilon", "displacement")
+# Widest network a config may name: 4x the published widths (~16x its weights); wider is a typo,
+# and would allocate gigabytes before anything else could say so.
+MAX_CHANNEL_RATIO = 4.0
 
 
 def check(condition: bool, key: str, message: str) -> None:

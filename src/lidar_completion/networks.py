@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .config import MAX_CHANNEL_RATIO
 from .sparse import (
     PointField,
     SparseBatchNorm,
@@ -41,9 +42,6 @@ __all__ = [
 BASE_CHANNELS = (32, 32, 64, 128, 256, 256, 128, 96, 96)
 DOWN_NAMES = ("stage1", "stage2", "stage3", "stage4")
 UP_NAMES = ("up1", "up2", "up3", "up4")
-
-
-MAX_CHANNEL_RATIO = 4.0  # 4x the published widths: ~16x its weights; anything wider is a typo
 
 
 def channel_widths(channel_ratio: float) -> list[int]:

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from lidar_completion.backends import check_backend
-from lidar_completion.config import PREDICTIONS, SAMPLERS, check, check_keys, check_types, read_yaml
+from lidar_completion.config import MAX_CHANNEL_RATIO, PREDICTIONS, SAMPLERS, check, check_keys, check_types, read_yaml
 
 __all__ = ["RunConfig", "load_run_config"]
 
@@ -56,7 +56,8 @@ class ModelSection:
         check(self.t0 is None or 1 <= self.t0 <= 999, "model.t0", f"must be in [1, 999] or null, got {self.t0}")
         check(self.prediction in PREDICTIONS, "model.prediction", f"must be one of {list(PREDICTIONS)}, got {self.prediction!r}")
         check(0 <= self.guidance <= 50, "model.guidance", f"must be in [0, 50], got {self.guidance}")
-        check(0.05 <= self.channel_ratio <= 4, "model.channel_ratio", f"must be in [0.05, 4], got {self.channel_ratio}")
+        check(0.05 <= self.channel_ratio <= MAX_CHANNEL_RATIO, "model.channel_ratio",
+              f"must be in [0.05, {MAX_CHANNEL_RATIO:g}], got {self.channel_ratio}")
         check(0 < self.voxel_size <= 1, "model.voxel_size", f"must be in (0, 1] m, got {self.voxel_size}")
 
 
@@ -137,7 +138,8 @@ class RefineSection:
     jitter: float = 0.1
 
     def __post_init__(self) -> None:
-        check(0.05 <= self.channel_ratio <= 4, "refine.channel_ratio", f"must be in [0.05, 4], got {self.channel_ratio}")
+        check(0.05 <= self.channel_ratio <= MAX_CHANNEL_RATIO, "refine.channel_ratio",
+              f"must be in [0.05, {MAX_CHANNEL_RATIO:g}], got {self.channel_ratio}")
         check(0 <= self.jitter < 1, "refine.jitter", "must be in [0, 1) m")
 
 
@@ -170,9 +172,8 @@ class RunConfig:
         kwargs: dict[str, Any] = {"kind": values.get("kind", "teacher")}
         for name, section in _SECTIONS.items():
             given = values.get(name) or {}
-            check(isinstance(given, dict), name, "must be a mapping")
+            check_types(given, section, prefix=f"{name}.")  # also: the section is a mapping
             check_keys(given, section, prefix=f"{name}.")
-            check_types(given, section, prefix=f"{name}.")
             if name == "data":
                 given = given | {k: tuple(str(s) for s in given[k]) for k in ("train_sequences", "val_sequences") if k in given}
             try:
