@@ -266,6 +266,7 @@ def test_distillation_run_exports_a_student_with_the_teachers_encoder(tiny_datas
         ({"distill": {"regression_weight": -1}}, "distill.regression_weight"),
         ({"distill": {"regression_steps": 0}}, "distill.regression_steps"),
         ({"distill": {"preference_pull": -1}}, "distill.preference_pull"),
+        ({"refine": {"source": "scan"}}, "refine.source"),
         ({"kind": "distill"}, "distill.teacher"),
         ({"trainer": {"bogus": 1}}, "trainer.bogus"),
         ({"trainer": {"backend": "spconv"}}, "trainer.backend"),
@@ -299,13 +300,15 @@ def test_exponent_learning_rates_from_the_file_and_from_set(tmp_path):
     assert load_run_config(path, dict([_parse_override("trainer.lr=2e-4")])).trainer.lr == 2e-4
 
 
-def test_refinement_run_adds_a_refiner_and_keeps_the_base_model(tiny_dataset, tmp_path):
+@pytest.mark.parametrize("source", ["ground_truth", "completion"])
+def test_refinement_run_adds_a_refiner_and_keeps_the_base_model(tiny_dataset, tmp_path, source):
     from lidar_completion_training.engine import fit
 
     torch.manual_seed(0)
     base = CompletionModel(ModelConfig(channel_ratio=0.25, kind="student", default_steps=1, default_guidance=1.0))
     base_dir = save_model(base, tmp_path / "base")
-    config = run_config(tiny_dataset, tmp_path / "refine", kind="refine", trainer={"max_steps": 3, "checkpoint_every": 3}, refine={"base": str(base_dir)})
+    config = run_config(tiny_dataset, tmp_path / "refine", kind="refine", trainer={"max_steps": 3, "checkpoint_every": 3},
+                        refine={"base": str(base_dir), "source": source})
     refined = load_model(fit(config, progress=False))
     assert refined.refiner is not None and refined.config.refine_channel_ratio == 0.25
     for key, value in base.state_dict().items():
@@ -313,6 +316,29 @@ def test_refinement_run_adds_a_refiner_and_keeps_the_base_model(tiny_dataset, tm
     with open(tmp_path / "refine" / "logs" / "metrics.csv") as handle:
         chamfer = [float(row["train/chamfer"]) for row in __import__("csv").DictReader(handle) if row.get("train/chamfer")]
     assert len(chamfer) == 3 and all(0 < c < 100 for c in chamfer)
+
+
+def test_refinement_learns_on_the_completions_the_pipeline_makes(tiny_dataset, tmp_path, pairs):
+    """``refine.source: completion``: the coarse points are exactly what SceneCompleter (the
+    node's pipeline, seed 0) makes of the scan, and a base that has a refiner starts from it."""
+    from lidar_completion.completer import SceneCompleter
+    from lidar_completion_training.engine import RefineModule
+
+    torch.manual_seed(0)
+    base = CompletionModel(ModelConfig(channel_ratio=0.25, refine_channel_ratio=0.25, kind="student", default_steps=2,
+                                       default_guidance=1.0, sampler="ve", t0=300, n_part=N_PART))
+    base_dir = save_model(base, tmp_path / "base")
+    config = run_config(tiny_dataset, tmp_path / "refine", kind="refine", refine={"base": str(base_dir), "source": "completion"})
+    module = RefineModule(config)
+    for key, value in base.refiner.state_dict().items():
+        assert torch.equal(module.model.refiner.state_dict()[key], value), key
+    partial = pairs[0]
+    coarse = module._completions(partial)
+    expected = SceneCompleter.from_checkpoint(base_dir).complete_batch([p.numpy() for p in partial])
+    assert len(coarse) == len(expected) == 2
+    for got, want in zip(coarse, expected):
+        assert torch.equal(got, torch.from_numpy(want.points))
+    assert module.model.refiner.training
 
 
 @pytest.mark.skipif(not minkowski.available(), reason="MinkowskiEngine not installed (optional)")

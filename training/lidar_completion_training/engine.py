@@ -248,18 +248,40 @@ class DistillationModule(_Base):
 
 class RefineModule(_Base):
     """Trains a refinement net (x6 offsets, Chamfer loss) onto an exported teacher/student;
-    the export is that model with its ``refiner`` added."""
+    the export is that model with its ``refiner`` added. A base that already has a refiner of
+    the same width starts from it (fine-tuning).
+
+    With ``refine.source: completion`` the net learns on the base's own completions, made by
+    the inference pipeline itself (:class:`SceneCompleter`, same sampler, steps, seed and
+    post-processing as at run time), so it learns to correct that model's errors; with
+    ``ground_truth`` it learns on jittered ground truth and does not depend on the base."""
 
     def __init__(self, config: RunConfig):
         super().__init__(config)
         base = load_model(config.refine.base)
         self.model = CompletionModel(ModelConfig(**(base.config.__dict__ | {"refine_channel_ratio": config.refine.channel_ratio})))
-        self.model.load_state_dict(base.state_dict(), strict=False)  # everything but the new refiner
+        self.model.load_state_dict(base.state_dict(), strict=False)  # all of the base, its refiner too if it has one
         self.model.encoder.requires_grad_(False)
         self.model.denoiser.requires_grad_(False)
+        self._completer: Any = None
+
+    def _completions(self, partial: torch.Tensor) -> list[torch.Tensor]:
+        """The base model's completions of ``partial`` [B, n_part, 3], as the node makes them."""
+        from lidar_completion.completer import SceneCompleter
+        from lidar_completion.config import load_config
+
+        if self._completer is None:
+            config = load_config(device=str(self.device), backend=self.config.trainer.backend, refine=False)
+            self._completer = SceneCompleter(self.model, config)
+        self.model.encoder.eval()  # frozen: running statistics, as at inference
+        self.model.denoiser.eval()
+        results = self._completer.complete_batch([p.cpu().numpy() for p in partial])
+        self.model.refiner.train(self.training)
+        return [torch.from_numpy(r.points).to(self.device) for r in results]
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        losses = refine_loss(self.model, batch["full"], self._generator(), self.config.refine.jitter)
+        coarse = self._completions(batch["partial"]) if self.config.refine.source == "completion" else None
+        losses = refine_loss(self.model, batch["full"], self._generator(), self.config.refine.jitter, coarse)
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=batch["full"].shape[0])
         self.data_step += 1
         return losses["loss"]

@@ -305,15 +305,26 @@ def _nearest_sq(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
     return ((src - dst[torch.from_numpy(index).to(src.device)]) ** 2).sum(-1)
 
 
-def refine_loss(model: CompletionModel, full: torch.Tensor, generator: torch.Generator, jitter: float = 0.1) -> dict[str, torch.Tensor]:
-    """Refinement net objective: a sparse, jittered sixth of the ground truth goes in, each
-    point plus its 6 predicted offsets must cover the ground truth (Chamfer distance)."""
+def refine_loss(
+    model: CompletionModel,
+    full: torch.Tensor,
+    generator: torch.Generator,
+    jitter: float = 0.1,
+    coarse: list[torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Refinement net objective: each coarse point plus its 6 predicted offsets must cover the
+    ground truth (Chamfer distance). ``coarse`` [M_b, 3] per scene: the base model's own
+    completions (what the net refines at run time, as LiDiff trains it); None: a sparse,
+    ``jitter``-ed sixth of the ground truth."""
     losses = []
-    for scene in full:  # [N, 3] per batch entry
-        keep = torch.randperm(scene.shape[0], generator=generator, device=scene.device)[: scene.shape[0] // 6]
-        coarse = scene[keep] + jitter * torch.randn(keep.shape[0], 3, generator=generator, device=scene.device)
-        offsets = model.refiner(model.voxelize(coarse))
-        dense = (coarse[:, None, :] + offsets.reshape(-1, 6, 3)).reshape(-1, 3)
+    for index, scene in enumerate(full):  # [N, 3] per batch entry
+        if coarse is None:
+            keep = torch.randperm(scene.shape[0], generator=generator, device=scene.device)[: scene.shape[0] // 6]
+            points = scene[keep] + jitter * torch.randn(keep.shape[0], 3, generator=generator, device=scene.device)
+        else:
+            points = coarse[index]
+        offsets = model.refiner(model.voxelize(points))
+        dense = (points[:, None, :] + offsets.reshape(-1, 6, 3)).reshape(-1, 3)
         losses.append(0.5 * (_nearest_sq(dense, scene).sqrt().mean() + _nearest_sq(scene, dense).sqrt().mean()))
     loss = torch.stack(losses).mean()
     return {"loss": loss, "chamfer": loss.detach()}

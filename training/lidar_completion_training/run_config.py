@@ -137,12 +137,15 @@ class DistillSection:
 class RefineSection:
     base: str = ""  # the exported teacher or student that gets the refinement net
     channel_ratio: float = 0.25
-    jitter: float = 0.1
+    source: str = "ground_truth"  # what it learns to refine: ground_truth (jittered) or completion (the base's own)
+    jitter: float = 0.1  # m, source ground_truth only
 
     def __post_init__(self) -> None:
         check(0.05 <= self.channel_ratio <= MAX_CHANNEL_RATIO, "refine.channel_ratio",
               f"must be in [0.05, {MAX_CHANNEL_RATIO:g}], got {self.channel_ratio}")
         check(0 <= self.jitter < 1, "refine.jitter", "must be in [0, 1) m")
+        check(self.source in ("ground_truth", "completion"), "refine.source",
+              f"must be ground_truth or completion, got {self.source!r}")
 
 
 _SECTIONS = {"data": DataSection, "model": ModelSection, "trainer": TrainerSection, "teacher": TeacherSection, "distill": DistillSection, "refine": RefineSection}
