@@ -123,6 +123,18 @@ def test_aux_steps_update_the_auxiliaries_several_times_per_student_step(pairs):
     assert len(set(aux_losses)) == 3, "each auxiliary step draws its own timestep and noise"
 
 
+def adam_stepper(net: torch.nn.Module, lr: float):
+    """``step_student`` for distillation_iteration: one Adam step on ``net`` per loss."""
+    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+
+    def step(loss: torch.Tensor) -> None:
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
 def test_regression_term_pulls_the_student_onto_the_teachers_many_step_sample(pairs):
     """DMD's regression term: the same noise through the student (2 steps) and the teacher
     (8 steps); a few student steps on it shrink the paired distance between the two."""
@@ -133,13 +145,8 @@ def test_regression_term_pulls_the_student_onto_the_teachers_many_step_sample(pa
         for p in teacher.parameters():
             p.add_(0.05 * torch.randn_like(p))
     aux = [copy.deepcopy(teacher)]
-    optimizer = torch.optim.Adam(model.denoiser.parameters(), lr=1e-3)
+    step_student = adam_stepper(model.denoiser, lr=1e-3)
     partial, full = pairs
-
-    def step_student(loss):
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
 
     distances = [
         distillation_iteration(
@@ -162,13 +169,8 @@ def test_preference_pull_moves_the_loser_onto_the_winner(pairs):
     model = load_model(SHIPPED_MODELS / "teacher_lite").eval()
     teacher = copy.deepcopy(model.denoiser).requires_grad_(False)
     aux = [copy.deepcopy(teacher), copy.deepcopy(teacher)]
-    optimizer = torch.optim.Adam(model.denoiser.parameters(), lr=1e-3)
+    step_student = adam_stepper(model.denoiser, lr=1e-3)
     partial, full = pairs
-
-    def step_student(loss):
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
 
     def iteration(**kwargs):
         return distillation_iteration(
