@@ -227,7 +227,6 @@ class DistillationModule(_Base):
             aux_steps=d.aux_steps,
             regression_weight=d.regression_weight,
             regression_steps=d.regression_steps,
-            preference_pull=d.preference_pull,
             repeat=self.config.data.n_full // self.config.data.n_part,
             max_timestep=d.max_timestep or self.model.config.t0,
         )

@@ -30,15 +30,6 @@ have a lower Chamfer distance than its 50-step ones. ``regression_weight`` > 0 a
 land where the teacher's ``K``-step sample from the same ``z`` lands (points keep their index
 through sampling, so the pairing is exact and no matching is needed). Both modes get the same
 term, so the DPO-vs-plain ablation still isolates the preference.
-
-Preference pull (``preference_pull`` > 0, DPO mode only): the loser sample is pulled onto the
-winner, ``mean ||x_loser - sg(x_winner)||^2``. Winner and loser come from the same noise at two
-scales, so their points are paired by index, as in the regression term. The score difference
-above moves the student only through how teacher and auxiliary scores differ *between* the two
-samples, which nearly cancel (same ``t`` and noise, samples a few cm apart), and the regression
-term ties the student to the teacher's sample, so the one bit the ground truth gives (which
-sample is better) had no measurable effect. The pull turns that bit into a direct step: the
-student's sample at the loser's noise scale moves to where its better sample landed.
 """
 
 from __future__ import annotations
@@ -214,7 +205,6 @@ def distillation_iteration(
     aux_steps: int = 1,
     regression_weight: float = 0.0,
     regression_steps: int = 8,
-    preference_pull: float = 0.0,
     repeat: int | None = None,
     max_timestep: int | None = None,
     preference_metric: Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor] = chamfer_preference,
@@ -232,8 +222,7 @@ def distillation_iteration(
     published: at initialisation teacher and auxiliaries are equal, so scoring before
     their first step would give the student a zero gradient), plus ``regression_weight`` x the
     paired distance of its unscaled sample to the teacher's ``regression_steps``-step sample
-    from the same noise, plus (DPO only) ``preference_pull`` x the paired distance of the
-    loser to the detached winner (module docstring).
+    from the same noise (module docstring).
     """
     with torch.no_grad():
         scan = encode_scans(model, partial)  # the encoder is frozen
@@ -275,10 +264,6 @@ def distillation_iteration(
     gen_loss = _dmd_surrogate(model, schedule, teacher, aux_nets[0], ranked[0], scan, t, eps).mean()
     if preference:
         gen_loss = gen_loss - loser_weight * _dmd_surrogate(model, schedule, teacher, aux_nets[1], ranked[1], scan, t, eps).mean()
-        if preference_pull:
-            pull = ((ranked[1] - ranked[0].detach()) ** 2).sum(-1).mean()
-            gen_loss = gen_loss + preference_pull * pull
-            logs["loss_pull"] = float(pull.detach())
     if regression_weight:
         with torch.no_grad():
             target = generate(model, teacher, partial, scan, noise, 1.0, regression_steps, repeat).clamp(-box, box)
