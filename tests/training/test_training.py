@@ -237,6 +237,7 @@ def test_distillation_run_exports_a_student_with_the_teachers_encoder(tiny_datas
         ({"distill": {"regression_weight": -1}}, "distill.regression_weight"),
         ({"distill": {"regression_steps": 0}}, "distill.regression_steps"),
         ({"refine": {"source": "scan"}}, "refine.source"),
+        ({"refine": {"accuracy_weight": 0}}, "refine.accuracy_weight"),
         ({"kind": "distill"}, "distill.teacher"),
         ({"trainer": {"bogus": 1}}, "trainer.bogus"),
         ({"trainer": {"backend": "spconv"}}, "trainer.backend"),

@@ -280,7 +280,8 @@ class RefineModule(_Base):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         coarse = self._completions(batch["partial"]) if self.config.refine.source == "completion" else None
-        losses = refine_loss(self.model, batch["full"], self._generator(), self.config.refine.jitter, coarse)
+        r = self.config.refine
+        losses = refine_loss(self.model, batch["full"], self._generator(), r.jitter, coarse, r.accuracy_weight)
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=batch["full"].shape[0])
         self.data_step += 1
         return losses["loss"]

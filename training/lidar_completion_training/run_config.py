@@ -137,11 +137,13 @@ class RefineSection:
     channel_ratio: float = 0.25
     source: str = "ground_truth"  # what it learns to refine: ground_truth (jittered) or completion (the base's own)
     jitter: float = 0.1  # m, source ground_truth only
+    accuracy_weight: float = 1.0  # weight of the Chamfer term refined -> ground truth (1: symmetric)
 
     def __post_init__(self) -> None:
         check(0.05 <= self.channel_ratio <= MAX_CHANNEL_RATIO, "refine.channel_ratio",
               f"must be in [0.05, {MAX_CHANNEL_RATIO:g}], got {self.channel_ratio}")
         check(0 <= self.jitter < 1, "refine.jitter", "must be in [0, 1) m")
+        check(self.accuracy_weight > 0, "refine.accuracy_weight", f"must be > 0, got {self.accuracy_weight}")
         check(self.source in ("ground_truth", "completion"), "refine.source",
               f"must be ground_truth or completion, got {self.source!r}")
 
