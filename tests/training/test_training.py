@@ -258,6 +258,19 @@ def test_bad_config_values_are_rejected_before_training(tmp_path, override, mess
     assert main([str(path)]) == 2
 
 
+@pytest.mark.parametrize("name", ["teacher_lite", "distill_dpo_lite", "distill_sd_lite", "refine_lite"])
+def test_shipped_training_configs_are_valid(name):
+    """The configs the model card's commands use parse and validate (their model paths point at
+    run directories; the shipped models stand in for them here)."""
+    configs = Path(__file__).resolve().parents[2] / "config" / "training"
+    shipped = Path(__file__).resolve().parents[2] / "src" / "lidar_completion" / "models"
+    overrides = {"distill.teacher": str(shipped / "teacher_lite")} if name.startswith("distill") else {}
+    if name == "refine_lite":
+        overrides = {"refine.base": str(shipped / "student_lite")}
+    config = load_run_config(configs / f"{name}.yaml", overrides)
+    assert config.kind == name.split("_")[0]
+
+
 def test_exponent_learning_rates_from_the_file_and_from_set(tmp_path):
     """``lr: 3e-5`` is a string to YAML 1.1 (PyYAML); it was a TypeError deep in validation."""
     values = yaml.safe_load(run_config(tmp_path, tmp_path / "x").to_yaml())
