@@ -279,8 +279,8 @@ class RefineModule(_Base):
         return [torch.from_numpy(r.points).to(self.device) for r in results]
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        coarse = self._completions(batch["partial"]) if self.config.refine.source == "completion" else None
         r = self.config.refine
+        coarse = self._completions(batch["partial"]) if r.source == "completion" else None
         losses = refine_loss(self.model, batch["full"], self._generator(), r.jitter, coarse, r.accuracy_weight)
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=batch["full"].shape[0])
         self.data_step += 1
