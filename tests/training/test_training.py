@@ -262,12 +262,12 @@ def test_bad_config_values_are_rejected_before_training(tmp_path, override, mess
 def test_shipped_training_configs_are_valid(name):
     """The configs the model card's commands use parse and validate (their model paths point at
     run directories; the shipped models stand in for them here)."""
-    configs = Path(__file__).resolve().parents[2] / "config" / "training"
-    shipped = Path(__file__).resolve().parents[2] / "src" / "lidar_completion" / "models"
-    overrides = {"distill.teacher": str(shipped / "teacher_lite")} if name.startswith("distill") else {}
-    if name == "refine_lite":
-        overrides = {"refine.base": str(shipped / "student_lite")}
-    config = load_run_config(configs / f"{name}.yaml", overrides)
+    root = Path(__file__).resolve().parents[2]
+    shipped = root / "src" / "lidar_completion" / "models"
+    overrides = {"distill_dpo_lite": {"distill.teacher": str(shipped / "teacher_lite")},
+                 "distill_sd_lite": {"distill.teacher": str(shipped / "teacher_lite")},
+                 "refine_lite": {"refine.base": str(shipped / "student_lite")}}.get(name, {})
+    config = load_run_config(root / "config" / "training" / f"{name}.yaml", overrides)
     assert config.kind == name.split("_")[0]
 
 
