@@ -12,7 +12,7 @@ import torch
 
 from lidar_completion.model import CompletionModel, ModelConfig
 from lidar_completion.completer import ScanError, SceneCompleter
-from lidar_completion.points import farthest_point_sample
+from lidar_completion.points import farthest_point_sample, seen_through
 from lidar_completion.config import CompletionConfig
 
 
@@ -34,7 +34,7 @@ def model() -> CompletionModel:
 
 def make_completer(model: CompletionModel, **overrides) -> SceneCompleter:
     values = {"device": "cpu", "refine": False, "data.n_part": 64, "sampling.steps": 1, "sampling.guidance": 0.0}
-    return SceneCompleter(model, CompletionConfig().replace(**(values | overrides)))
+    return SceneCompleter(model, CompletionConfig.from_dict(values | overrides))
 
 
 def ring_scan(n: int, seed: int = 0) -> np.ndarray:
@@ -130,9 +130,23 @@ def test_postprocess_keeps_range_and_height_band(model):
     assert len(result.points) > 0 and result.points.dtype == np.float32
     assert (np.linalg.norm(result.points, axis=1) < 50).all()
     assert (result.points[:, 2] > z.mean() - 2 * z.std()).all() and (result.points[:, 2] < z.max()).all()
-    assert set(result.timings_ms) == {"preprocess", "encode", "sample", "postprocess", "total"}
+    assert set(result.timings_ms) == {"preprocess", "encode", "sample", "postprocess", "free_space", "total"}
     stages = sum(v for k, v in result.timings_ms.items() if k != "total")
     assert result.timings_ms["total"] == pytest.approx(stages)
+
+
+def test_free_space_stage_drops_exactly_the_seen_through_points_last(model):
+    """With the margin set, the output is the margin-free output (refined too: the refiner
+    sees the same coarse points) minus the points in front of a return of the whole scan."""
+    scan = ring_scan(3000)
+    for refine in (False, True):
+        keep_all = make_completer(model, refine=refine, **{"data.free_space_margin": None})
+        full = keep_all.complete(scan).points
+        carved = make_completer(model, refine=refine, **{"data.free_space_margin": 0.5}).complete(scan)
+        expected = full[~seen_through(full, keep_all.points_in_band(scan), 0.5)]
+        assert 0 < len(carved.points) < len(full)
+        np.testing.assert_array_equal(carved.points, expected)
+        assert "free_space" in carved.timings_ms and "free_space" not in keep_all.complete(scan).timings_ms
 
 
 # ---------------------------------------------------------------- sampler
@@ -192,8 +206,9 @@ def test_same_seed_same_output_different_seed_different_output(model):
 
 def test_refinement_gives_six_points_per_point(model):
     scan = ring_scan(300)
-    plain = make_completer(model, refine=False).complete(scan)
-    completer = make_completer(model, refine=True)
+    keep_all = {"data.free_space_margin": None}  # that last stage has its own test
+    plain = make_completer(model, refine=False, **keep_all).complete(scan)
+    completer = make_completer(model, refine=True, **keep_all)
     raw = completer.refine(plain.points)
     assert raw.shape == (6 * len(plain.points), 3)
     # Each group of six is its coarse point plus offsets bounded by tanh (|offset| < 1 m).

@@ -38,3 +38,10 @@ def test_model_config_types_are_checked_too():
     with pytest.raises(ValueError, match="channel_ratio: must be a number"):
         ModelConfig.from_dict({"channel_ratio": "wide"})
     assert ModelConfig.from_dict({"channel_ratio": 1, "t0": None}).channel_ratio == 1
+
+
+def test_free_space_margin_is_a_distance_or_null():
+    assert CompletionConfig().data.free_space_margin == 0.2
+    assert CompletionConfig.from_dict({"data": {"free_space_margin": None}}).data.free_space_margin is None
+    with pytest.raises(ValueError, match=r"data.free_space_margin: must be in \[0, 10\] m"):
+        CompletionConfig.from_dict({"data.free_space_margin": -0.5})

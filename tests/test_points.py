@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from lidar_completion.io import PointFileError, read_points, write_points
-from lidar_completion.points import (KEY_BITS, farthest_point_sample, in_range, pack_cells, read_kitti_bin, voxel_keys,
+from lidar_completion.points import (KEY_BITS, farthest_point_sample, in_range, pack_cells, read_kitti_bin, seen_through, voxel_keys,
                                      write_kitti_bin)
 
 
@@ -63,3 +63,20 @@ def test_in_range_is_exclusive_and_drops_non_finite_rows():
     points = np.array([[3.5, 0, 0], [4, 0, 0], [50, 0, 0], [np.nan, 0, 0], [np.inf, 0, 0], [3e38, 3e38, 0]], np.float32)
     assert in_range(points, 3.5, 50.0).tolist() == [False, True, False, False, False, False]
     assert in_range(points[:3]).all()
+
+
+def test_seen_through_marks_points_in_front_of_a_return_only():
+    """A wall 5 m ahead (x = 5): the rays crossed x < 5, so a point at 3 m is in seen-through
+    space; one within the margin, behind the wall (its shadow) or where no ray returned is not."""
+    y, z = np.meshgrid(np.linspace(-2, 2, 201), np.linspace(-1, 1, 101))  # 2 cm: every 0.5 deg bin hit
+    wall = np.stack([np.full(y.size, 5.0), y.ravel(), z.ravel()], axis=1)
+    points = np.array([[3.0, 0.0, 0.0],    # in front of the wall
+                       [4.7, 0.3, 0.1],    # 0.3 m in front: beyond the 0.2 m margin
+                       [4.9, 0.0, 0.0],    # within the margin (a surface's own thickness)
+                       [7.0, 0.5, 0.0],    # behind the wall: its shadow, unobserved
+                       [0.0, 3.0, 0.0],    # a direction without any return
+                       [-3.0, 0.0, 0.0]])  # behind the sensor
+    assert seen_through(points, wall, margin=0.2).tolist() == [True, True, False, False, False, False]
+    assert seen_through(points, wall, margin=0.5).tolist() == [True, False, False, False, False, False]
+    assert seen_through(points[:0], wall, 0.2).shape == (0,)
+    assert not seen_through(points, wall[:0], 0.2).any()

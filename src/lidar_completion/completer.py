@@ -10,7 +10,10 @@ The ROS node, the offline CLI, the benchmarks, evaluation and training validatio
    with training from a start timestep t0; :mod:`.diffusion`), optional classifier-free guidance;
 3. post-process: drop points beyond ``max_range`` or outside the input's height band
    ``[mean_z - 2 std_z, max_z]``;
-4. refine (optional): the refinement net adds 6 offsets per point (x6 points).
+4. refine (optional): the refinement net adds 6 offsets per point (x6 points);
+5. free space (ours, ``data.free_space_margin``): drop the points that lie in space the scan's
+   rays crossed (in front of a return in their direction). Last, so the refinement net sees
+   the coarse completion it was trained on.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import torch
 
 from .checkpoints import load_model
 from .model import CompletionModel
-from .points import farthest_point_sample, in_range
+from .points import farthest_point_sample, in_range, seen_through
 from .config import CompletionConfig
 from . import diffusion
 from .networks import Denoiser
@@ -154,6 +157,12 @@ class SceneCompleter:
 
     def preprocess(self, points: np.ndarray) -> tuple[np.ndarray, int]:
         """Range-filtered, FPS-sampled scan [n_part, 3] and the number of points in range."""
+        xyz = self.points_in_band(points)
+        return farthest_point_sample(xyz, self.n_part), len(xyz)
+
+    def points_in_band(self, points: np.ndarray) -> np.ndarray:
+        """The scan's finite points inside the range band, float32 [M, 3]; :class:`ScanError`
+        when it is not an [N, >=3] array or no point is left."""
         data = self.config.data
         points = np.asarray(points)
         if points.ndim != 2 or points.shape[1] < 3:
@@ -165,7 +174,7 @@ class SceneCompleter:
                 f"no finite point between {data.min_range} m and {self.max_range} m "
                 f"(of {len(points)} points)"
             )
-        return farthest_point_sample(xyz, self.n_part), len(xyz)
+        return xyz
 
     def postprocess(self, completed: np.ndarray, partial: np.ndarray) -> np.ndarray:
         """Keep points within max range and the input's height band [mean_z - 2 std_z, max_z]
@@ -192,8 +201,8 @@ class SceneCompleter:
             return []
         timer = _Timer(self.device)
         with timer.stage("preprocess"):
-            prepared = [self.preprocess(s) for s in scans]
-            partial = torch.from_numpy(np.stack([p for p, _ in prepared])).to(self.device)
+            in_band = [self.points_in_band(s) for s in scans]
+            partial = torch.from_numpy(np.stack([farthest_point_sample(s, self.n_part) for s in in_band])).to(self.device)
         generator = self._generators(len(scans))
         with timer.stage("encode"):
             scans_enc = [encode_scans(self.model, partial)]
@@ -217,13 +226,18 @@ class SceneCompleter:
                     guidance=self.guidance,
                     nfe=nfe,
                     input_points=len(scans[index]),
-                    used_points=prepared[index][1],
+                    used_points=len(in_band[index]),
                 )
             )
         if self.config.refine:
             with timer.stage("refine"):  # refined points obey the same range and height band
                 for result, p in zip(results, partial_np):
                     result.points = self.postprocess(self.refine(result.points), p)
+        margin = self.config.data.free_space_margin
+        if margin is not None:
+            with timer.stage("free_space"):
+                for result, scan in zip(results, in_band):
+                    result.points = result.points[~seen_through(result.points, scan, margin)]
         timer.ms["total"] = sum(timer.ms.values())
         for result in results:
             result.timings_ms = dict(timer.ms)

@@ -111,6 +111,9 @@ class DataConfig:
     preset: str = MODEL_PRESET
     n_part: int | None = None  # None: take it from the preset
     repeat: int = 10
+    # Completed points more than this (m) in front of the scan's nearest return in their
+    # direction lie in space the sensor saw through and are dropped; None keeps them all.
+    free_space_margin: float | None = 0.2
 
     def __post_init__(self) -> None:
         choices = sorted([*PRESETS, MODEL_PRESET])
@@ -120,6 +123,9 @@ class DataConfig:
         if self.n_part is not None:
             check(16 <= self.n_part <= 200_000, "data.n_part", f"must be in [16, 200000], got {self.n_part}")
         check(1 <= self.repeat <= 50, "data.repeat", "must be in [1, 50]")
+        if self.free_space_margin is not None:
+            check(0 <= self.free_space_margin <= 10, "data.free_space_margin",
+                  f"must be in [0, 10] m (or null: keep every point), got {self.free_space_margin}")
 
     def resolve_n_part(self, model_n_part: int | None) -> int:
         """Explicit ``n_part``, else the preset's, else the model's trained budget, else lite."""

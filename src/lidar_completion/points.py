@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["KEY_BITS", "read_kitti_bin", "write_kitti_bin", "farthest_point_sample", "pack_cells", "voxel_keys",
-           "in_range"]
+           "in_range", "seen_through"]
 
 # --- KITTI .bin ------------------------------------------------------------------------
 
@@ -106,3 +106,39 @@ def in_range(points: np.ndarray, min_range: float = float("-inf"), max_range: fl
     in float64, so garbage values neither overflow nor pass; NaN rows are outside)."""
     r = np.linalg.norm(np.asarray(points)[:, :3].astype(np.float64), axis=1)
     return (r > min_range) & (r < max_range)
+
+
+# --- free space ------------------------------------------------------------------------
+
+# Direction bins of the free-space test: about one HDL-64 beam spacing. A bin no return fell
+# in (between the beams of a sparser sensor, or the sky) never removes a point.
+FREE_SPACE_BIN_DEG = 0.5
+
+
+def _direction_bins(points: np.ndarray, bin_rad: float) -> tuple[np.ndarray, np.ndarray]:
+    """Range of each point from the origin and one int64 key per (azimuth, elevation) bin."""
+    p = np.asarray(points, dtype=np.float64)[:, :3]
+    r = np.linalg.norm(p, axis=1)
+    azimuth = np.arctan2(p[:, 1], p[:, 0])
+    elevation = np.arcsin(np.clip(p[:, 2] / np.maximum(r, 1e-9), -1.0, 1.0))
+    cells = np.stack([np.floor(azimuth / bin_rad), np.floor(elevation / bin_rad)], axis=1)
+    return r, pack_cells(cells)
+
+
+def seen_through(points: np.ndarray, scan: np.ndarray, margin: float, bin_deg: float = FREE_SPACE_BIN_DEG) -> np.ndarray:
+    """Mask of ``points`` lying in space the sensor saw through: more than ``margin`` metres in
+    front of the nearest return of ``scan`` in their direction bin (both clouds in the sensor
+    frame, origin at the sensor). A LiDAR ray that returned at range R crossed empty space up
+    to R, so a completed point there is wrong; points behind a return (in its shadow) or in a
+    direction without returns are kept. Hand-written: the libraries' ray casting (open3d)
+    needs a mesh, and a range image of the scan itself is all this test needs."""
+    if len(points) == 0 or len(scan) == 0:
+        return np.zeros(len(points), dtype=bool)
+    bin_rad = np.deg2rad(bin_deg)
+    scan_range, scan_bins = _direction_bins(scan, bin_rad)
+    order = np.argsort(scan_bins, kind="stable")
+    bins, first = np.unique(scan_bins[order], return_index=True)
+    nearest = np.minimum.reduceat(scan_range[order], first)
+    point_range, point_bins = _direction_bins(points, bin_rad)
+    slot = np.minimum(np.searchsorted(bins, point_bins), len(bins) - 1)
+    return (bins[slot] == point_bins) & (point_range < nearest[slot] - margin)

@@ -59,6 +59,7 @@ class ParamSpec:
     choices: tuple[str, ...] | None = None  # for string parameters
     read_only: bool = False  # needs a restart (checkpoint, device, QoS)
     none_value: Any = None  # the sentinel that means ``None`` in the core config
+    none_means: str = "default of the preset/checkpoint"  # what that ``None`` does
 
     @property
     def type_name(self) -> str:
@@ -76,7 +77,7 @@ class ParamSpec:
             parts.append("one of " + ", ".join(c or "''" for c in self.choices))
         if self.none_value is not None:
             shown = self.none_value if self.none_value != "" else "''"
-            parts.append(f"{shown} = default of the preset/checkpoint")
+            parts.append(f"{shown} = {self.none_means}")
         if self.read_only:
             parts.append("read-only (restart the node to change)")
         return "; ".join(parts)
@@ -92,6 +93,7 @@ COMPLETION_KEYS = (
     "data.min_range",
     "data.max_range",
     "data.repeat",
+    "data.free_space_margin",
     "sampling.steps",
     "sampling.guidance",
     "sampling.seed",
@@ -170,6 +172,10 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("data.max_range", 50.0, "Scan points beyond this (m) are ignored; output is cut here too.",
               range=(0.0, 500.0)),
     ParamSpec("data.repeat", 10, "Each sampled scan point seeds this many output points.", range=(1, 50)),
+    ParamSpec("data.free_space_margin", 0.2,
+              "Completed points more than this (m) in front of the scan's nearest return in their direction "
+              "(space the sensor saw through) are dropped; -1 = keep every point.",
+              range=(-1.0, 10.0), none_value=-1.0, none_means="keep every point"),
     ParamSpec("sampling.steps", 0, "Diffusion sampler steps; 0 = the checkpoint's default (student: 1-8).",
               range=(0, 1000), none_value=0),
     ParamSpec("sampling.guidance", -1.0,
