@@ -27,6 +27,19 @@ def test_evaluate_checkpoint_writes_table_json_csv_and_plot(tiny_dataset, tmp_pa
     assert (out / "metrics.png").stat().st_size > 0
 
 
+def test_free_space_margin_flag_reaches_the_pipeline(tiny_dataset, tmp_path, capsys):
+    """--free-space-margin -1 turns the stage off (more points kept); a margin keeps fewer."""
+    torch.manual_seed(0)
+    model_dir = save_model(CompletionModel(ModelConfig(channel_ratio=0.25, kind="student", default_steps=1, default_guidance=1.0, n_part=64)), tmp_path / "model")
+    points = {}
+    for margin in ("-1", "0"):
+        out = tmp_path / f"eval{margin}"
+        assert main(["--root", str(tiny_dataset), "--sequences", "01", "--checkpoint", str(model_dir), "--max-scans", "2",
+                     "--no-emd", "--free-space-margin", margin, "--out", str(out)]) == 0
+        points[margin] = json.loads((out / "summary.json").read_text())["summary"]["model"]["points"]
+    assert points["0"] < points["-1"]
+
+
 def test_evaluate_completed_files_scores_the_input_itself_best(tiny_dataset, tmp_path, capsys):
     from lidar_completion_training.dataset import CompletionDataset, PairConfig
 

@@ -12,6 +12,7 @@ number through :mod:`.metrics`, so the table measures what the node and the CLI 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import csv
 import json
 import sys
@@ -67,8 +68,10 @@ def evaluate_setting(
     seed: int = 0,
     keep: dict[int, np.ndarray] | None = None,
     with_emd: bool = True,
+    free_space_margin: float | None = None,
 ) -> list[dict[str, float]]:
-    """Per-scan metrics (plus ``nfe`` and ``time_s``) of one setting."""
+    """Per-scan metrics (plus ``nfe`` and ``time_s``) of one setting; ``free_space_margin``
+    overrides the pipeline's (negative: the free-space stage off)."""
     from tqdm import tqdm
 
     completer = None
@@ -79,7 +82,11 @@ def evaluate_setting(
         overrides = {"data.preset": preset, "data.n_part": n_part, "sampling.steps": setting.steps,
                      "sampling.guidance": setting.guidance, "sampling.seed": seed, "refine": setting.refine, "device": device,
                      "sampling.sampler": setting.sampler, "sampling.t0": setting.t0}
-        completer = SceneCompleter.from_checkpoint(setting.checkpoint, load_config(**overrides))
+        config = load_config(**overrides)
+        if free_space_margin is not None:
+            margin = free_space_margin if free_space_margin >= 0 else None
+            config = dataclasses.replace(config, data=dataclasses.replace(config.data, free_space_margin=margin))
+        completer = SceneCompleter.from_checkpoint(setting.checkpoint, config)
     rows = []
     for index in tqdm(indices, desc=setting.name, leave=False):
         partial, full = dataset.pair(index)
@@ -224,6 +231,8 @@ def _common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("out/eval"))
     parser.add_argument("--max-range", type=float, help="scene radius in m (default: the model's trained radius, else 50)")
+    parser.add_argument("--free-space-margin", type=float, metavar="M",
+                        help="the pipeline's data.free_space_margin (m; default its own, 0.2); negative = stage off")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -284,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         setting = Setting(Path(args.checkpoint).name, args.checkpoint, args.steps, args.guidance, args.refine,
                           sampler=args.sampler, t0=args.t0)
         rows = evaluate_setting(setting, dataset, indices, preset=args.preset, n_part=args.n_part, device=args.device,
-                                seed=args.seed, with_emd=with_emd)
+                                seed=args.seed, with_emd=with_emd, free_space_margin=args.free_space_margin)
         name = setting.name
     print(write_outputs(args.out, {name: summarise(rows)}, {name: rows}))
     print(f"lidar-evaluate: {len(rows)} scans; table, JSON, CSV and plot in {args.out}")
@@ -422,7 +431,7 @@ def report(argv: Sequence[str]) -> int:
     for setting in settings:
         kept: dict[int, np.ndarray] = {}
         rows = evaluate_setting(setting, dataset, indices, preset=args.preset, n_part=args.n_part, device=args.device,
-                                seed=args.seed, keep=kept, with_emd=args.emd)
+                                seed=args.seed, keep=kept, with_emd=args.emd, free_space_margin=args.free_space_margin)
         summary[setting.name], per_scan[setting.name] = summarise(rows), rows
         if setting.checkpoint is None or setting.steps in (k, args.teacher_steps):
             for index in shown:
