@@ -304,8 +304,10 @@ def test_refinement_run_adds_a_refiner_and_keeps_the_base_model(tiny_dataset, tm
 
 def test_refinement_learns_on_the_completions_the_pipeline_makes(tiny_dataset, tmp_path, pairs):
     """``refine.source: completion``: the coarse points are exactly what SceneCompleter (the
-    node's pipeline, seed 0) makes of the scan, and a base that has a refiner starts from it."""
+    node's pipeline, seed 0) hands its refinement net -- the completion before the free-space
+    stage, which runs last -- and a base that has a refiner starts from it."""
     from lidar_completion.completer import SceneCompleter
+    from lidar_completion.config import CompletionConfig
     from lidar_completion_training.engine import RefineModule
 
     torch.manual_seed(0)
@@ -318,7 +320,8 @@ def test_refinement_learns_on_the_completions_the_pipeline_makes(tiny_dataset, t
         assert torch.equal(module.model.refiner.state_dict()[key], value), key
     partial = pairs[0]
     coarse = module._completions(partial)
-    expected = SceneCompleter.from_checkpoint(base_dir).complete_batch([p.numpy() for p in partial])
+    before_free_space = CompletionConfig.from_dict({"data.free_space_margin": None})
+    expected = SceneCompleter.from_checkpoint(base_dir, before_free_space).complete_batch([p.numpy() for p in partial])
     assert len(coarse) == len(expected) == 2
     for got, want in zip(coarse, expected):
         assert torch.equal(got, torch.from_numpy(want.points))
