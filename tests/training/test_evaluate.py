@@ -66,14 +66,19 @@ def test_report_has_every_row_with_standard_errors_and_the_steps_curve(tiny_data
                  "--student", str(student), "--sd-student", str(student), "--teacher-steps", "2", "--curve-steps", "1", "--out", str(out)])
     assert code == 0
     table = (out / "table.md").read_text()
-    for row in ("input scan (all points in range)", "FPS to 320 points (the completion's budget)", "FPS to 32 points (what the model sees)",
+    for row in ("input scan (all points in range)", "FPS to 320 points (the nominal budget)", "FPS to 32 points (what the model sees)",
+                "input scan, FPS to the completion's point count",
                 "teacher, 1 steps, VE sampler (t0 200)", "teacher, 2 steps, VE sampler", "teacher, 2 steps, published DPM-Solver++",
                 "plain distillation student, 1 step(s)", "Distillation-DPO student, 1 step(s) + refinement"):
         assert row in table, row
     assert table.count(" ± ") >= 5 * 9
     summary = json.loads((out / "summary.json").read_text())["summary"]
-    budget = next(v for k, v in summary.items() if "budget" in k)
-    assert budget["points"] == 320 and budget["cd_se"] > 0
+    assert summary["input scan, FPS to 320 points (the nominal budget)"]["points"] == 320
+    # The line to beat: the scan at the DPO student's own point count, scan by scan.
+    per_scan = json.loads((out / "summary.json").read_text())["per_scan"]
+    matched = [row["points"] for row in per_scan["input scan, FPS to the completion's point count"]]
+    assert matched == [row["points"] for row in per_scan["Distillation-DPO student, 1 step(s)"]]
+    assert summary["input scan, FPS to the completion's point count"]["cd_se"] > 0
     assert (out / "cd_vs_steps.png").stat().st_size > 0 and (out / "completions.png").stat().st_size > 0
     paired = (out / "paired.md").read_text()
     # The same checkpoint as both students: the paired difference is exactly zero.
