@@ -45,3 +45,7 @@ def test_free_space_margin_is_a_distance_or_null():
     assert CompletionConfig.from_dict({"data": {"free_space_margin": None}}).data.free_space_margin is None
     with pytest.raises(ValueError, match=r"data.free_space_margin: must be in \[0, 10\] m"):
         CompletionConfig.from_dict({"data.free_space_margin": -0.5})
+    assert CompletionConfig().with_free_space_margin(None).data.free_space_margin is None
+    assert CompletionConfig().with_free_space_margin(0.5).data.free_space_margin == 0.5
+    with pytest.raises(ValueError, match="data.free_space_margin"):
+        CompletionConfig().with_free_space_margin(-0.5)

@@ -205,6 +205,11 @@ class CompletionConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def with_free_space_margin(self, margin: float | None) -> "CompletionConfig":
+        """Copy with ``data.free_space_margin`` set, ``None`` (stage off) included, which
+        :meth:`replace` cannot set: it skips ``None`` values (unset CLI flags)."""
+        return dataclasses.replace(self, data=dataclasses.replace(self.data, free_space_margin=margin))
+
     def replace(self, **dotted: Any) -> "CompletionConfig":
         """Copy with dotted overrides, e.g. ``replace(**{"sampling.steps": 4})``; None values are ignored."""
         values = flatten_keys(self.to_dict())

@@ -12,7 +12,6 @@ weights as an uninterrupted one.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -273,7 +272,7 @@ class RefineModule(_Base):
         if self._completer is None:
             config = load_config(device=str(self.device), backend=self.config.trainer.backend, refine=False)
             # At run time the refiner sees the completion before the free-space stage (the last).
-            config = dataclasses.replace(config, data=dataclasses.replace(config.data, free_space_margin=None))
+            config = config.with_free_space_margin(None)
             self._completer = SceneCompleter(self.model, config)
         self.model.encoder.eval()  # frozen: running statistics, as at inference
         self.model.denoiser.eval()

@@ -12,7 +12,6 @@ number through :mod:`.metrics`, so the table measures what the node and the CLI 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import csv
 import json
 import sys
@@ -85,8 +84,7 @@ def evaluate_setting(
                      "sampling.sampler": setting.sampler, "sampling.t0": setting.t0}
         config = load_config(**overrides)
         if free_space_margin is not None:
-            margin = free_space_margin if free_space_margin >= 0 else None
-            config = dataclasses.replace(config, data=dataclasses.replace(config.data, free_space_margin=margin))
+            config = config.with_free_space_margin(free_space_margin if free_space_margin >= 0 else None)
         completer = SceneCompleter.from_checkpoint(setting.checkpoint, config)
     rows = []
     for index in tqdm(indices, desc=setting.name, leave=False):
