@@ -153,48 +153,6 @@ def test_regression_term_pulls_the_student_onto_the_teachers_many_step_sample(pa
     assert distances[-1] < 0.8 * distances[0], distances
 
 
-def test_regression_onto_the_winner_uses_the_teacher_sample_from_the_preferred_start(pairs):
-    """``regression_target="winner"``: per scan, the student's sample from ``z`` is compared
-    with the teacher's K-step sample from the winner's start noise (``lambda z`` where the
-    scaled sample won, ``z`` where the unscaled one did); ``"own"`` always uses ``z``."""
-    from lidar_completion.completer import encode_scans
-    from lidar_completion_training.objectives import generate, sample_bound
-
-    torch.manual_seed(0)
-    model = CompletionModel(ModelConfig(channel_ratio=0.25, sampler="ve", t0=300)).eval()
-    teacher = copy.deepcopy(model.denoiser).requires_grad_(False)
-    with torch.no_grad():
-        for p in teacher.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    aux = [copy.deepcopy(teacher) for _ in range(2)]
-    partial, full = pairs
-    scale = 1.3
-    # scan 0: the scaled sample wins (its CD is lower); scan 1: the unscaled one wins
-    forced = lambda samples, gt: torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)  # noqa: E731
-
-    def regression(target: str) -> float:
-        return distillation_iteration(
-            model, NoiseSchedule(), model.denoiser, teacher, aux, partial, full, seeded_generator(0, 0),
-            lambda loss: None, lambda loss: None, preference=True, noise_scale_loser=scale, student_steps=2,
-            regression_weight=1.0, regression_steps=3, regression_target=target, preference_metric=forced,
-        ).logs["loss_regression"]
-
-    repeat = full.shape[1] // partial.shape[1]
-    noise = torch.randn(partial.shape[0], partial.shape[1] * repeat, 3, generator=seeded_generator(0, 0))
-    with torch.no_grad():
-        scan, box = encode_scans(model, partial), sample_bound(partial)
-        student = generate(model, model.denoiser, partial, scan, noise, 1.0, 2, repeat).clamp(-box, box)
-        own, scaled = (generate(model, teacher, partial, scan, noise, s, 3, repeat).clamp(-box, box) for s in (1.0, scale))
-
-    def distance(target: torch.Tensor) -> float:
-        return float(((student - target) ** 2).sum(-1).mean())
-
-    winners = torch.stack([scaled[0], own[1]])
-    assert regression("winner") == pytest.approx(distance(winners), rel=1e-4)
-    assert regression("own") == pytest.approx(distance(own), rel=1e-4)
-    assert distance(winners) != pytest.approx(distance(own), rel=1e-3)  # the two targets differ
-
-
 def test_short_teacher_run_lowers_the_loss(tiny_dataset, tmp_path):
     import csv
 
@@ -278,7 +236,6 @@ def test_distillation_run_exports_a_student_with_the_teachers_encoder(tiny_datas
         ({"distill": {"aux_steps": 0}}, "distill.aux_steps"),
         ({"distill": {"regression_weight": -1}}, "distill.regression_weight"),
         ({"distill": {"regression_steps": 0}}, "distill.regression_steps"),
-        ({"distill": {"regression_target": "teacher"}}, "distill.regression_target"),
         ({"refine": {"source": "scan"}}, "refine.source"),
         ({"refine": {"accuracy_weight": 0}}, "refine.accuracy_weight"),
         ({"kind": "distill"}, "distill.teacher"),
