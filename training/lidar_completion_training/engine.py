@@ -227,7 +227,6 @@ class DistillationModule(_Base):
             aux_steps=d.aux_steps,
             regression_weight=d.regression_weight,
             regression_steps=d.regression_steps,
-            regression_target=d.regression_target,
             repeat=self.config.data.n_full // self.config.data.n_part,
             max_timestep=d.max_timestep or self.model.config.t0,
         )

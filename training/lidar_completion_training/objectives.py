@@ -30,15 +30,6 @@ have a lower Chamfer distance than its 50-step ones. ``regression_weight`` > 0 a
 land where the teacher's ``K``-step sample from the same ``z`` lands (points keep their index
 through sampling, so the pairing is exact and no matching is needed). Both modes get the same
 term, so the DPO-vs-plain ablation still isolates the preference.
-
-Regression onto the winner (``regression_target="winner"``, ours): with the term above the
-regression dominates the student's update and the preference term alone moved it too little
-to measure. The preference's content is mostly systematic here (in the lite runs the
-``noise_scale_loser``-scaled start won 82-94% of the time, by ~1.5% CD), so in DPO mode the
-target becomes the teacher's K-step sample from the *winner's* start noise (``z`` or
-``lambda z``; the same points, so still paired by index): the student's sample from ``z`` is
-pulled to where the teacher lands from the start the ground truth preferred. With one sample
-(plain distillation) the winner is that sample, so the ablation keeps the same term.
 """
 
 from __future__ import annotations
@@ -214,7 +205,6 @@ def distillation_iteration(
     aux_steps: int = 1,
     regression_weight: float = 0.0,
     regression_steps: int = 8,
-    regression_target: str = "own",
     repeat: int | None = None,
     max_timestep: int | None = None,
     preference_metric: Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor] = chamfer_preference,
@@ -232,16 +222,12 @@ def distillation_iteration(
     published: at initialisation teacher and auxiliaries are equal, so scoring before
     their first step would give the student a zero gradient), plus ``regression_weight`` x the
     paired distance of its unscaled sample to the teacher's ``regression_steps``-step sample
-    from the same noise, or with ``regression_target="winner"`` from the winner's start noise
-    (module docstring).
+    from the same noise (module docstring).
     """
-    if regression_target not in ("own", "winner"):
-        raise ValueError(f"regression_target must be 'own' or 'winner', got {regression_target!r}")
     with torch.no_grad():
         scan = encode_scans(model, partial)  # the encoder is frozen
     repeat = repeat or full.shape[1] // partial.shape[1]
     noise = torch.randn(partial.shape[0], partial.shape[1] * repeat, 3, generator=generator, device=partial.device)
-    regression_start = noise  # the teacher's start for the regression target
     scales = [1.0, noise_scale_loser] if preference else [1.0]
     # Bounded box for the student's samples (zero gradient outside): a diverging student
     # must not crash voxelisation with kilometre-scale coordinates.
@@ -255,8 +241,6 @@ def distillation_iteration(
         cd = preference_metric(samples, full)  # [2, B]
         switch = (cd[0] > cd[1]).view(-1, 1, 1).to(partial.device)  # the lambda-scaled sample won
         ranked = [torch.where(switch, samples[1], samples[0]), torch.where(switch, samples[0], samples[1])]
-        if regression_target == "winner":
-            regression_start = torch.where(switch, noise_scale_loser * noise, noise)
         logs |= {
             "cd_winner": float(torch.minimum(cd[0], cd[1]).mean()),
             "cd_loser": float(torch.maximum(cd[0], cd[1]).mean()),
@@ -282,7 +266,7 @@ def distillation_iteration(
         gen_loss = gen_loss - loser_weight * _dmd_surrogate(model, schedule, teacher, aux_nets[1], ranked[1], scan, t, eps).mean()
     if regression_weight:
         with torch.no_grad():
-            target = generate(model, teacher, partial, scan, regression_start, 1.0, regression_steps, repeat).clamp(-box, box)
+            target = generate(model, teacher, partial, scan, noise, 1.0, regression_steps, repeat).clamp(-box, box)
         regression = ((samples[0] - target) ** 2).sum(-1).mean()
         gen_loss = gen_loss + regression_weight * regression
         logs["loss_regression"] = float(regression.detach())

@@ -116,7 +116,6 @@ class DistillSection:
     aux_steps: int = 1  # auxiliary diffusion-loss steps per student step (two time-scale, as DMD2)
     regression_weight: float = 0.0  # DMD's regression onto the teacher's K-step sample from the same noise
     regression_steps: int = 8  # K: the teacher's steps for that target (same sampler and t0 as the student)
-    regression_target: str = "own"  # own: from the sample's own start noise; winner: from the preferred start (dpo)
     max_timestep: int | None = None  # score-distillation timesteps in [0, max_timestep]; null: the teacher's t0, else all
     t0: int | None = None  # the student's start timestep; null: the teacher's
 
@@ -130,7 +129,6 @@ class DistillSection:
         check(1 <= self.aux_steps <= 20, "distill.aux_steps", f"must be in [1, 20], got {self.aux_steps}")
         check(self.regression_weight >= 0, "distill.regression_weight", f"must be >= 0, got {self.regression_weight}")
         check(1 <= self.regression_steps <= 50, "distill.regression_steps", f"must be in [1, 50], got {self.regression_steps}")
-        check(self.regression_target in ("own", "winner"), "distill.regression_target", f"must be own or winner, got {self.regression_target!r}")
 
 
 @dataclass(frozen=True)
