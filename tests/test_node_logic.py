@@ -102,19 +102,25 @@ def test_read_scan_checks_frame_repairs_and_moves_into_the_sensor_frame() -> Non
     sub = read_scan(msg, 0, pose, 0.0, min_points=10, max_points=100, rng=rng, keep_intensity=True)
     assert sub.subsampled_from == 393 and len(sub.xyz) == len(sub.intensity) == 100
 
+    # The core's composed result (model frame): the scan's points, then completed ones.
+    from lidar_completion.completer import CompletionResult
+
     completed = rng.uniform(-5, 5, (50, 3)).astype(np.float32)
-    out_xyz, extra = output_arrays(completed, scan, include_input=True)
-    assert len(out_xyz) == 50 + 393
-    np.testing.assert_allclose(out_xyz[:50], pose.from_model(completed), atol=1e-5)
-    np.testing.assert_allclose(out_xyz[50:], xyz[7:], atol=1e-4)  # the measured points where they were
+    model_input = scan.model_input()
+    assert model_input.shape == (393, 4)
+    measured = np.r_[np.ones(393, bool), np.zeros(50, bool)]
+    result = CompletionResult(np.vstack([scan.xyz, completed]), {}, 1, 1.0, 1, 400, 393, measured=measured,
+                              intensity=np.r_[model_input[:, 3], np.zeros(50, np.float32)])
+    out_xyz, extra = output_arrays(result, scan)
+    assert len(out_xyz) == 393 + 50
+    np.testing.assert_allclose(out_xyz[393:], pose.from_model(completed), atol=1e-5)
+    np.testing.assert_allclose(out_xyz[:393], xyz[7:], atol=1e-4)  # the measured points where they were
     assert extra["measured"].dtype == np.uint8 and extra["measured"].sum() == 393
-    np.testing.assert_array_equal(extra["intensity"][50:], intensity[7:])
-    assert not extra["intensity"][:50].any()
+    np.testing.assert_array_equal(extra["intensity"][:393], intensity[7:])
+    assert not extra["intensity"][393:].any()
     cloud = build_cloud(out_xyz, _Header("base_link"), _Msg, _Field, extra=extra, data_as="bytes")
     assert [f.name for f in cloud.fields] == ["x", "y", "z", "intensity", "measured"]
     assert read_fields(cloud, ["measured"])["measured"].sum() == 393
-    only, extra2 = output_arrays(completed, scan, include_input=False)
-    assert len(only) == 50 and not extra2["measured"].any()
 
 
 def test_mailbox_keeps_the_latest_scan_per_input_and_batches_waiting_ones() -> None:

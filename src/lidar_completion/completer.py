@@ -1,26 +1,32 @@
-"""The one completion pipeline: scan in, dense scene out, with per-stage timings.
+"""The one completion pipeline: scan in, the scan plus its completion out, with per-stage timings.
 
 The ROS node, the offline CLI, the benchmarks, evaluation and training validation all call
-:class:`SceneCompleter`; none re-implements a stage. Stages (as published):
+:class:`SceneCompleter`; none re-implements a stage. Stages (1-4 as published):
 
 1. pre-process: finite points with ``min_range < r < max_range``, farthest-point sampled
-   to ``n_part`` (repeated when the scan has fewer);
+   to the model's budget: ``n_part`` scaled to the density the model was trained at (ours:
+   a cropped field of view gets proportionally fewer points, :meth:`model_budget`);
 2. sample: start at ``x_init + sigma eps`` with ``x_init`` = scan repeated x``repeat``; K steps
    of the model's sampler (published DPM-Solver++ on the offsets, or the VE steps consistent
-   with training from a start timestep t0; :mod:`.diffusion`), optional classifier-free guidance;
+   with training from a start timestep t0; :mod:`.diffusion`), optional classifier-free
+   guidance; each point's predicted noise is clipped to ``sampling.noise_clip`` (ours), so
+   no point can run away, and the clipped predictions are counted;
 3. post-process: drop points beyond ``max_range`` or outside the input's height band
-   ``[mean_z - 2 std_z, max_z]``;
+   ``[mean_z - 2 std_z, max_z]`` (+- ``HEIGHT_TOLERANCE``);
 4. refine (optional): the refinement net adds 6 offsets per point (x6 points);
 5. free space (ours, ``data.free_space_margin``): drop the points that lie in space the scan's
-   rays crossed (in front of a return in their direction). Last, so the refinement net sees
-   the coarse completion it was trained on.
+   rays crossed (in front of a return in their direction). After refinement, so the
+   refinement net sees the coarse completion it was trained on;
+6. compose (ours): the output is every finite measured point of the scan (whole range, its
+   intensity, ``measured``) plus the completed points not within ``data.compose_distance``
+   of a return; ``data.completion_only`` returns the completed points alone.
 """
 
 from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -29,22 +35,31 @@ import torch
 
 from .checkpoints import load_model
 from .model import CompletionModel
-from .points import farthest_point_sample, in_range, seen_through
+from .points import density_matched_count, farthest_point_sample, in_range, near_measured, seen_through
 from .config import CompletionConfig
 from . import diffusion
 from .networks import Denoiser
 from .sparse import SparseTensor
 
-__all__ = ["ScanError", "CompletionResult", "SceneCompleter", "resolve_device"]
+__all__ = ["ScanError", "CompletionResult", "SceneCompleter", "resolve_device", "OUT_OF_DOMAIN_CLIPPED"]
 
 
 class ScanError(ValueError):
     """A scan that cannot be completed (e.g. no point in range); the message says why."""
 
 
+# A scan whose noise predictions were mostly clipped lies outside what the model knows: its
+# completion is reported as out of domain (WARN), never as a normal one.
+OUT_OF_DOMAIN_CLIPPED = 0.5
+# Height band tolerance (m): a flat scan (std 0) must keep the completed plane, whose points
+# carry the sampler's own few-centimetre noise.
+HEIGHT_TOLERANCE = 0.1
+
+
 @dataclass
 class CompletionResult:
-    """Completed points (float32 [M, 3]) and what it took to make them."""
+    """The output cloud (float32 [M, 3]: the measured scan, then the completed points; or
+    the completed points alone with ``completion_only``) and what it took to make it."""
 
     points: np.ndarray
     timings_ms: dict[str, float]
@@ -53,6 +68,28 @@ class CompletionResult:
     nfe: int  # denoiser evaluations
     input_points: int
     used_points: int  # points of the scan inside the range band, before sampling
+    measured: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))  # [M]: a scan point
+    intensity: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))  # [M]; 0 if completed
+    model_points: int = 0  # scan points the model was given (the density-matched budget)
+    sampled_points: int = 0  # points the model sampled, before post-processing
+    clipped: int = 0  # noise predictions clipped (sampling.noise_clip), over all points and steps
+    radius: float = 0.0  # how far completion reaches (m); beyond it the scan passes unchanged
+
+    @property
+    def completed_points(self) -> int:
+        """Points the completion added (``measured`` 0)."""
+        return int(len(self.points) - np.count_nonzero(self.measured))
+
+    @property
+    def clipped_fraction(self) -> float:
+        """Share of the sampler's per-point noise predictions that were clipped."""
+        total = self.sampled_points * max(1, self.steps)
+        return self.clipped / total if total else 0.0
+
+    @property
+    def out_of_domain(self) -> bool:
+        """Mostly clipped, or nothing completed: not a completion to trust."""
+        return self.clipped_fraction > OUT_OF_DOMAIN_CLIPPED or self.completed_points == 0
 
 
 def randn_tensor(
@@ -156,9 +193,10 @@ class SceneCompleter:
         return self.guidance not in (0.0, 1.0)
 
     def preprocess(self, points: np.ndarray) -> tuple[np.ndarray, int]:
-        """Range-filtered, FPS-sampled scan [n_part, 3] and the number of points in range."""
+        """Range-filtered scan FPS-sampled to the model's budget ([n, 3], n <= n_part) and the
+        number of points in range."""
         xyz = self.points_in_band(points)
-        return farthest_point_sample(xyz, self.n_part), len(xyz)
+        return farthest_point_sample(xyz, self.model_budget(xyz)), len(xyz)
 
     def points_in_band(self, points: np.ndarray) -> np.ndarray:
         """The scan's finite points inside the range band, float32 [M, 3]; :class:`ScanError`
@@ -178,11 +216,16 @@ class SceneCompleter:
 
     def postprocess(self, completed: np.ndarray, partial: np.ndarray) -> np.ndarray:
         """Keep points within max range and the input's height band [mean_z - 2 std_z, max_z]
-        (bounds inclusive, so a flat scan keeps its plane)."""
+        widened by ``HEIGHT_TOLERANCE`` (so a flat scan keeps its completed plane)."""
         z = partial[:, 2]
-        low, high = z.mean() - 2 * z.std(), z.max()
+        low, high = z.mean() - 2 * z.std() - HEIGHT_TOLERANCE, z.max() + HEIGHT_TOLERANCE
         keep = in_range(completed, max_range=self.max_range) & (completed[:, 2] >= low) & (completed[:, 2] <= high)
         return completed[keep]
+
+    def model_budget(self, in_band: np.ndarray) -> int:
+        """Scan points the model gets: ``n_part`` scaled to the trained density (a cropped field
+        of view gets proportionally fewer; :func:`~lidar_completion.points.density_matched_count`)."""
+        return density_matched_count(in_band, self.n_part, self.model.config.surface_cells)
 
     def _generators(self, count: int) -> list[torch.Generator] | None:
         """One generator per scan, all seeded alike: a scan's noise (initial and at every
@@ -196,14 +239,59 @@ class SceneCompleter:
 
     @torch.inference_mode()
     def complete_batch(self, scans: Sequence[np.ndarray]) -> list[CompletionResult]:
-        """Complete several scans in one batch; raises :class:`ScanError` for an unusable one."""
+        """Complete several scans ([N, >=3] arrays, sensor frame, metres; a 4th column is the
+        intensity) in one batch per point budget; :class:`ScanError` for an unusable one."""
         if len(scans) == 0:
             return []
         timer = _Timer(self.device)
         with timer.stage("preprocess"):
             in_band = [self.points_in_band(s) for s in scans]
-            partial = torch.from_numpy(np.stack([farthest_point_sample(s, self.n_part) for s in in_band])).to(self.device)
-        generator = self._generators(len(scans))
+            budgets = [self.model_budget(b) for b in in_band]
+            partial = [farthest_point_sample(b, n) for b, n in zip(in_band, budgets)]
+        completed: list[np.ndarray] = [np.zeros((0, 3), np.float32)] * len(scans)
+        clipped = [0] * len(scans)
+        nfe = 0
+        for budget in sorted(set(budgets)):  # scans of one budget share a batch (usually all)
+            rows = [i for i, n in enumerate(budgets) if n == budget]
+            points, counts, nfe = self._sample_batch(np.stack([partial[i] for i in rows]), timer)
+            for k, i in enumerate(rows):
+                completed[i], clipped[i] = points[k], int(counts[k])
+        with timer.stage("postprocess"):
+            kept = [self.postprocess(c, p) for c, p in zip(completed, partial)]
+        if self.config.refine:
+            with timer.stage("refine"):  # refined points obey the same range and height band
+                kept = [self.postprocess(self.refine(k), p) for k, p in zip(kept, partial)]
+        measured = [self._finite(s) for s in scans]
+        margin = self.config.data.free_space_margin
+        if margin is not None:
+            with timer.stage("free_space"):  # every return, far ones too, shows free space
+                kept = [k[~seen_through(k, m[0], margin)] for k, m in zip(kept, measured)]
+        with timer.stage("compose"):
+            outputs = [self._compose(k, m) for k, m in zip(kept, measured)]
+        timer.ms["total"] = sum(timer.ms.values())
+        return [
+            CompletionResult(
+                points=points,
+                timings_ms=dict(timer.ms),
+                steps=self.steps,
+                guidance=self.guidance,
+                nfe=nfe,
+                input_points=len(scans[i]),
+                used_points=len(in_band[i]),
+                measured=is_measured,
+                intensity=intensity,
+                model_points=budgets[i],
+                sampled_points=len(completed[i]),
+                clipped=clipped[i],
+                radius=self.max_range,
+            )
+            for i, (points, is_measured, intensity) in enumerate(outputs)
+        ]
+
+    def _sample_batch(self, partial_np: np.ndarray, timer: _Timer) -> tuple[np.ndarray, np.ndarray, int]:
+        """Sampled points [B, n * repeat, 3] of scans [B, n, 3], clipped predictions per scan, NFE."""
+        partial = torch.from_numpy(partial_np).to(self.device)
+        generator = self._generators(len(partial))
         with timer.stage("encode"):
             scans_enc = [encode_scans(self.model, partial)]
             if self.guided:  # unconditional = an all-zero scan
@@ -211,37 +299,32 @@ class SceneCompleter:
         with timer.stage("sample"):
             x_init = partial.repeat(1, self.config.data.repeat, 1)
             noise = randn_tensor(x_init.shape, generator=generator, device=self.device, dtype=x_init.dtype)
-            x_t, nfe = self.sample(x_init, noise, scans_enc, generator)
-        results = []
-        completed = x_t.cpu().numpy()
-        partial_np = partial.cpu().numpy()
-        with timer.stage("postprocess"):
-            kept = [self.postprocess(c, p) for c, p in zip(completed, partial_np)]
-        for index, points_out in enumerate(kept):
-            results.append(
-                CompletionResult(
-                    points=points_out,
-                    timings_ms={},
-                    steps=self.steps,
-                    guidance=self.guidance,
-                    nfe=nfe,
-                    input_points=len(scans[index]),
-                    used_points=len(in_band[index]),
-                )
-            )
-        if self.config.refine:
-            with timer.stage("refine"):  # refined points obey the same range and height band
-                for result, p in zip(results, partial_np):
-                    result.points = self.postprocess(self.refine(result.points), p)
-        margin = self.config.data.free_space_margin
-        if margin is not None:
-            with timer.stage("free_space"):
-                for result, scan in zip(results, in_band):
-                    result.points = result.points[~seen_through(result.points, scan, margin)]
-        timer.ms["total"] = sum(timer.ms.values())
-        for result in results:
-            result.timings_ms = dict(timer.ms)
-        return results
+            clipped = torch.zeros(len(partial), dtype=torch.long, device=self.device)
+            x_t, nfe = self.sample(x_init, noise, scans_enc, generator, clipped)
+        return x_t.cpu().numpy(), clipped.cpu().numpy(), nfe
+
+    @staticmethod
+    def _finite(scan: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The scan's finite points (float32 [N, 3]) and their intensity (4th column, else 0)."""
+        scan = np.asarray(scan)
+        xyz = np.ascontiguousarray(scan[:, :3], dtype=np.float32)
+        finite = np.isfinite(xyz).all(axis=1)
+        intensity = scan[:, 3].astype(np.float32) if scan.shape[1] > 3 else np.zeros(len(scan), np.float32)
+        return xyz[finite], intensity[finite]
+
+    def _compose(self, completed: np.ndarray, measured: tuple[np.ndarray, np.ndarray]):
+        """(points, measured mask, intensity): the scan, then the completed points that add to it
+        (none within ``data.compose_distance`` of a return); the completion alone with
+        ``data.completion_only``."""
+        completed = np.ascontiguousarray(completed, dtype=np.float32)
+        data = self.config.data
+        if data.completion_only:
+            return completed, np.zeros(len(completed), bool), np.zeros(len(completed), np.float32)
+        xyz, intensity = measured
+        added = completed[~near_measured(completed, xyz, data.compose_distance)]
+        points = np.concatenate([xyz, added])
+        is_measured = np.concatenate([np.ones(len(xyz), bool), np.zeros(len(added), bool)])
+        return points, is_measured, np.concatenate([intensity, np.zeros(len(added), np.float32)])
 
     def sample(
         self,
@@ -249,8 +332,10 @@ class SceneCompleter:
         noise: torch.Tensor,
         scans: list[SparseTensor],
         generator: list[torch.Generator] | None,
+        clipped: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, int]:
-        """The model's sampler from ``x_init`` + scaled ``noise``; returns the points and the NFE."""
+        """The model's sampler from ``x_init`` + scaled ``noise``; returns the points and the NFE
+        (clipped noise predictions per scan are added to ``clipped``)."""
         nfe = 0
 
         def guided_noise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -264,7 +349,8 @@ class SceneCompleter:
         sampler = diffusion.make_sampler(self.model.config, self.sampler, self.steps, self.t0)
         # Diverging points (a weak model under strong guidance) stay inside a box: they are
         # dropped by post-processing anyway and must not overflow voxel coordinates.
-        x_t = diffusion.sample(guided_noise, sampler, x_init, noise, generator, bound=self.sample_bound)
+        x_t = diffusion.sample(guided_noise, sampler, x_init, noise, generator, bound=self.sample_bound,
+                               noise_clip=self.config.sampling.noise_clip, clipped=clipped)
         return x_t, nfe
 
     @torch.inference_mode()

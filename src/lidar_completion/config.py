@@ -114,6 +114,11 @@ class DataConfig:
     # Completed points more than this (m) in front of the scan's nearest return in their
     # direction lie in space the sensor saw through and are dropped; None keeps them all.
     free_space_margin: float | None = 0.2
+    # The output is the measured scan (every finite point, whole range) plus the completed
+    # points that add to it: none within compose_distance (m) of a measured return.
+    # completion_only: the model's completed points alone (the model study).
+    completion_only: bool = False
+    compose_distance: float = 0.1
 
     def __post_init__(self) -> None:
         choices = sorted([*PRESETS, MODEL_PRESET])
@@ -126,6 +131,8 @@ class DataConfig:
         if self.free_space_margin is not None:
             check(0 <= self.free_space_margin <= 10, "data.free_space_margin",
                   f"must be in [0, 10] m (or null: keep every point), got {self.free_space_margin}")
+        check(0 <= self.compose_distance <= 5, "data.compose_distance",
+              f"must be in [0, 5] m, got {self.compose_distance}")
 
     def resolve_n_part(self, model_n_part: int | None) -> int:
         """Explicit ``n_part``, else the preset's, else the model's trained budget, else lite."""
@@ -145,6 +152,9 @@ class SamplingConfig:
     seed: int | None = 0
     sampler: str | None = None  # "dpmsolver++" (published) or "ve"; None: the checkpoint's own
     t0: int | None = None  # start timestep (scan noised to t0); None: the checkpoint's own
+    # Longest predicted noise per point (norm); a step then moves a point at most
+    # noise_clip * sigma_t. None: unbounded (the published loop).
+    noise_clip: float | None = 6.0
 
     def __post_init__(self) -> None:
         if self.steps is not None:
@@ -157,6 +167,9 @@ class SamplingConfig:
             check(self.sampler in SAMPLERS, "sampling.sampler", f"must be one of {list(SAMPLERS)}, got {self.sampler!r}")
         if self.t0 is not None:
             check(1 <= self.t0 <= 999, "sampling.t0", f"must be in [1, 999], got {self.t0}")
+        if self.noise_clip is not None:
+            check(0.5 <= self.noise_clip <= 100, "sampling.noise_clip",
+                  f"must be in [0.5, 100] (or null: unbounded), got {self.noise_clip}")
 
 
 @dataclass(frozen=True)

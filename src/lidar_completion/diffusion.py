@@ -29,7 +29,7 @@ import torch
 
 from .config import SAMPLERS
 
-__all__ = ["SAMPLERS", "NoiseSchedule", "Sampler", "VESampler", "PublishedSampler", "make_sampler", "sample"]
+__all__ = ["SAMPLERS", "NoiseSchedule", "Sampler", "VESampler", "PublishedSampler", "make_sampler", "clip_noise", "sample"]
 
 
 
@@ -128,6 +128,17 @@ def make_sampler(config, kind: str, steps: int, t0: int | None = None) -> Sample
     raise ValueError(f"unknown sampler {kind!r} (use one of {list(SAMPLERS)})")
 
 
+def clip_noise(eps: torch.Tensor, max_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``eps`` [B, N, 3] with every point's prediction scaled down to norm ``max_norm`` where
+    it is longer, and the number of such points per batch row [B]. A step moves a point by
+    ``(sigma_next - sigma_t) * eps`` (VE), so this bounds each move to ``max_norm * sigma_t``:
+    a model asked about a scan unlike its training data can no longer run away."""
+    norm = eps.norm(dim=-1, keepdim=True)
+    over = norm > max_norm
+    scale = torch.where(over, max_norm / norm.clamp_min(1e-12), torch.ones_like(norm))
+    return eps * scale, over.squeeze(-1).sum(dim=1)
+
+
 def sample(
     predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     sampler: Sampler,
@@ -135,13 +146,22 @@ def sample(
     noise: torch.Tensor,
     generator: list[torch.Generator] | torch.Generator | None = None,
     bound: float | None = None,
+    noise_clip: float | None = None,
+    clipped: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Points from ``x_init + start_scale * noise`` after every step of ``sampler``;
-    ``predict(x_t, t)`` is the (possibly guided) noise prediction. ``bound`` keeps diverging
+    ``predict(x_t, t)`` is the (possibly guided) noise prediction. ``noise_clip`` bounds
+    each point's predicted noise norm (:func:`clip_noise`) and adds the clipped predictions
+    per batch row to ``clipped`` [B] when given. ``bound`` is the last resort that keeps
     points in a box, so a weak model cannot overflow voxel coordinates."""
     x_t = x_init + sampler.start_scale * noise
     for t in sampler.timesteps:
-        x_t = sampler.step(predict(x_t, t.to(x_t.device).reshape(1)), t, x_t, x_init, generator)
+        eps = predict(x_t, t.to(x_t.device).reshape(1))
+        if noise_clip is not None:
+            eps, over = clip_noise(eps, noise_clip)
+            if clipped is not None:
+                clipped += over
+        x_t = sampler.step(eps, t, x_t, x_init, generator)
         if bound is not None:
             x_t = x_t.clamp(-bound, bound)
     return x_t

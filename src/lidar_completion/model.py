@@ -54,6 +54,10 @@ class ModelConfig:
     prediction: str = "epsilon"
     n_part: int | None = None  # scan points the model was trained with (the "model" preset)
     max_range: float | None = None  # radius it was trained on; the pipeline never goes beyond
+    # Occupied 0.5 m voxels of a typical whole training scan inside that radius: n_part points
+    # over this much surface is the density the model was trained at, which the pipeline
+    # keeps for any field of view (points.density_matched_count). None: always n_part.
+    surface_cells: int | None = None
     description: str = ""
     format_version: int = FORMAT_VERSION
 
@@ -81,6 +85,8 @@ class ModelConfig:
             raise ValueError(f"n_part must be in [16, 200000], got {self.n_part}")
         if self.max_range is not None and not 3.5 < self.max_range <= 500:
             raise ValueError(f"max_range must be in (3.5, 500] m, got {self.max_range}")
+        if self.surface_cells is not None and not 1 <= self.surface_cells <= 10_000_000:
+            raise ValueError(f"surface_cells must be in [1, 10000000], got {self.surface_cells}")
         if self.format_version > FORMAT_VERSION:
             raise ValueError(
                 f"model format {self.format_version} is newer than this library ({FORMAT_VERSION})"

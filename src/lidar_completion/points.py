@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["KEY_BITS", "read_kitti_bin", "write_kitti_bin", "farthest_point_sample", "pack_cells", "voxel_keys",
-           "in_range", "seen_through"]
+           "in_range", "seen_through", "SURFACE_CELL", "surface_cells", "density_matched_count", "near_measured"]
 
 # --- KITTI .bin ------------------------------------------------------------------------
 
@@ -106,6 +106,53 @@ def in_range(points: np.ndarray, min_range: float = float("-inf"), max_range: fl
     in float64, so garbage values neither overflow nor pass; NaN rows are outside)."""
     r = np.linalg.norm(np.asarray(points)[:, :3].astype(np.float64), axis=1)
     return (r > min_range) & (r < max_range)
+
+
+# --- the density the model was trained at -----------------------------------------------
+
+# Cell size (m) of the surface measure below: coarse enough that a sensor's own ring and
+# azimuth spacing does not change the count, fine enough that a cropped field of view or a
+# scan of a few tall structures covers proportionally fewer cells.
+SURFACE_CELL = 0.5
+
+
+def surface_cells(points: np.ndarray, cell: float = SURFACE_CELL) -> int:
+    """How much surface a scan shows: its occupied ``cell``-sized voxels."""
+    return 0 if len(points) == 0 else len(np.unique(voxel_keys(points, cell)))
+
+
+def density_matched_count(points: np.ndarray, n_part: int, reference_cells: int | None, minimum: int = 16) -> int:
+    """Scan points to give the model so that they are as dense as in training.
+
+    A model trained on ``n_part`` points spread over ``reference_cells`` occupied voxels of a
+    whole scan sees a cropped field of view (or only the upper rings) at several times that
+    density when it gets ``n_part`` points again: the convolutions sum more neighbours per
+    voxel, activations grow level by level (x25 in the encoder, x10^6 in the denoiser on a
+    90-degree crop of the real scan) and the sample runs away. Scaling the count by the
+    scan's own surface keeps the trained density; never more than ``n_part`` (the latency
+    budget), never fewer than ``minimum``. ``reference_cells`` None: ``n_part`` as given.
+    """
+    if reference_cells is None:
+        return n_part
+    scaled = round(n_part * surface_cells(points) / reference_cells)
+    return int(min(n_part, max(minimum, scaled)))
+
+
+def near_measured(points: np.ndarray, scan: np.ndarray, distance: float) -> np.ndarray:
+    """Mask of ``points`` within ``distance`` (m) of a point of ``scan``: what the scan already
+    shows there, so a completed point adds nothing. scipy's KD-tree (built on the scan points
+    that can be that close, one vectorised query)."""
+    from scipy.spatial import cKDTree
+
+    if len(points) == 0 or len(scan) == 0 or distance <= 0:
+        return np.zeros(len(points), dtype=bool)
+    reach = np.linalg.norm(points, axis=1).max() + distance
+    scan = scan[np.einsum("ij,ij->i", scan, scan) < reach * reach]
+    if len(scan) == 0:
+        return np.zeros(len(points), dtype=bool)
+    tree = cKDTree(scan, balanced_tree=False, compact_nodes=False)
+    nearest, _ = tree.query(points, k=1, distance_upper_bound=distance)
+    return np.isfinite(nearest)
 
 
 # --- free space ------------------------------------------------------------------------

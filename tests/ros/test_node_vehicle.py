@@ -25,7 +25,7 @@ def test_two_lidars_in_their_own_frames_complete_in_one_batch(domain_id: int, mo
               "input_topics": ["lidar_a/points", "lidar_b/points"],
               "output_topics": ["lidar_a/completed", "lidar_b/completed"],
               "frame.input_frames": frames, "frame.sensor_translation": moves, "frame.sensor_rpy": turns,
-              "batch.gather_ms": 120_000.0, "output.include_input": True, "data.max_range": 18.0,
+              "batch.gather_ms": 120_000.0, "data.max_range": 18.0,
               "qos.input.reliability": "reliable", "qos.input.depth": 10, "diagnostics.period": 0.2}
     peer.watch_diagnostics()
     out_a = peer.subscribe(PointCloud2, "/lidar_a/completed")

@@ -41,7 +41,7 @@ REJECT_REASONS = {
 }
 #: Scans that were changed and then used (counter ``repaired.<reason>``).
 REPAIR_REASONS = ("nonfinite", "subsampled")
-COUNTER_KEYS = ("received", "completed", "dropped", "skipped", "rejected",
+COUNTER_KEYS = ("received", "completed", "out_of_domain", "dropped", "skipped", "rejected",
                 *(f"rejected.{r}" for r in REJECT_REASONS), *(f"repaired.{r}" for r in REPAIR_REASONS),
                 "nonfinite_points")
 
@@ -119,6 +119,13 @@ class Health:
             counts["completed"] = counts.get("completed", 0) + 1
             self.recent.append((now, timings))
 
+    def out_of_domain(self, index: int, timings: Any, now: float) -> None:
+        """A scan published without a completion to trust (mostly clipped, or nothing added)."""
+        with self.lock:
+            counts = self.inputs[index].counts
+            counts["out_of_domain"] = counts.get("out_of_domain", 0) + 1
+            self.recent.append((now, timings))
+
     def batch_done(self, error: str | None) -> int:
         """Record a batch's outcome; the number of consecutive failed batches."""
         with self.lock:
@@ -153,11 +160,13 @@ class Health:
                       sum(now - t <= WINDOW_S for t in e.accepted) / WINDOW_S, e.last) for e in self.inputs]
             activated, busy_since, failures, last_error = self.activated_at, self.busy_since, self.failures, self.last_error
             grew = totals["rejected"] - self._reported.get("rejected", 0)
+            outside = totals["out_of_domain"] - self._reported.get("out_of_domain", 0)
             self._reported = dict(totals)
         return [
             self._input_task(now, settings, active, activated, rates, per_input, totals, grew),
             self._processing_task(now, settings, recent, busy_since),
-            self._output_task(settings, active, worker_alive, recent, rates, failures, last_error, totals, outputs),
+            self._output_task(settings, active, worker_alive, recent, rates, failures, last_error, totals, outputs,
+                              outside),
             self._model_task(model),
         ]
 
@@ -210,18 +219,27 @@ class Health:
                           values)
 
     def _output_task(self, settings, active, worker_alive, recent, rates, failures, last_error, totals,
-                     outputs) -> TaskStatus:
+                     outputs, outside: int = 0) -> TaskStatus:
         out_rate = len(recent) / WINDOW_S
         in_rate = sum(r for r, _, _ in rates)
         wanted = sum(a for _, a, _ in rates)  # accepted for inference (not skipped or rejected)
         ratio = out_rate / wanted if wanted else 1.0
         values = {"output_rate_hz": f"{out_rate:.2f}", "input_rate_hz": f"{in_rate:.2f}",
                   "output_ratio": f"{min(ratio, 1.0):.2f}", "consecutive_failures": str(failures),
-                  "completed": str(totals["completed"]), **{k: str(x) for k, x in outputs.items()}}
+                  "completed": str(totals["completed"]), "out_of_domain": str(totals["out_of_domain"]),
+                  **{k: str(x) for k, x in outputs.items()}}
+        if recent:
+            counts = recent[-1].counts
+            values.update({k: str(counts[k]) for k in ("output_points", "completed_points", "clipped_predictions")
+                           if k in counts})
         if active and not worker_alive:
             return TaskStatus("output", ERROR, "worker thread died", values)
         if failures:
             return TaskStatus("output", ERROR, f"inference failing ({failures} in a row): {last_error}", values)
+        if outside > 0:
+            return TaskStatus("output", WARN, f"{outside} scan(s) outside the model's domain (noise predictions "
+                              "mostly clipped, or nothing completed): published without a trusted completion "
+                              "(see out_of_domain and the log)", values)
         minimum = settings["diagnostics.warn_output_ratio"]
         if active and wanted and ratio < minimum:
             return TaskStatus("output", WARN, f"completing {out_rate:.2f} of {wanted:.2f} scans/s "
@@ -240,4 +258,9 @@ def model_values(completer: Any, device: str, checkpoint: Any, refine_checkpoint
         "min_range": f"{data.min_range:g}", "max_range": f"{data.max_range:g}",
         "max_range_model": f"{mc.max_range:g}" if mc.max_range else "",
         "max_range_effective": f"{completer.max_range:g}", "frames": "; ".join(p.describe() for p in poses),
+        "completion_radius_m": f"{completer.max_range:g}",
+        "output": ("completed points only" if data.completion_only else
+                   f"the whole scan + completed points within {completer.max_range:g} m "
+                   f"(none within {data.compose_distance:g} m of a return)"),
+        "noise_clip": "off" if completer.config.sampling.noise_clip is None else f"{completer.config.sampling.noise_clip:g}",
     }

@@ -197,7 +197,7 @@ class CompletionNode(LifecycleNode):
             pose = self._tf.pose(self._poses[index], msg.header.frame_id) if self._tf else self._poses[index]
             scan = read_scan(msg, index, pose, t_enter, rng=self._rng,
                              min_points=v["min_input_points"], max_points=v["max_input_points"],
-                             keep_intensity=v["output.include_input"])
+                             keep_intensity=not v["data.completion_only"])
         except Rejected as err:
             return self._reject(index, err.reason, err.detail, msg.header)
         except Exception as err:  # never let one message take the node down
@@ -243,7 +243,7 @@ class CompletionNode(LifecycleNode):
                 continue
             tm = scan.model_done(result, t_model, model_ms, len(batch))
             t_build = time.perf_counter()
-            xyz, extra = output_arrays(result.points, scan, v["output.include_input"])
+            xyz, extra = output_arrays(result, scan)
             out = build_cloud(xyz, scan.header, PointCloud2, PointField, extra=extra)
             t_publish = time.perf_counter()
             self._pubs[scan.index].publish(out)
@@ -253,7 +253,15 @@ class CompletionNode(LifecycleNode):
             previous, self._last_publish[scan.index] = self._last_publish.get(scan.index), t_end
             tm.cyclic_ms = 1000 * (t_end - previous) if previous is not None else 0.0
             tm.counts["output_points"] = len(xyz)
-            self._health.completed(scan.index, tm, time.monotonic())
+            if result.out_of_domain:  # published (the scan is still in it), never counted as completed
+                self._health.out_of_domain(scan.index, tm, time.monotonic())
+                why = (f"{100 * result.clipped_fraction:.0f}% of the noise predictions clipped"
+                       if result.completed_points else "nothing completed")
+                self._throttled("out_of_domain", f"scan (stamp {stamp_ns(scan.header) / 1e9:.3f}) is outside the "
+                                f"model's domain: {why}; published the scan with {result.completed_points} "
+                                f"completed points (out_of_domain in /diagnostics)")
+            else:
+                self._health.completed(scan.index, tm, time.monotonic())
             try:  # the scan is answered: trouble with the debug topics must not count against it
                 self._publish_debug(scan, tm)
             except Exception as err:
@@ -287,7 +295,7 @@ class CompletionNode(LifecycleNode):
                                 values=[KeyValue(key=k, value=str(x)) for k, x in values.items()])
 
     def close(self) -> dict[str, int]:
-        """Stop; the final counters (``received == completed + dropped + skipped + rejected``)."""
+        """Stop; the final counters (``received == completed + out_of_domain + dropped + skipped + rejected``)."""
         self._stop()
         return self._health.counters()
 

@@ -94,11 +94,14 @@ COMPLETION_KEYS = (
     "data.max_range",
     "data.repeat",
     "data.free_space_margin",
+    "data.completion_only",
+    "data.compose_distance",
     "sampling.steps",
     "sampling.guidance",
     "sampling.seed",
     "sampling.sampler",
     "sampling.t0",
+    "sampling.noise_clip",
 )
 
 PARAMETERS: tuple[ParamSpec, ...] = (
@@ -126,9 +129,6 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("batch.gather_ms", 0.0,
               "With several inputs: after a scan arrives, wait up to this long (ms) for the other inputs' scans "
               "so they are completed in one batch; 0 = take what is waiting.", range=(0.0, 600_000.0)),
-    ParamSpec("output.include_input", False,
-              "Append the input scan's own points (measured = 1, their intensity) to the completed points "
-              "(measured = 0, intensity 0)."),
     # --- lifecycle and health --------------------------------------------------------------
     ParamSpec("autostart", True,
               "Configure and activate right after start; false: wait for lifecycle transitions "
@@ -176,6 +176,12 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "Completed points more than this (m) in front of the scan's nearest return in their direction "
               "(space the sensor saw through) are dropped; -1 = keep every point.",
               range=(-1.0, 10.0), none_value=-1.0, none_means="keep every point"),
+    ParamSpec("data.completion_only", False,
+              "Publish the completed points alone (measured = 0). Default false: the whole input scan "
+              "(every finite point, measured = 1, its intensity) plus the completed points that add to it."),
+    ParamSpec("data.compose_distance", 0.1,
+              "A completed point within this distance (m) of a measured return adds nothing and is not "
+              "published (0 = keep every completed point).", range=(0.0, 5.0)),
     ParamSpec("sampling.steps", 0, "Diffusion sampler steps; 0 = the checkpoint's default (student: 1-8).",
               range=(0, 1000), none_value=0),
     ParamSpec("sampling.guidance", -1.0,
@@ -188,6 +194,10 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "process); empty = the checkpoint's own.", choices=("", "dpmsolver++", "ve"), none_value=""),
     ParamSpec("sampling.t0", 0, "Start timestep of sampling (the scan is noised to t0); 0 = the checkpoint's own.",
               range=(0, 999), none_value=0),
+    ParamSpec("sampling.noise_clip", 6.0,
+              "Longest predicted noise per point: a sampler step moves a point at most this many noise "
+              "levels; scans whose predictions are mostly clipped are counted out_of_domain (WARN). "
+              "0 = unbounded (the published loop).", range=(0.0, 100.0), none_value=0.0, none_means="unbounded"),
     # --- input handling -------------------------------------------------------------------
     ParamSpec("max_input_points", 500_000,
               "Clouds with more finite points are randomly subsampled to this many (counted).",

@@ -48,10 +48,16 @@ class Scan:
     pose: SensorPose
     t_enter: float  # perf_counter() on entering the subscription callback
     input_points: int
-    intensity: np.ndarray | None = None  # of xyz's points, when the input is wanted in the output
+    intensity: np.ndarray | None = None  # of xyz's points (0 where the cloud has no intensity field)
     nonfinite: int = 0
     subsampled_from: int = 0
     timings: ScanTimings = field(default_factory=ScanTimings)
+
+    def model_input(self) -> np.ndarray:
+        """x, y, z (the model's sensor frame) and, when read, intensity: what the core completes."""
+        if self.intensity is None:
+            return self.xyz
+        return np.column_stack([self.xyz, self.intensity]).astype(np.float32, copy=False)
 
     def repairs(self, max_points: int) -> list[tuple[str, int, str]]:
         """``(counter, NaN/inf points, log line)`` for each repair made to this scan."""
@@ -68,8 +74,10 @@ class Scan:
         tm.wait_ms = 1000 * (t_model - self.t_enter) - tm.convert_ms  # in the slot, not a cost of the node
         tm.model_ms, tm.batch_size, tm.model_stages = model_ms, batch_size, dict(result.timings_ms)
         tm.counts = {"input_points": self.input_points, "nonfinite_points": self.nonfinite,
-                     "used_points": result.used_points, "output_points": len(result.points), "steps": result.steps,
-                     "nfe": result.nfe, "batch_size": batch_size}
+                     "used_points": result.used_points, "model_points": result.model_points,
+                     "output_points": len(result.points), "completed_points": result.completed_points,
+                     "clipped_predictions": result.clipped, "steps": result.steps, "nfe": result.nfe,
+                     "batch_size": batch_size}
         return tm
 
 
@@ -81,7 +89,7 @@ def _intensity(msg: Any, n: int) -> np.ndarray:
 
 
 def read_scan(msg: Any, index: int, pose: SensorPose, t_enter: float, *, min_points: int, max_points: int,
-              rng: np.random.Generator, keep_intensity: bool = False) -> Scan:
+              rng: np.random.Generator, keep_intensity: bool = True) -> Scan:
     """Check and convert ``msg``; raises :class:`Rejected`. Repairs (NaN/inf points dropped,
     a too-large cloud subsampled) are recorded on the scan for the caller to count."""
     header = msg.header
@@ -116,21 +124,12 @@ def read_scan(msg: Any, index: int, pose: SensorPose, t_enter: float, *, min_poi
     return scan
 
 
-def output_arrays(completed: np.ndarray, scan: Scan, include_input: bool) -> tuple[np.ndarray, dict]:
-    """x, y, z in the input's frame and the extra fields (intensity, measured) to publish.
-
-    Completed points have intensity 0 (the model predicts none) and ``measured`` 0; with
-    ``include_input`` the scan's own points follow, with their intensity and ``measured`` 1.
-    """
-    parts = [scan.pose.from_model(completed)]
-    intensity = [np.zeros(len(completed), np.float32)]
-    measured = [np.zeros(len(completed), np.uint8)]
-    if include_input:
-        parts.append(scan.pose.from_model(scan.xyz))
-        intensity.append(scan.intensity if scan.intensity is not None else np.zeros(len(scan.xyz), np.float32))
-        measured.append(np.ones(len(scan.xyz), np.uint8))
-    xyz = np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
-    return xyz, {"intensity": np.concatenate(intensity), "measured": np.concatenate(measured)}
+def output_arrays(result: Any, scan: Scan) -> tuple[np.ndarray, dict]:
+    """x, y, z in the input's frame and the extra fields to publish: ``intensity`` (the scan's
+    own; 0 for completed points, the model predicts none) and ``measured`` (1 = a point of
+    the input scan, 0 = completed), from the core's composed result."""
+    xyz = np.ascontiguousarray(scan.pose.from_model(result.points), dtype=np.float32)
+    return xyz, {"intensity": result.intensity.astype(np.float32), "measured": result.measured.astype(np.uint8)}
 
 
 class Mailbox:
@@ -246,12 +245,12 @@ def complete_scans(completer: Any, batch: list[Scan], out_of_range: Any) -> list
     from lidar_completion.completer import ScanError
 
     try:
-        return completer.complete_batch([s.xyz for s in batch])
+        return completer.complete_batch([s.model_input() for s in batch])
     except ScanError:
         results = []
         for scan in batch:
             try:
-                results.append(completer.complete(scan.xyz))
+                results.append(completer.complete(scan.model_input()))
             except ScanError as err:
                 results.append(None)
                 out_of_range(scan, str(err))
