@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shutil
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 
 from lidar_completion.pointcloud2 import build_cloud, cloud_to_xyz
-from lidar_completion.points import read_kitti_bin
+from lidar_completion.io import LAYOUT_NAMES, PointFileError, bin_layout, read_bin
 
 __all__ = [
     "DEFAULT_START_NS",
@@ -210,7 +211,7 @@ def read_clouds(
 
 # --- SemanticKITTI layout -------------------------------------------------------------
 
-_SCAN_NAME = re.compile(r"^\d+\.bin$")
+_SCAN_NAME = re.compile(r"^(\d+)(\.pcd)?\.bin$")  # NNNNNN.bin (KITTI), NNNNNN.pcd.bin (nuScenes)
 
 
 def _kitti_stamps(sequence: Path, n: int, rate_hz: float | None, start_ns: int) -> np.ndarray:
@@ -239,8 +240,15 @@ def kitti_sequence_to_bag(
     rate_hz: float | None = None,
     start_ns: int = DEFAULT_START_NS,
     store: Any = None,
+    layout: str | None = None,
 ) -> int:
-    """Convert ``sequence/velodyne/*.bin`` into a bag of x, y, z, intensity clouds.
+    """Convert ``sequence/velodyne/NNNNNN.bin`` into a bag of x, y, z, intensity clouds.
+
+    ``layout`` declares the scans' float32 fields (:data:`lidar_completion.io.BIN_LAYOUTS`):
+    ``"kitti"`` x, y, z, intensity or ``"nuscenes"`` x, y, z, intensity, ring (the ring goes
+    into the bag as a uint16 field); by default ``NNNNNN.pcd.bin`` scans are nuScenes and
+    ``NNNNNN.bin`` KITTI. A scan whose size or values do not fit the layout is refused
+    (:func:`lidar_completion.io.check_bin`) and no bag is left behind.
 
     Stamps: ``rate_hz`` if given; else ``times.txt`` (relative to its first line) when
     present; else 10 Hz. All offset by ``start_ns``. Returns the number of scans written.
@@ -250,34 +258,58 @@ def kitti_sequence_to_bag(
     if not velodyne.is_dir():
         raise BagError(f"{sequence}: no velodyne/ directory (SemanticKITTI layout expected)")
     scans = sorted((p for p in velodyne.iterdir() if _SCAN_NAME.match(p.name)),
-                   key=lambda p: int(p.stem))
+                   key=lambda p: int(p.name.split(".")[0]))
     if not scans:
         raise BagError(f"{velodyne}: no NNNNNN.bin scans")
-    bad = [p.name for p in scans if p.stat().st_size % 16]
+    try:
+        layouts = {bin_layout(p, layout) for p in scans}
+    except ValueError as err:
+        raise BagError(str(err)) from None
+    if len(layouts) > 1:
+        raise BagError(f"{velodyne}: both NNNNNN.bin (KITTI) and NNNNNN.pcd.bin (nuScenes) scans; "
+                       f"keep one kind or pass the layout")
+    (declared,) = layouts
+    bad = [p.name for p in scans if p.stat().st_size % declared.record_bytes]
     if bad:  # checked up front so a bad file does not leave a half-written bag
-        raise BagError(f"{velodyne}: not N x (x, y, z, remission) float32: {bad[:5]}")
+        raise BagError(f"{velodyne}: not N x ({', '.join(declared.fields)}) float32: {bad[:5]}")
     stamps = _kitti_stamps(sequence, len(scans), rate_hz, int(start_ns))
+    try:  # the first scan's values too, before a bag is created
+        first = read_bin(scans[0], declared)
+    except PointFileError as err:
+        raise BagError(str(err)) from None
 
     def clouds() -> Iterator[tuple[int, str, np.ndarray, dict[str, np.ndarray]]]:
-        for scan, stamp in zip(scans, stamps, strict=True):
-            pts = read_kitti_bin(scan)
-            yield int(stamp), frame_id, pts[:, :3], {"intensity": pts[:, 3]}
+        for i, (scan, stamp) in enumerate(zip(scans, stamps, strict=True)):
+            values = first if i == 0 else read_bin(scan, declared)
+            extra = {"intensity": values[:, 3]}
+            if "ring" in declared.fields:
+                extra["ring"] = values[:, declared.fields.index("ring")].astype(np.uint16)
+            yield int(stamp), frame_id, values[:, :3], extra
 
-    return write_clouds(out, clouds(), topic, storage, store=store)
+    try:
+        return write_clouds(out, clouds(), topic, storage, store=store)
+    except PointFileError as err:  # a later scan: remove the bag this call created
+        shutil.rmtree(out, ignore_errors=True)
+        raise BagError(f"{err} (no bag written)") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``lidar-kitti-to-bag``: SemanticKITTI-layout sequence -> rosbag2 bag."""
     parser = argparse.ArgumentParser(
         prog="lidar-kitti-to-bag",
-        description="Convert a SemanticKITTI-layout sequence (velodyne/*.bin, optional "
-        "times.txt) into a rosbag2 bag of sensor_msgs/PointCloud2 (x, y, z, intensity).",
+        description="Convert a SemanticKITTI-layout sequence (velodyne/NNNNNN.bin, optional "
+        "times.txt) into a rosbag2 bag of sensor_msgs/PointCloud2 (x, y, z, intensity[, ring]).",
     )
     parser.add_argument("--sequence", required=True, type=Path, help="sequence directory")
     parser.add_argument("--out", required=True, type=Path, help="bag directory to create")
     parser.add_argument("--storage", choices=["mcap", "sqlite3"], default="mcap")
     parser.add_argument("--topic", default=DEFAULT_TOPIC)
     parser.add_argument("--frame-id", default="velodyne")
+    parser.add_argument(
+        "--layout", choices=LAYOUT_NAMES, default=None,
+        help="fields of the .bin scans: kitti = x y z intensity, nuscenes = x y z intensity ring "
+        "(float32); default: NNNNNN.pcd.bin nuscenes, NNNNNN.bin kitti",
+    )
     parser.add_argument(
         "--rate-hz", type=float, default=None,
         help="fixed publish rate; default: times.txt if present, else 10 Hz",
@@ -291,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         n = kitti_sequence_to_bag(
             args.sequence, args.out, storage=args.storage, topic=args.topic,
             frame_id=args.frame_id, rate_hz=args.rate_hz,
-            start_ns=round(args.start_sec * 1e9),
+            start_ns=round(args.start_sec * 1e9), layout=args.layout,
         )
     except BagError as exc:
         print(f"lidar-kitti-to-bag: error: {exc}", file=sys.stderr)

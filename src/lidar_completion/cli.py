@@ -4,8 +4,10 @@
     lidar-complete velodyne/ --out dense/ --format npy --steps 4
     lidar-complete scan.ply --out dense.ply --render scan.png
 
-Inputs: KITTI ``.bin``, ``.ply``, ``.pcd``, ``.npy`` (a directory: every such file in it, not
-recursive, in name order). Outputs ``.ply`` or ``.npy``. ``--render`` writes input vs
+Inputs: KITTI ``.bin``, nuScenes ``.pcd.bin``, ``.ply``, ``.pcd``, ``.npy`` (a directory: every
+such file in it, not recursive, in name order; ``--layout kitti|nuscenes`` declares the fields of
+raw ``.bin`` files, refused when their values do not fit). Outputs ``.ply`` or ``.npy``.
+``--render`` writes input vs
 completion pictures: a path ending in ``.png`` gets one picture (for a directory, of the first
 scan completed); any other path is a directory that gets ``<scan>.png`` per scan.
 
@@ -32,6 +34,7 @@ __all__ = ["build_parser", "default_checkpoint", "main"]
 
 PROG = "lidar-complete"
 INPUT_SUFFIXES = (".bin", ".ply", ".pcd", ".npy")  # == io.SUPPORTED_SUFFIXES, kept import-free
+LAYOUTS = ("kitti", "nuscenes")  # == io.LAYOUT_NAMES, kept import-free
 OUTPUT_FORMATS = ("ply", "npy")
 CONFIG_NAME = "completion_config.yaml"
 
@@ -65,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Complete LiDAR scans offline with a diffusion model, one file or a whole directory.",
         epilog="Exit status: 0 all scans completed, 1 some skipped, 2 none completed or usage error.",
     )
-    parser.add_argument("input", type=Path, help="a scan file (.bin .ply .pcd .npy) or a directory of them")
+    parser.add_argument("input", type=Path, help="a scan file (.bin .pcd.bin .ply .pcd .npy) or a directory of them")
+    parser.add_argument("--layout", choices=LAYOUTS, help="fields of raw .bin scans: kitti = x y z intensity, "
+                        "nuscenes = x y z intensity ring (float32); default: *.pcd.bin nuscenes, other .bin kitti")
     parser.add_argument("--out", type=Path, default=Path("completed"),
                         help="output file (single input, ending .ply/.npy) or directory (default: ./completed)")
     parser.add_argument("--format", choices=OUTPUT_FORMATS, help="output format (default: from --out, else ply)")
@@ -241,7 +246,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             if out.resolve() == scan.resolve():
                 raise PointFileError(f"{scan}: output would overwrite the input")
-            points = read_points(scan)
+            points = read_points(scan, layout=args.layout)
             result = completer.complete(points)
             if len(result.points) == 0:
                 raise ScanError("no point left after post-processing (range / height band)")

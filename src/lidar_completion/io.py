@@ -1,33 +1,180 @@
-"""Point-cloud files in and out: KITTI ``.bin``, ``.ply``, ``.pcd`` and ``.npy``.
+"""Point-cloud files in and out: KITTI ``.bin``, nuScenes ``.pcd.bin``, ``.ply``, ``.pcd``, ``.npy``.
 
-Readers return float32 [N, 3] xyz (extra channels such as remission are dropped). Any
-problem — unreadable, wrong shape, empty, no finite point — raises :class:`PointFileError`
-with a one-line message naming the file, so a directory run can skip it and go on.
+:func:`read_points` returns float32 [N, 3] xyz (extra channels such as remission are dropped);
+:func:`read_bin` returns every float32 field of a raw ``.bin`` scan ([N, 4] or [N, 5]). Any
+problem — unreadable, wrong shape, empty, no finite point, values implausible for the declared
+layout — raises :class:`PointFileError` with a one-line message naming the file, so a directory
+run can skip it and go on.
+
+Raw ``.bin`` files carry no header, so their layout is declared, never guessed from the bytes:
+``layout="kitti"`` (x, y, z, intensity: 4 float32 per point) or ``layout="nuscenes"`` (x, y, z,
+intensity, ring: 5 float32). Without one, the name decides: ``*.pcd.bin`` is nuScenes, any other
+``*.bin`` KITTI. The bytes are then checked against that layout (:func:`check_bin`) and a file
+that does not fit is refused — a nuScenes sweep read as KITTI would otherwise be 43,360 points
+of garbage without a word.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .points import read_kitti_bin, write_kitti_bin
+from .points import write_kitti_bin
 
-__all__ = ["PointFileError", "read_points", "write_points", "SUPPORTED_SUFFIXES"]
+__all__ = ["BIN_LAYOUTS", "LAYOUT_NAMES", "SUPPORTED_SUFFIXES", "BinLayout", "PointFileError", "bin_layout",
+           "check_bin", "read_bin", "read_points", "write_points"]
 
-SUPPORTED_SUFFIXES = (".bin", ".ply", ".pcd", ".npy")
+SUPPORTED_SUFFIXES = (".bin", ".ply", ".pcd", ".npy")  # ".pcd.bin" ends in ".bin"
 
 
 class PointFileError(ValueError):
     """A point-cloud file that cannot be used; the message names the file."""
 
 
-def _read_bin(path: Path) -> np.ndarray:
+@dataclass(frozen=True)
+class BinLayout:
+    """The float32 fields of one point in a raw ``.bin`` scan."""
+
+    name: str
+    fields: tuple[str, ...]
+    label: str  # what such a file is usually called, for messages
+
+    @property
+    def record_bytes(self) -> int:
+        return 4 * len(self.fields)
+
+    def describe(self) -> str:
+        return f"{self.label} ({', '.join(self.fields)} float32)"
+
+
+BIN_LAYOUTS = {
+    "kitti": BinLayout("kitti", ("x", "y", "z", "intensity"), "KITTI .bin"),
+    "nuscenes": BinLayout("nuscenes", ("x", "y", "z", "intensity", "ring"), "nuScenes .pcd.bin"),
+}
+LAYOUT_NAMES = tuple(BIN_LAYOUTS)
+
+# Plausibility of a raw scan (measured in tests/test_io_layouts.py and issue 22; see docs/cli.md).
+MAX_COORD_M = 1000.0  # |x|, |y|, |z| beyond this is not a LiDAR return
+MIN_NONZERO = 1e-30  # 0 < |v| < this: integers or other binary data read as float32 (denormals)
+MAX_BAD_XYZ = 0.5  # refuse when more than this share of points has non-finite / absurd xyz
+MAX_INTENSITY = 65535.0  # 8- and 16-bit sensors; KITTI remission is [0, 1], others [0, 255]
+MAX_BAD_INTENSITY = 0.01  # refuse when more than 1 % of intensity values are implausible
+MAX_RING = 255  # beam index (nuScenes 0-31, 128-beam sensors 0-127); every ring value must be one
+STRIDE_MIN_POINTS = 100  # the stride test needs this many points
+STRIDE_FACTOR = 8.0  # another layout's stride this many times more coherent -> refuse
+STRIDE_MAX_FLOATS = 1 << 17  # the stride test looks at the first 512 KiB
+
+
+def bin_layout(path: str | os.PathLike, layout: str | BinLayout | None = None) -> BinLayout:
+    """The declared layout: ``layout`` if given (a name in :data:`LAYOUT_NAMES`), else by name."""
+    if isinstance(layout, BinLayout):
+        return layout
+    if layout is None:
+        return BIN_LAYOUTS["nuscenes" if str(path).lower().endswith(".pcd.bin") else "kitti"]
     try:
-        return read_kitti_bin(path)[:, :3]
-    except ValueError as err:
-        raise PointFileError(str(err)) from None
+        return BIN_LAYOUTS[str(layout).lower()]
+    except KeyError:
+        raise ValueError(f"unknown point layout {layout!r} (use {', '.join(LAYOUT_NAMES)})") from None
+
+
+def _share(mask: np.ndarray) -> float:
+    return float(np.count_nonzero(mask)) / max(1, mask.size)
+
+
+def _amount(mask: np.ndarray) -> str:
+    """``"38% of"``, or ``"3 of 62,652"`` when that rounds to 0 %."""
+    share = _share(mask)
+    return f"{share:.0%} of" if share >= 0.005 else f"{np.count_nonzero(mask):,} of {mask.size:,}"
+
+
+def _stride_spread(flat: np.ndarray, stride: int) -> float:
+    """Median |f[i + stride] - f[i]| over the float stream: small at the true record length,
+    where it compares one field of neighbouring points, large where it compares two fields."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        diff = np.abs(flat[stride:].astype(np.float64) - flat[:-stride])
+    diff = diff[np.isfinite(diff)]
+    return float(np.median(diff)) if diff.size else float("nan")
+
+
+def _other_layout_hint(flat: np.ndarray, declared: BinLayout) -> str:
+    """``"; its values line up as 5 floats per point (nuScenes ...)"`` when another known layout
+    is far more coherent than the declared one, else ``""``."""
+    if flat.size < STRIDE_MIN_POINTS * declared.record_bytes // 4:
+        return ""
+    flat = flat[:STRIDE_MAX_FLOATS]
+    own = _stride_spread(flat, len(declared.fields))
+    for other in BIN_LAYOUTS.values():
+        if len(other.fields) == len(declared.fields):
+            continue
+        spread = _stride_spread(flat, len(other.fields))
+        if spread * STRIDE_FACTOR < own:  # NaN compares False: no hint
+            return (f"; its values line up as {len(other.fields)} floats per point "
+                    f"({other.label}: --layout {other.name})")
+    return ""
+
+
+def check_bin(values: np.ndarray, layout: BinLayout, path: str | os.PathLike) -> None:
+    """Raise :class:`PointFileError` when [N, F] ``values`` do not look like ``layout``.
+
+    Refused: more than half the points with non-finite xyz, a coordinate beyond 1 km or a
+    denormal one (binary data that is not float32 xyz); more than 1 % of intensity values
+    non-finite, negative or above 65535 (coordinates in the intensity column); any ring value
+    that is not an integer in 0-255; and a float stream whose values line up far
+    better at another known layout's record length than at the declared one."""
+    what = f"{path}: not a {layout.describe()}"
+    xyz = values[:, :3]
+    finite = np.isfinite(xyz).all(axis=1)
+    if not finite.any():
+        raise PointFileError(f"{path}: contains no finite point")
+    with np.errstate(invalid="ignore"):
+        size = np.abs(xyz)
+        absurd = ~finite | (size.max(axis=1) > MAX_COORD_M) | ((size < MIN_NONZERO) & (size > 0)).any(axis=1)
+    problems = []
+    if _share(absurd) > MAX_BAD_XYZ:
+        problems.append(f"{_amount(absurd)} points have a non-finite, denormal or "
+                        f"beyond-{MAX_COORD_M:g} m coordinate")
+    if "intensity" in layout.fields:
+        intensity = values[:, layout.fields.index("intensity")]
+        with np.errstate(invalid="ignore"):
+            bad = ~np.isfinite(intensity) | (intensity < 0) | (intensity > MAX_INTENSITY)
+        if _share(bad) > MAX_BAD_INTENSITY:
+            problems.append(f"{_amount(bad)} intensity values are negative, non-finite or "
+                            f"above {MAX_INTENSITY:g}")
+    if "ring" in layout.fields:
+        ring = values[:, layout.fields.index("ring")]
+        with np.errstate(invalid="ignore"):
+            bad = ~np.isfinite(ring) | (ring < 0) | (ring > MAX_RING) | (ring != np.round(ring))
+        if bad.any():
+            problems.append(f"{_amount(bad)} ring values are not integers 0-{MAX_RING}")
+    hint = _other_layout_hint(values.reshape(-1), layout)
+    if problems:
+        raise PointFileError(f"{what}: {'; '.join(problems)}{hint}")
+    if hint:
+        raise PointFileError(f"{what}{hint}")
+
+
+def read_bin(path: str | os.PathLike, layout: str | BinLayout | None = None) -> np.ndarray:
+    """Every field of a raw float32 ``.bin`` scan as [N, F] float32 (fields in
+    ``bin_layout(path, layout).fields``), checked with :func:`check_bin`."""
+    path = Path(path)
+    declared = bin_layout(path, layout)
+    if not path.is_file():
+        raise PointFileError(f"{path}: no such file")
+    size = path.stat().st_size
+    if size % declared.record_bytes:
+        raise PointFileError(f"{path}: size {size} bytes is not a multiple of {declared.record_bytes} "
+                             f"({', '.join(declared.fields)} float32)")
+    if size == 0:
+        raise PointFileError(f"{path}: contains no points")
+    try:
+        values = np.fromfile(path, dtype="<f4").reshape(-1, len(declared.fields))
+    except (OSError, ValueError) as err:
+        raise PointFileError(f"{path}: unreadable ({err})") from None
+    check_bin(values, declared, path)
+    return values.astype(np.float32, copy=False)
 
 
 def _read_ply(path: Path) -> np.ndarray:
@@ -51,13 +198,22 @@ def _read_npy(path: Path) -> np.ndarray:
     return array[:, :3].astype(np.float32)
 
 
-_READERS = {".bin": _read_bin, ".ply": _read_ply, ".pcd": _read_pcd, ".npy": _read_npy}
+_READERS = {".ply": _read_ply, ".pcd": _read_pcd, ".npy": _read_npy}
 
 
-def read_points(path: str | os.PathLike) -> np.ndarray:
-    """Read xyz from a supported file; raises :class:`PointFileError` on any problem."""
+def read_points(path: str | os.PathLike, layout: str | BinLayout | None = None) -> np.ndarray:
+    """Read xyz from a supported file; raises :class:`PointFileError` on any problem.
+
+    ``layout`` (``"kitti"`` / ``"nuscenes"``) declares the fields of a raw ``.bin`` file; by
+    default ``*.pcd.bin`` is nuScenes and any other ``.bin`` KITTI. Other formats describe
+    themselves and ignore it."""
     path = Path(path)
-    reader = _READERS.get(path.suffix.lower())
+    suffix = path.suffix.lower()
+    if suffix == ".bin":
+        declared = bin_layout(path, layout)  # an unknown name is the caller's ValueError
+        reader = lambda p: read_bin(p, declared)[:, :3]  # noqa: E731
+    else:
+        reader = _READERS.get(suffix)
     if reader is None:
         raise PointFileError(f"{path}: unsupported suffix (use {', '.join(SUPPORTED_SUFFIXES)})")
     if not path.is_file():
@@ -77,10 +233,16 @@ def read_points(path: str | os.PathLike) -> np.ndarray:
 
 
 def write_points(path: str | os.PathLike, points: np.ndarray) -> Path:
-    """Write xyz to ``.ply`` (binary, float32), ``.npy``, ``.bin`` (remission 0) or ``.pcd``."""
+    """Write xyz to ``.ply`` (binary, float32), ``.npy``, ``.bin`` (remission 0) or ``.pcd``.
+
+    A ``.pcd.bin`` name is refused: it reads back as nuScenes x, y, z, intensity, ring, and
+    there is no intensity or ring to write."""
     path = Path(path)
     points = np.ascontiguousarray(points[:, :3], dtype=np.float32)
     suffix = path.suffix.lower()
+    if path.name.lower().endswith(".pcd.bin"):
+        raise PointFileError(f"{path}: cannot write a nuScenes .pcd.bin (no intensity or ring); "
+                             f"use .bin, .ply, .pcd or .npy")
     path.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".ply":
         from plyfile import PlyData, PlyElement
