@@ -255,7 +255,8 @@ def test_output_is_every_finite_measured_point_plus_completed_points_that_add(mo
     far = np.array([[80.0, 0.0, 1.0], [0.0, -120.0, 2.0]], np.float32)  # beyond any radius
     xyz = np.vstack([scan, far, [[np.nan, 1.0, 1.0]]]).astype(np.float32)
     intensity = np.linspace(0, 1, len(xyz), dtype=np.float32)[:, None]
-    composed = make_completer(model, **{"data.completion_only": False, "data.max_range": 30.0})
+    composed = make_completer(model, **{"data.completion_only": False, "data.max_range": 30.0,
+                                        "data.compose_support": 0})  # the random model's points are sparse
     result = composed.complete(np.hstack([xyz, intensity]))
     finite = np.isfinite(xyz).all(axis=1)
     measured = result.points[result.measured]
@@ -265,17 +266,18 @@ def test_output_is_every_finite_measured_point_plus_completed_points_that_add(mo
     assert result.completed_points == len(added) > 0 and (result.intensity[~result.measured] == 0).all()
     assert (np.linalg.norm(added, axis=1) < 30.0).all() and result.radius == 30.0
     gaps = np.linalg.norm(added[:, None, :] - xyz[finite][None, :, :], axis=2).min(axis=1)
-    assert gaps.min() >= 0.1  # the default compose_distance
+    assert gaps.min() >= 0.2  # the default compose_distance
     # completion_only: the completed points before composition, a superset of what was added
     alone = make_completer(model, **{"data.max_range": 30.0}).complete(np.hstack([xyz, intensity]))
     assert not alone.measured.any() and len(alone.points) >= len(added)
     assert {tuple(p) for p in added} <= {tuple(p) for p in alone.points}
 
 
-def test_compose_distance_zero_keeps_every_completed_point(model):
+def test_compose_distance_and_support_zero_keep_every_completed_point(model):
     scan = ring_scan(500)
     alone = make_completer(model).complete(scan)
-    composed = make_completer(model, **{"data.completion_only": False, "data.compose_distance": 0.0}).complete(scan)
+    composed = make_completer(model, **{"data.completion_only": False, "data.compose_distance": 0.0,
+                                        "data.compose_support": 0}).complete(scan)
     np.testing.assert_array_equal(composed.points[~composed.measured], alone.points)
 
 
@@ -337,3 +339,17 @@ def test_budget_scales_with_the_scans_surface():
     whole, crop = (SceneCompleter(matched, config).model_budget(s) for s in (scan, quarter))
     assert whole == 1000 and 200 <= crop <= 300
     assert SceneCompleter(matched, config).model_budget(scan[:3]) == 16  # never fewer than 16
+
+
+def test_stray_completed_points_are_not_added(model):
+    """compose_support: a completed point needs that many completed neighbours within twice
+    compose_distance; the ones kept are exactly the supported ones."""
+    from lidar_completion.points import near_measured, supported
+
+    scan = ring_scan(500)
+    alone = make_completer(model).complete(scan).points
+    composed = make_completer(model, **{"data.completion_only": False, "data.compose_support": 3}).complete(scan)
+    candidates = alone[~near_measured(alone, scan, 0.2)]
+    expected = candidates[supported(candidates, 0.4, 3)]
+    np.testing.assert_array_equal(composed.points[~composed.measured], expected)
+    assert len(expected) < len(candidates)

@@ -81,3 +81,16 @@ def test_seen_through_marks_points_in_front_of_a_return_only():
     assert seen_through(points, wall, margin=0.5).tolist() == [True, False, False, False, False, False]
     assert seen_through(points[:0], wall, 0.2).shape == (0,)
     assert not seen_through(points, wall[:0], 0.2).any()
+
+
+def test_near_measured_and_supported_are_exact_distance_tests() -> None:
+    from lidar_completion.points import near_measured, supported
+
+    scan = np.array([[5.0, 0.0, 0.0], [0.0, 5.0, 0.0]], np.float32)
+    points = np.array([[5.05, 0.0, 0.0], [5.25, 0.0, 0.0], [0.0, 5.0, 0.19], [9.0, 9.0, 9.0]], np.float32)
+    np.testing.assert_array_equal(near_measured(points, scan, 0.2), [True, False, True, False])
+    assert not near_measured(points, scan[:0], 0.2).any() and not near_measured(points, scan, 0.0).any()
+    cloud = np.array([[0, 0, 0], [0.3, 0, 0], [0.6, 0, 0], [5, 5, 5]], np.float32)
+    np.testing.assert_array_equal(supported(cloud, 0.35, 1), [True, True, True, False])
+    np.testing.assert_array_equal(supported(cloud, 0.35, 2), [False, True, False, False])
+    assert supported(cloud, 0.35, 0).all()

@@ -19,7 +19,8 @@ The ROS node, the offline CLI, the benchmarks, evaluation and training validatio
    refinement net sees the coarse completion it was trained on;
 6. compose (ours): the output is every finite measured point of the scan (whole range, its
    intensity, ``measured``) plus the completed points not within ``data.compose_distance``
-   of a return; ``data.completion_only`` returns the completed points alone.
+   of a return and backed by ``data.compose_support`` other completed points within twice
+   that distance; ``data.completion_only`` returns the completed points alone.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import torch
 
 from .checkpoints import load_model
 from .model import CompletionModel
-from .points import density_matched_count, farthest_point_sample, in_range, near_measured, seen_through
+from .points import density_matched_count, farthest_point_sample, in_range, near_measured, seen_through, supported
 from .config import CompletionConfig
 from . import diffusion
 from .networks import Denoiser
@@ -314,14 +315,15 @@ class SceneCompleter:
 
     def _compose(self, completed: np.ndarray, measured: tuple[np.ndarray, np.ndarray]):
         """(points, measured mask, intensity): the scan, then the completed points that add to it
-        (none within ``data.compose_distance`` of a return); the completion alone with
-        ``data.completion_only``."""
+        (none within ``data.compose_distance`` of a return, none without ``data.compose_support``
+        completed neighbours); the completion alone with ``data.completion_only``."""
         completed = np.ascontiguousarray(completed, dtype=np.float32)
         data = self.config.data
         if data.completion_only:
             return completed, np.zeros(len(completed), bool), np.zeros(len(completed), np.float32)
         xyz, intensity = measured
         added = completed[~near_measured(completed, xyz, data.compose_distance)]
+        added = added[supported(added, 2 * data.compose_distance, data.compose_support)]
         points = np.concatenate([xyz, added])
         is_measured = np.concatenate([np.ones(len(xyz), bool), np.zeros(len(added), bool)])
         return points, is_measured, np.concatenate([intensity, np.zeros(len(added), np.float32)])

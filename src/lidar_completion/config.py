@@ -115,10 +115,13 @@ class DataConfig:
     # direction lie in space the sensor saw through and are dropped; None keeps them all.
     free_space_margin: float | None = 0.2
     # The output is the measured scan (every finite point, whole range) plus the completed
-    # points that add to it: none within compose_distance (m) of a measured return.
-    # completion_only: the model's completed points alone (the model study).
+    # points that add to it: none within compose_distance (m) of a measured return, and each
+    # backed by at least compose_support other completed points within 2 x compose_distance
+    # (stray points are dropped). Both chosen on the training world's validation sequence
+    # (model card). completion_only: the model's completed points alone (the model study).
     completion_only: bool = False
-    compose_distance: float = 0.1
+    compose_distance: float = 0.2
+    compose_support: int = 2
 
     def __post_init__(self) -> None:
         choices = sorted([*PRESETS, MODEL_PRESET])
@@ -133,6 +136,8 @@ class DataConfig:
                   f"must be in [0, 10] m (or null: keep every point), got {self.free_space_margin}")
         check(0 <= self.compose_distance <= 5, "data.compose_distance",
               f"must be in [0, 5] m, got {self.compose_distance}")
+        check(0 <= self.compose_support <= 100, "data.compose_support",
+              f"must be in [0, 100] points, got {self.compose_support}")
 
     def resolve_n_part(self, model_n_part: int | None) -> int:
         """Explicit ``n_part``, else the preset's, else the model's trained budget, else lite."""

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["KEY_BITS", "read_kitti_bin", "write_kitti_bin", "farthest_point_sample", "pack_cells", "voxel_keys",
-           "in_range", "seen_through", "SURFACE_CELL", "surface_cells", "density_matched_count", "near_measured"]
+           "in_range", "seen_through", "SURFACE_CELL", "surface_cells", "density_matched_count", "near_measured", "supported"]
 
 # --- KITTI .bin ------------------------------------------------------------------------
 
@@ -153,6 +153,18 @@ def near_measured(points: np.ndarray, scan: np.ndarray, distance: float) -> np.n
     tree = cKDTree(scan, balanced_tree=False, compact_nodes=False)
     nearest, _ = tree.query(points, k=1, distance_upper_bound=distance)
     return np.isfinite(nearest)
+
+
+def supported(points: np.ndarray, radius: float, neighbours: int) -> np.ndarray:
+    """Mask of the points with at least ``neighbours`` other points of the same cloud within
+    ``radius``: a completed point its own completion backs up, not a stray one (the lite
+    model scatters a few points into cells the scene does not have). scipy's KD-tree."""
+    from scipy.spatial import cKDTree
+
+    if neighbours <= 0 or len(points) == 0:
+        return np.ones(len(points), dtype=bool)
+    tree = cKDTree(points, balanced_tree=False, compact_nodes=False)
+    return tree.query_ball_point(points, radius, return_length=True) - 1 >= neighbours
 
 
 # --- free space ------------------------------------------------------------------------

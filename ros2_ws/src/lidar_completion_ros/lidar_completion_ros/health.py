@@ -261,6 +261,7 @@ def model_values(completer: Any, device: str, checkpoint: Any, refine_checkpoint
         "completion_radius_m": f"{completer.max_range:g}",
         "output": ("completed points only" if data.completion_only else
                    f"the whole scan + completed points within {completer.max_range:g} m "
-                   f"(none within {data.compose_distance:g} m of a return)"),
+                   f"(none within {data.compose_distance:g} m of a return, >= {data.compose_support} "
+                   f"completed neighbours)"),
         "noise_clip": "off" if completer.config.sampling.noise_clip is None else f"{completer.config.sampling.noise_clip:g}",
     }

@@ -96,6 +96,7 @@ COMPLETION_KEYS = (
     "data.free_space_margin",
     "data.completion_only",
     "data.compose_distance",
+    "data.compose_support",
     "sampling.steps",
     "sampling.guidance",
     "sampling.seed",
@@ -179,9 +180,12 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("data.completion_only", False,
               "Publish the completed points alone (measured = 0). Default false: the whole input scan "
               "(every finite point, measured = 1, its intensity) plus the completed points that add to it."),
-    ParamSpec("data.compose_distance", 0.1,
+    ParamSpec("data.compose_distance", 0.2,
               "A completed point within this distance (m) of a measured return adds nothing and is not "
               "published (0 = keep every completed point).", range=(0.0, 5.0)),
+    ParamSpec("data.compose_support", 2,
+              "A completed point is published only with at least this many other completed points within "
+              "2 x compose_distance (stray points are dropped); 0 = keep them all.", range=(0, 100)),
     ParamSpec("sampling.steps", 0, "Diffusion sampler steps; 0 = the checkpoint's default (student: 1-8).",
               range=(0, 1000), none_value=0),
     ParamSpec("sampling.guidance", -1.0,
