@@ -48,7 +48,9 @@ def plain_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def small_config(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("config") / "small.yaml"
-    path.write_text("completion:\n  data:\n    n_part: 128\n  sampling:\n    steps: 1\n    guidance: 0\n")
+    # compose_support 0: the random model's few completed points are sparse, not stray
+    path.write_text("completion:\n  data:\n    n_part: 128\n    compose_support: 0\n"
+                    "  sampling:\n    steps: 1\n    guidance: 0\n")
     return path
 
 
@@ -126,8 +128,11 @@ def test_single_file_to_npy_with_flags(capsys, tmp_path, checkpoint, small_confi
                              "--steps", "2", "--guidance", "3", "--no-refine", "--seed", "7", "--device", "cpu",
                              "--render", tmp_path / "scan.png")
     assert code == 0, err
-    points = np.load(target)
-    assert points.dtype == np.float32 and points.shape[1] == 3 and 0 < len(points) <= 1280
+    points = np.load(target)  # x, y, z, intensity, measured: the scan, then what completion adds
+    assert points.dtype == np.float32 and points.shape[1] == 5
+    measured = points[:, 4] == 1
+    np.testing.assert_allclose(points[measured, :3], ring_scan(1500), atol=1e-5)
+    assert 0 < np.count_nonzero(~measured) <= 1280 and not points[~measured, 3].any()
     assert "steps=2 guidance=3 refine=off n_part=128 device=cpu" in out
     assert_png(tmp_path / "scan.png")
     assert not (tmp_path / cli.CONFIG_NAME).exists()  # a file output gets no config beside it
@@ -225,9 +230,11 @@ def test_real_scan_lite_preset_with_render(capsys, tmp_path, real_scan_path, che
                              "--guidance", "0", "--device", "cpu", "--out", target, "--render", picture)
     assert code == 0, err
     assert "125,773 ->" in out and "n_part=2000" in out
-    points = read_points(target)
-    assert 2000 < len(points) <= 6 * 20_000 and np.isfinite(points).all()
-    assert (np.linalg.norm(points, axis=1) < 50 + 3**0.5).all()  # refinement: tanh offsets < 1 m per axis
+    points, scan = read_points(target), read_points(real_scan_path)
+    np.testing.assert_array_equal(points[: len(scan)], scan)  # every measured point, whole range
+    added = points[len(scan):]
+    assert len(added) <= 20_000 and np.isfinite(added).all()
+    assert (np.linalg.norm(added, axis=1) < 50).all()  # completion only inside the radius
     assert_png(picture)
 
 
@@ -251,15 +258,18 @@ def test_shipped_model_by_name_and_as_default(capsys, tmp_path, monkeypatch, che
     assert used["checkpoint"] == str(shipped / "student_lite")
 
 
-def test_empty_completion_is_reported_not_written(capsys, tmp_path, monkeypatch, checkpoint, small_config):
+def test_empty_completion_is_reported_outside_the_domain(capsys, tmp_path, monkeypatch, checkpoint, small_config):
+    """Nothing completed: the scan is still written (it passes through), with a warning, and
+    it is not counted as completed (exit 2: none completed)."""
     from lidar_completion.completer import SceneCompleter
 
     monkeypatch.setattr(SceneCompleter, "postprocess", lambda self, completed, partial: completed[:0])
     source = write_points(tmp_path / "scan.npy", ring_scan())
-    code, _, err = run_cli(capsys, source, "--checkpoint", checkpoint, "--config", small_config,
-                           "--out", tmp_path / "scan.ply")
-    assert code == 2 and "no point left after post-processing" in err
-    assert not (tmp_path / "scan.ply").exists()
+    code, out, err = run_cli(capsys, source, "--checkpoint", checkpoint, "--config", small_config,
+                             "--out", tmp_path / "scan.ply")
+    assert code == 2 and "outside the model's domain (no completed point was added)" in err, err
+    assert "completed 0 of 1 scan(s)" in out and "1 outside the model's domain" in out
+    np.testing.assert_array_equal(read_points(tmp_path / "scan.ply"), ring_scan())
 
 
 def test_render_handles_empty_and_non_finite_clouds(tmp_path):

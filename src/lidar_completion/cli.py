@@ -6,15 +6,19 @@
 
 Inputs: KITTI ``.bin``, nuScenes ``.pcd.bin``, ``.ply``, ``.pcd``, ``.npy`` (a directory: every
 such file in it, not recursive, in name order; ``--layout kitti|nuscenes`` declares the fields of
-raw ``.bin`` files, refused when their values do not fit). Outputs ``.ply`` or ``.npy``.
-``--render`` writes input vs
-completion pictures: a path ending in ``.png`` gets one picture (for a directory, of the first
-scan completed); any other path is a directory that gets ``<scan>.png`` per scan.
+raw ``.bin`` files, refused when their values do not fit). Outputs ``.ply`` or ``.npy``: the
+whole scan (every finite point, its intensity, ``measured`` 1) plus the completed points that
+add to it inside the model's radius (``measured`` 0); ``--completion-only`` writes the completed
+points alone. ``--render`` writes input vs output pictures (measured and completed points in
+two colours): a path ending in ``.png`` gets one picture (for a directory, of the first scan
+completed); any other path is a directory that gets ``<scan>.png`` per scan.
 
-Unusable scans are reported on stderr in one line naming the file and skipped. Output and
-picture locations are checked (created, written to) before any work starts. Exit status:
-0 all completed, 1 some skipped (or a picture could not be written), 2 nothing completed or
-a usage / checkpoint / config / output-location error.
+Unusable scans are reported on stderr in one line naming the file and skipped; a scan outside
+the model's domain (its noise predictions mostly clipped, or nothing completed) is written
+with a warning and not counted as completed. Output and picture locations are checked
+(created, written to) before any work starts. Exit status: 0 all completed, 1 some skipped or
+outside the domain (or a picture could not be written), 2 nothing completed or a usage /
+checkpoint / config / output-location error.
 """
 
 from __future__ import annotations
@@ -90,8 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, help="sampling seed (default: config, 0)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, one per core)")
     parser.add_argument("--preset", choices=("lite", "full"), help="point budget: lite 2000 (CPU), full 18000 (GPU)")
+    parser.add_argument("--completion-only", action="store_true",
+                        help="write the completed points alone (the model study); default: the whole scan "
+                        "(measured = 1) plus the completed points that add to it (measured = 0)")
     parser.add_argument("--render", type=Path, metavar="PNG_OR_DIR",
-                        help="input vs completion picture: a .png path, or a directory for one PNG per scan")
+                        help="input vs output picture (measured and completed points in two colours): "
+                        "a .png path, or a directory for one PNG per scan")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
@@ -176,6 +184,7 @@ def load_completer(args: argparse.Namespace):
         "refine": refine,
         "device": args.device,
         "backend": args.backend,
+        "data.completion_only": True if args.completion_only else None,
     }
     if args.preset:  # the preset's own budget, also over an n_part set in the YAML
         overrides |= {"data.preset": args.preset, "data.n_part": PRESETS[args.preset]["n_part"]}
@@ -240,17 +249,17 @@ def run(args: argparse.Namespace) -> int:
     setting = (f"steps={completer.steps} guidance={completer.guidance:g} "
                f"refine={'on' if completer.config.refine else 'off'} n_part={completer.n_part} "
                f"device={completer.device} range={completer.config.data.min_range:g}-{completer.max_range:g} m")
-    timings, skipped, no_picture = [], [], []
+    timings, skipped, no_picture, outside = [], [], [], []
     bar = tqdm(list(zip(inputs, outputs)), desc=PROG, unit="scan", disable=None, file=sys.stderr)
     for scan, out in bar:
         try:
             if out.resolve() == scan.resolve():
                 raise PointFileError(f"{scan}: output would overwrite the input")
-            points = read_points(scan, layout=args.layout)
+            points = read_points(scan, layout=args.layout, with_intensity=True)
             result = completer.complete(points)
             if len(result.points) == 0:
-                raise ScanError("no point left after post-processing (range / height band)")
-            write_points(out, result.points)
+                raise ScanError("no completed point left after post-processing (range / height band)")
+            write_points(out, result.points, result.intensity, result.measured.astype("uint8"))
         except PointFileError as err:
             reason = str(err)
         except (ScanError, OSError) as err:
@@ -260,9 +269,9 @@ def run(args: argparse.Namespace) -> int:
             picture = render_path(args.render, scan, len(timings) == 1) if args.render else None
             extra = ""
             if picture is not None:
-                label = f"completion ({completer.steps} step{'s' * (completer.steps > 1)})"
+                label = f"output ({completer.steps} step{'s' * (completer.steps > 1)})"
                 try:
-                    render_comparison([("input", points), (label, result.points)], picture,
+                    render_comparison([("input", points), (label, result.points, result.measured)], picture,
                                       max_range=completer.max_range, title=f"{scan.name}: {setting}")
                     extra = f", picture {picture}"
                 except OSError as err:  # the completion is written; say what is missing
@@ -270,21 +279,31 @@ def run(args: argparse.Namespace) -> int:
                     tqdm.write(f"{PROG}: error: {picture}: picture not written ({err.strerror or err})",
                                file=sys.stderr)
             tqdm.write(f"{scan} -> {out}: {len(points):,} -> {len(result.points):,} points "
+                       f"({result.completed_points:,} completed within {result.radius:g} m, "
+                       f"{100 * result.clipped_fraction:.1f}% of noise predictions clipped) "
                        f"in {result.timings_ms['total'] / 1000:.2f} s{extra}", file=sys.stdout)
+            if result.out_of_domain:
+                why = (f"{100 * result.clipped_fraction:.0f}% of the noise predictions were clipped"
+                       if result.completed_points else "no completed point was added")
+                outside.append(f"{scan}: {why}")
+                tqdm.write(f"{PROG}: warning: {scan} is outside the model's domain ({why}): the output is the "
+                           f"scan with {result.completed_points:,} completed points, not a completion to trust",
+                           file=sys.stderr)
             continue
         skipped.append(reason)
         tqdm.write(f"{PROG}: {'error' if single else 'skipped'}: {reason}", file=sys.stderr)
     bar.close()
 
-    done = len(timings)
-    print(f"completed {done} of {len(inputs)} scan(s) ({setting})")
+    done = len(timings) - len(outside)
+    print(f"completed {done} of {len(inputs)} scan(s) ({setting})"
+          + (f"; {len(outside)} outside the model's domain" if outside else ""))
     if timings:
         print(summarise(timings))
     if skipped and not single:
         print(f"skipped {len(skipped)} scan(s):", file=sys.stderr)
         for reason in skipped:
             print(f"  {reason}", file=sys.stderr)
-    return 0 if not skipped and not no_picture else 1 if done else 2
+    return 0 if not skipped and not no_picture and not outside else 1 if done else 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:

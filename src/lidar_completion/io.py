@@ -177,32 +177,42 @@ def read_bin(path: str | os.PathLike, layout: str | BinLayout | None = None) -> 
     return values.astype(np.float32, copy=False)
 
 
+# Names other tools give the intensity field, the first one present is read.
+INTENSITY_NAMES = ("intensity", "remission", "reflectance", "reflectivity")
+
+
 def _read_ply(path: Path) -> np.ndarray:
     from plyfile import PlyData
 
     vertex = PlyData.read(str(path))["vertex"]
-    return np.stack([np.asarray(vertex[axis], dtype=np.float32) for axis in "xyz"], axis=1)
+    names = vertex.data.dtype.names or ()
+    columns = [np.asarray(vertex[axis], dtype=np.float32) for axis in "xyz"]
+    columns += [np.asarray(vertex[n], dtype=np.float32) for n in INTENSITY_NAMES if n in names][:1]
+    return np.stack(columns, axis=1)
 
 
 def _read_pcd(path: Path) -> np.ndarray:
     from pypcd4 import PointCloud
 
     cloud = PointCloud.from_path(path)
-    return cloud.numpy(("x", "y", "z")).astype(np.float32)
+    names = ["x", "y", "z"] + [n for n in INTENSITY_NAMES if n in cloud.fields][:1]
+    return cloud.numpy(names).astype(np.float32)
 
 
 def _read_npy(path: Path) -> np.ndarray:
     array = np.load(path, allow_pickle=False)
     if array.ndim != 2 or array.shape[1] < 3:
         raise PointFileError(f"{path}: expected an [N, >=3] array, got shape {array.shape}")
-    return array[:, :3].astype(np.float32)
+    return array[:, :4].astype(np.float32)
 
 
 _READERS = {".ply": _read_ply, ".pcd": _read_pcd, ".npy": _read_npy}
 
 
-def read_points(path: str | os.PathLike, layout: str | BinLayout | None = None) -> np.ndarray:
-    """Read xyz from a supported file; raises :class:`PointFileError` on any problem.
+def read_points(path: str | os.PathLike, layout: str | BinLayout | None = None,
+                with_intensity: bool = False) -> np.ndarray:
+    """Read xyz [N, 3] from a supported file, or xyz + intensity [N, 4] with ``with_intensity``
+    (0 where the file has none); raises :class:`PointFileError` on any problem.
 
     ``layout`` (``"kitti"`` / ``"nuscenes"``) declares the fields of a raw ``.bin`` file; by
     default ``*.pcd.bin`` is nuScenes and any other ``.bin`` KITTI. Other formats describe
@@ -211,7 +221,7 @@ def read_points(path: str | os.PathLike, layout: str | BinLayout | None = None) 
     suffix = path.suffix.lower()
     if suffix == ".bin":
         declared = bin_layout(path, layout)  # an unknown name is the caller's ValueError
-        reader = lambda p: read_bin(p, declared)[:, :3]  # noqa: E731
+        reader = lambda p: read_bin(p, declared)[:, :4]  # noqa: E731
     else:
         reader = _READERS.get(suffix)
     if reader is None:
@@ -227,18 +237,32 @@ def read_points(path: str | os.PathLike, layout: str | BinLayout | None = None) 
         raise PointFileError(f"{path}: unreadable ({reason})") from None
     if len(points) == 0:
         raise PointFileError(f"{path}: contains no points")
-    if not np.isfinite(points).all(axis=1).any():
+    if not np.isfinite(points[:, :3]).all(axis=1).any():
         raise PointFileError(f"{path}: contains no finite point")
-    return np.ascontiguousarray(points, dtype=np.float32)
+    if not with_intensity:
+        return np.ascontiguousarray(points[:, :3], dtype=np.float32)
+    if points.shape[1] < 4:
+        points = np.hstack([points[:, :3], np.zeros((len(points), 1), np.float32)])
+    return np.ascontiguousarray(points[:, :4], dtype=np.float32)
 
 
-def write_points(path: str | os.PathLike, points: np.ndarray) -> Path:
-    """Write xyz to ``.ply`` (binary, float32), ``.npy``, ``.bin`` (remission 0) or ``.pcd``.
+def write_points(path: str | os.PathLike, points: np.ndarray, intensity: np.ndarray | None = None,
+                 measured: np.ndarray | None = None) -> Path:
+    """Write xyz to ``.ply`` (binary, float32), ``.npy``, ``.bin`` or ``.pcd``, with the
+    per-point ``intensity`` (float32) and ``measured`` (uint8: 1 = a scan point, 0 = completed)
+    when given: as fields of ``.ply`` and ``.pcd``, as columns 4 and 5 of ``.npy``; a ``.bin``
+    holds x, y, z, intensity (0 when not given) and no ``measured``.
 
     A ``.pcd.bin`` name is refused: it reads back as nuScenes x, y, z, intensity, ring, and
-    there is no intensity or ring to write."""
+    there is no ring to write."""
     path = Path(path)
     points = np.ascontiguousarray(points[:, :3], dtype=np.float32)
+    extra = {name: np.asarray(values) for name, values in (("intensity", intensity), ("measured", measured))
+             if values is not None}
+    for name, values in extra.items():
+        if values.shape != (len(points),):
+            raise ValueError(f"{name}: expected {len(points)} values, got shape {values.shape}")
+    types = {"intensity": np.float32, "measured": np.uint8}
     suffix = path.suffix.lower()
     if path.name.lower().endswith(".pcd.bin"):
         raise PointFileError(f"{path}: cannot write a nuScenes .pcd.bin (no intensity or ring); "
@@ -247,17 +271,24 @@ def write_points(path: str | os.PathLike, points: np.ndarray) -> Path:
     if suffix == ".ply":
         from plyfile import PlyData, PlyElement
 
-        vertex = np.empty(len(points), dtype=[("x", "f4"), ("y", "f4"), ("z", "f4")])
+        vertex = np.empty(len(points), dtype=[("x", "f4"), ("y", "f4"), ("z", "f4")]
+                          + [(name, types[name]) for name in extra])
         vertex["x"], vertex["y"], vertex["z"] = points.T
+        for name, values in extra.items():
+            vertex[name] = values
         PlyData([PlyElement.describe(vertex, "vertex")], byte_order="<").write(str(path))
     elif suffix == ".npy":
-        np.save(path, points)
+        np.save(path, np.column_stack([points, *[v.astype(np.float32) for v in extra.values()]]).astype(np.float32))
     elif suffix == ".bin":
-        write_kitti_bin(path, points)
+        write_kitti_bin(path, points if intensity is None else np.column_stack([points, intensity]))
     elif suffix == ".pcd":
         from pypcd4 import PointCloud
 
-        PointCloud.from_xyz_points(points).save(path)
+        if extra:
+            columns = [*points.T, *extra.values()]
+            PointCloud.from_points(columns, ["x", "y", "z", *extra], [np.float32] * 3 + [types[n] for n in extra]).save(path)
+        else:
+            PointCloud.from_xyz_points(points).save(path)
     else:
         raise PointFileError(f"{path}: unsupported output suffix (use {', '.join(SUPPORTED_SUFFIXES)})")
     return path

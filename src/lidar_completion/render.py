@@ -16,31 +16,45 @@ import numpy as np
 __all__ = ["render_comparison"]
 
 
-def _in_range(points: np.ndarray, max_range: float, max_drawn: int) -> np.ndarray:
+MEASURED_COLOUR, COMPLETED_COLOUR = "#9a9a9a", "#e4572e"  # grey scan, orange completion
+
+
+def _in_range(points: np.ndarray, max_range: float, max_drawn: int,
+              measured: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     xyz = np.asarray(points, dtype=np.float32)[:, :3]
-    xyz = xyz[np.isfinite(xyz).all(axis=1)]
-    xyz = xyz[np.linalg.norm(xyz[:, :2], axis=1) < max_range]
+    keep = np.isfinite(xyz).all(axis=1)
+    keep[keep] = np.linalg.norm(xyz[keep, :2], axis=1) < max_range
+    xyz, measured = xyz[keep], (None if measured is None else np.asarray(measured, bool)[keep])
     if len(xyz) > max_drawn:
-        xyz = xyz[np.random.default_rng(0).choice(len(xyz), max_drawn, replace=False)]
-    return xyz[np.argsort(xyz[:, 2])]  # high points last, so walls and trees stay visible
+        pick = np.random.default_rng(0).choice(len(xyz), max_drawn, replace=False)
+        xyz, measured = xyz[pick], (None if measured is None else measured[pick])
+    order = np.argsort(xyz[:, 2]) if measured is None else np.lexsort((xyz[:, 2], ~measured))
+    return xyz[order], (None if measured is None else measured[order])  # completed (and high) points last
 
 
 def render_comparison(
-    panels: Sequence[tuple[str, np.ndarray]],
+    panels: Sequence[tuple],
     out_path: str | Path,
-    max_range: float = 50.0,
+    max_range: float | Sequence[float] = 50.0,
     max_drawn: int = 40_000,
     title: str = "",
+    circle: float | None = None,
 ) -> Path:
-    """Write a PNG with one column per ``(name, points [N, >=3])``: bird's-eye view on top,
-    perspective view (from behind and above the sensor) below, coloured by height."""
+    """Write a PNG with one column per ``(name, points [N, >=3])`` or ``(name, points,
+    measured [N] bool)``: bird's-eye view on top, perspective view (from behind and above the
+    sensor) below. Coloured by height, or, where ``measured`` is given, measured points grey
+    and completed points orange. ``max_range``: one radius for all panels, or one per panel;
+    ``circle`` draws that radius (e.g. how far completion reaches) on every bird's-eye view."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    drawn = [_in_range(points, max_range, max_drawn) for _, points in panels]
-    heights = np.concatenate([d[:, 2] for d in drawn if len(d)] or [np.zeros(1)])
+    ranges = [float(max_range)] * len(panels) if np.isscalar(max_range) else [float(r) for r in max_range]
+    drawn = [_in_range(panel[1], r, max_drawn, panel[2] if len(panel) > 2 else None)
+             for panel, r in zip(panels, ranges)]
+    heights = np.concatenate([d[:, 2] for d, _ in drawn if len(d)] or [np.zeros(1)])
     low, high = np.percentile(heights, [1, 99])
     style = {"cmap": "viridis", "vmin": low, "vmax": max(high, low + 1), "linewidths": 0}
 
@@ -48,18 +62,32 @@ def render_comparison(
     fig = plt.figure(figsize=(6 * columns, 10.5), layout="constrained")
     grid = fig.add_gridspec(2, columns, height_ratios=(1, 0.75))
     art = None
-    for col, ((name, points), xyz) in enumerate(zip(panels, drawn)):
+    for col, (panel, (xyz, measured), radius) in enumerate(zip(panels, drawn, ranges)):
+        name, points = panel[0], panel[1]
         label = f"{name}: {len(points):,} points"
+        if measured is None:
+            colours = {"c": xyz[:, 2], **style}
+        else:
+            colours = {"c": np.where(measured, MEASURED_COLOUR, COMPLETED_COLOUR), "linewidths": 0}
+            label += f" ({np.count_nonzero(~np.asarray(panel[2], bool)):,} completed)"
+        size = 0.4 * max(1.0, 50.0 / radius) ** 0.5
         bev = fig.add_subplot(grid[0, col])
-        art = bev.scatter(xyz[:, 0], xyz[:, 1], s=0.4, c=xyz[:, 2], **style)
-        bev.set(xlim=(-max_range, max_range), ylim=(-max_range, max_range), aspect="equal",
+        scatter = bev.scatter(xyz[:, 0], xyz[:, 1], s=size, **colours)
+        art = scatter if measured is None else art
+        if circle is not None and circle < radius:
+            bev.add_patch(plt.Circle((0, 0), circle, fill=False, linestyle="--", color="black", linewidth=0.8))
+        if measured is not None:
+            bev.legend(handles=[Line2D([], [], marker="o", linestyle="", color=MEASURED_COLOUR, label="measured"),
+                                Line2D([], [], marker="o", linestyle="", color=COMPLETED_COLOUR, label="completed")],
+                       loc="upper right", fontsize=8)
+        bev.set(xlim=(-radius, radius), ylim=(-radius, radius), aspect="equal",
                 xlabel="x (m, forward)", ylabel="y (m, left)", title=f"{label}\nbird's-eye view")
 
         view = fig.add_subplot(grid[1, col], projection="3d")
-        view.scatter(xyz[:, 0], xyz[:, 1], xyz[:, 2], s=0.3, depthshade=False, c=xyz[:, 2], **style)
+        view.scatter(xyz[:, 0], xyz[:, 1], xyz[:, 2], s=0.3 * size / 0.4, depthshade=False, **colours)
         view.set_proj_type("persp", focal_length=0.5)
         view.view_init(elev=22, azim=-160)  # behind and to the right of the sensor, looking forward
-        view.set(xlim=(-max_range, max_range), ylim=(-max_range, max_range), zlim=(low - 1, max(high, low + 1) + 1))
+        view.set(xlim=(-radius, radius), ylim=(-radius, radius), zlim=(low - 1, max(high, low + 1) + 1))
         view.set_box_aspect((1, 1, 0.2), zoom=2.1)
         view.set_title("perspective view")
         view.set_axis_off()

@@ -171,3 +171,29 @@ def test_render_writes_a_png(root: Path, tmp_path: Path) -> None:
     out = tmp_path / "scan_vs_gt.png"
     assert render.main(["--root", str(root), "--sequence", "00", "--scan", "3", "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+def test_field_of_view_crops_cut_both_clouds_to_one_sector_at_the_whole_scans_density(root: Path) -> None:
+    """With fov_crop the scan and its ground truth are cut to the same azimuth sector (nothing
+    behind the sensor is asked for) and the counts shrink with the scan's surface, so a crop
+    reaches the model at a whole scan's density; without a surface reference, n_part as given."""
+    from lidar_completion.points import surface_cells
+    from lidar_completion_training.dataset import crop_sector, mean_surface_cells
+
+    whole = CompletionDataset(root, ["00"], PairConfig(n_part=1000, n_full=10000, max_range=20.0))
+    cells = mean_surface_cells(whole)
+    partial, full = whole.pair(0)
+    assert abs(cells - surface_cells(partial)) < 0.5 * cells  # a typical scan's surface
+    part, gt = crop_sector(partial, full, center=0.0, width=np.pi / 2)
+    for cloud in (part, gt):
+        assert len(cloud) and (np.abs(np.arctan2(cloud[:, 1], cloud[:, 0])) <= np.pi / 4 + 1e-6).all()
+    config = PairConfig(n_part=1000, n_full=10000, max_range=20.0, fov_crop=1.0, fov_deg=(90.0, 90.0),
+                        surface_cells=cells)
+    cropped = CompletionDataset(root, ["00"], config, augment=True)
+    sizes = [len(cropped[i]["partial"]) for i in range(5)]
+    assert all(100 <= n <= 600 for n in sizes), sizes  # about a quarter of the surface -> of n_part
+    for i in range(5):
+        item = cropped[i]
+        assert len(item["full"]) == 10 * len(item["partial"])
+    assert len(CompletionDataset(root, ["00"], PairConfig(n_part=1000, n_full=10000, max_range=20.0,
+                                                          fov_crop=1.0), augment=True)[0]["partial"]) == 1000

@@ -11,7 +11,9 @@ For scan ``i`` of a sequence, both clouds are in the scan's velodyne frame:
   z > -4 m, kept only in the 10 m x/y cells the partial scan occupies, randomly sampled
   to ``n_full``.
 
-Training augmentation moves both clouds together: a random z-rotation, a mirror (p 0.5),
+Training may first cut both clouds to a random field-of-view sector (``fov_crop``), and
+scales the point counts to the scan's surface (``surface_cells``) so a cropped scan reaches
+the model at a whole scan's density. Augmentation then moves both clouds together: a random z-rotation, a mirror (p 0.5),
 a scale in [0.95, 1.05], then per-point jitter (sigma 0.06 m, clipped at 0.18 m).
 """
 
@@ -25,12 +27,12 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from lidar_completion.points import farthest_point_sample, in_range, pack_cells, voxel_keys
+from lidar_completion.points import density_matched_count, farthest_point_sample, in_range, pack_cells, voxel_keys
 
 from .kitti import KittiSequence, static_mask
 from .maps import load_map
 
-__all__ = ["PairConfig", "CompletionDataset", "augment_pair", "random_sample"]
+__all__ = ["PairConfig", "CompletionDataset", "augment_pair", "crop_sector", "random_sample", "mean_surface_cells"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,12 @@ class PairConfig:
     jitter: float = 0.06
     jitter_clip: float = 0.18
     scale: tuple[float, float] = (0.95, 1.05)
+    fov_crop: float = 0.0  # probability of a random field-of-view sector crop (training only)
+    fov_deg: tuple[float, float] = (60.0, 270.0)  # sector widths drawn from
+    # Occupied 0.5 m voxels of a whole scan: the scan reaches the model at n_part points per
+    # this much surface (a crop gets fewer points, its ground truth proportionally fewer);
+    # None: always n_part.
+    surface_cells: int | None = None
 
 
 def _repeat_to(points: np.ndarray, n: int) -> np.ndarray:
@@ -57,6 +65,15 @@ def random_sample(points: np.ndarray, n: int, rng: np.random.Generator) -> np.nd
     if len(points) <= n:
         return _repeat_to(points[rng.permutation(len(points))], n)
     return points[rng.choice(len(points), n, replace=False)]
+
+
+def crop_sector(partial: np.ndarray, full: np.ndarray, center: float, width: float) -> tuple[np.ndarray, np.ndarray]:
+    """Both clouds cut to the azimuth sector ``center +- width / 2`` (radians) seen from the
+    sensor: a camera-field-of-view scan and the scene in that field of view only."""
+    def inside(points: np.ndarray) -> np.ndarray:
+        offset = np.angle(np.exp(1j * (np.arctan2(points[:, 1], points[:, 0]) - center)))
+        return np.abs(offset) <= width / 2
+    return partial[inside(partial)], full[inside(full)]
 
 
 def augment_pair(
@@ -158,9 +175,25 @@ class CompletionDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         partial, full = self.pair(index)
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        partial = farthest_point_sample(partial, self.config.n_part, start=rng)  # from a random row
-        full = random_sample(full, self.config.n_full, rng)
+        c = self.config
+        if self.augment and c.fov_crop and rng.random() < c.fov_crop:
+            width = np.deg2rad(rng.uniform(*c.fov_deg))
+            cropped = crop_sector(partial, full, rng.uniform(-np.pi, np.pi), width)
+            if len(cropped[0]) >= 16 and len(cropped[1]):  # else (an empty sector): the whole scan
+                partial, full = cropped
+        n_part = density_matched_count(partial, c.n_part, c.surface_cells)
+        partial = farthest_point_sample(partial, n_part, start=rng)  # from a random row
+        full = random_sample(full, c.n_full * n_part // c.n_part, rng)
         if self.augment:
             partial, full = augment_pair(partial, full, rng, self.config)
         sequence, i = self.locate(index)
         return {"partial": partial, "full": full, "sequence": sequence.name, "scan_index": i}
+
+
+def mean_surface_cells(dataset: "CompletionDataset", scans: int = 50) -> int:
+    """Mean occupied 0.5 m voxels of up to ``scans`` whole scans of ``dataset`` (their range
+    band): the surface the model's ``n_part`` points cover, recorded with the model."""
+    from lidar_completion.points import surface_cells
+
+    picks = np.unique(np.linspace(0, len(dataset) - 1, min(scans, len(dataset))).round().astype(int))
+    return int(round(np.mean([surface_cells(dataset.pair(int(i))[0]) for i in picks])))

@@ -25,7 +25,7 @@ from lidar_completion.checkpoints import load_model, save_model
 from lidar_completion.model import CompletionModel, ModelConfig
 from lidar_completion.diffusion import NoiseSchedule
 
-from .dataset import CompletionDataset, PairConfig
+from .dataset import CompletionDataset, PairConfig, mean_surface_cells
 from .logs import ResumableCSVLogger
 from .objectives import distillation_iteration, refine_loss, seeded_generator, teacher_loss
 from .run_config import RunConfig
@@ -68,7 +68,13 @@ class FromStep(Sampler[int]):
 
 
 def _collate(items: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
-    return {key: torch.from_numpy(np.stack([item[key] for item in items])) for key in items[0]}
+    """Stack a batch; clouds of a cropped (smaller) scan are padded with their own points
+    repeated (a repeat lands in a voxel it already fills) to the batch's largest."""
+    batch = {}
+    for key in items[0]:
+        n = max(len(item[key]) for item in items)
+        batch[key] = torch.from_numpy(np.stack([np.resize(item[key], (n, item[key].shape[1])) for item in items]))
+    return batch
 
 
 class _Base(L.LightningModule):
@@ -103,7 +109,8 @@ class _Base(L.LightningModule):
         pairs = CompletionDataset(
             data.root,
             data.train_sequences,
-            PairConfig(n_part=data.n_part, n_full=data.n_full, max_range=data.max_range),
+            PairConfig(n_part=data.n_part, n_full=data.n_full, max_range=data.max_range, fov_crop=data.fov_crop,
+                       fov_deg=data.fov_deg, surface_cells=self.model.config.surface_cells),
             augment=data.augment,
             seed=trainer.seed,
         )
@@ -130,14 +137,24 @@ class TeacherModule(_Base):
 
     def __init__(self, config: RunConfig):
         super().__init__(config)
-        m = config.model
+        m, d = config.model, config.data
+        # The surface a whole training scan shows: n_part points over it is the density the
+        # model learns at, and keeps for any field of view (recorded in the export).
+        cells = mean_surface_cells(CompletionDataset(d.root, d.train_sequences, PairConfig(max_range=d.max_range)))
         self.model = CompletionModel(
             ModelConfig(
                 channel_ratio=m.channel_ratio, voxel_size=m.voxel_size, kind="teacher", default_steps=50,
-                default_guidance=m.guidance, sampler=m.sampler, t0=m.t0, prediction=m.prediction, n_part=config.data.n_part,
-                max_range=config.data.max_range, description=m.description,
+                default_guidance=m.guidance, sampler=m.sampler, t0=m.t0, prediction=m.prediction, n_part=d.n_part,
+                max_range=d.max_range, surface_cells=cells, description=m.description,
             )
         )
+        if config.teacher.init_from:  # fine-tune an exported teacher (same widths) on this world
+            start = load_model(config.teacher.init_from)
+            if start.config.channel_ratio != m.channel_ratio:
+                raise ValueError(f"teacher.init_from {config.teacher.init_from} has channel_ratio "
+                                 f"{start.config.channel_ratio}, model.channel_ratio is {m.channel_ratio}")
+            self.model.encoder.load_state_dict(start.encoder.state_dict())
+            self.model.denoiser.load_state_dict(start.denoiser.state_dict())
         self.schedule = NoiseSchedule.of(self.model.config)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

@@ -30,6 +30,12 @@ class DataSection:
     num_workers: int = 0
     # Held-out sequences of the training world for learnability diagnostics (whole scenes).
     val_sequences: tuple[str, ...] = ()
+    # Probability that a training scan is cut to a random field-of-view sector (its ground
+    # truth to the same sector: nothing is invented behind the sensor), and the sector widths
+    # (degrees) drawn from. Every scan, cropped or not, reaches the model at the density of a
+    # whole scan (points.density_matched_count), which the exported model records.
+    fov_crop: float = 0.0
+    fov_deg: tuple[float, float] = (60.0, 270.0)
 
     def __post_init__(self) -> None:
         check(len(self.train_sequences) > 0, "data.train_sequences", "must not be empty")
@@ -37,6 +43,9 @@ class DataSection:
         check(self.n_full % self.n_part == 0, "data.n_full", f"must be a multiple of data.n_part ({self.n_part}), got {self.n_full}")
         check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
         check(3.5 < self.max_range <= 100, "data.max_range", f"must be in (3.5, 100] m, got {self.max_range}")
+        check(0 <= self.fov_crop <= 1, "data.fov_crop", f"must be in [0, 1], got {self.fov_crop}")
+        check(len(self.fov_deg) == 2 and 10 <= self.fov_deg[0] <= self.fov_deg[1] <= 360, "data.fov_deg",
+              f"must be [min, max] degrees with 10 <= min <= max <= 360, got {list(self.fov_deg)}")
 
 
 @dataclass(frozen=True)
@@ -98,11 +107,13 @@ class TeacherSection:
     uncond_prob: float = 0.1
     reg_weight: float = 5.0
     max_timestep: int | None = None  # train on t in [0, max_timestep] (the sampler's range); null: all
+    init_from: str = ""  # an exported teacher to start from (fine-tuning on a new world); "": random
 
     def __post_init__(self) -> None:
         check(self.max_timestep is None or 1 <= self.max_timestep <= 999, "teacher.max_timestep", "must be in [1, 999] or null")
         check(0 <= self.uncond_prob < 1, "teacher.uncond_prob", "must be in [0, 1)")
         check(self.reg_weight >= 0, "teacher.reg_weight", "must be >= 0")
+        check(not self.init_from or Path(self.init_from).exists(), "teacher.init_from", f"{self.init_from} does not exist")
 
 
 @dataclass(frozen=True)
@@ -181,6 +192,7 @@ class RunConfig:
             check_keys(given, section, prefix=f"{name}.")
             if name == "data":
                 given = given | {k: tuple(str(s) for s in given[k]) for k in ("train_sequences", "val_sequences") if k in given}
+                given = given | ({"fov_deg": tuple(float(v) for v in given["fov_deg"])} if "fov_deg" in given else {})
             try:
                 kwargs[name] = section(**given)
             except TypeError as err:
@@ -191,6 +203,7 @@ class RunConfig:
         values = dataclasses.asdict(self)
         values["data"]["train_sequences"] = list(values["data"]["train_sequences"])
         values["data"]["val_sequences"] = list(values["data"]["val_sequences"])
+        values["data"]["fov_deg"] = list(values["data"]["fov_deg"])
         return values
 
     def to_yaml(self) -> str:
