@@ -4,6 +4,7 @@
     lidar-evaluate --root ... --sequences 05 --completed DIR        # score files made elsewhere
     lidar-evaluate --root ... --sequences 00 --completed-bag OUT_BAG --input-bag IN_BAG   # a bag completed over ROS
     lidar-evaluate report --root ... --sequences 05 --teacher T --student S --sd-student SD [--runs ...]
+    lidar-evaluate beam-drop SCAN... [--keep-every 2 4] [--fov-deg 360 90] [--checkpoint MODEL]   # real scans (.beam_drop)
 
 Every model goes through :class:`~lidar_completion.completer.SceneCompleter` and every
 number through :mod:`.metrics`, so the table measures what the node and the CLI run.
@@ -239,6 +240,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["report"]:
         return report(argv[1:])
+    if argv[:1] == ["beam-drop"]:  # real scans without ground truth: drop rings, score against the scan
+        from .beam_drop import main as beam_drop_main
+
+        return beam_drop_main(argv[1:])
     parser = argparse.ArgumentParser(prog="lidar-evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _common_args(parser)
     source = parser.add_mutually_exclusive_group(required=True)
