@@ -198,6 +198,11 @@ def test_rviz_config_shows_input_and_completion_in_distinct_colours() -> None:
     colours = {topic: (d["Color Transformer"], d["Color"]) for topic, d in clouds.items()}
     assert colours["/points_raw"] != colours["/points_completed"]
     assert all(d["Enabled"] for d in clouds.values())
+    # The output's measured (1) and completed (0) points in two colours, by the measured field.
+    output = clouds["/points_completed"]
+    assert (output["Color Transformer"], output["Channel Name"], output["Use rainbow"]) == ("Intensity", "measured", False)
+    assert (output["Autocompute Intensity Bounds"], output["Min Intensity"], output["Max Intensity"]) == (False, 0, 1)
+    assert output["Min Color"] != output["Max Color"]
 
 
 # ----------------------------------------------------------------------------- package metadata

@@ -32,6 +32,7 @@ __all__ = ["Setting", "evaluate_setting", "score_completed_bag", "main"]
 COLUMNS = ("cd", "jsd_bev", "emd", "fscore", "iou_0.5", "iou_0.2", "iou_0.1", "nfe", "time_s")
 INPUT_ROW = "input scan (all points in range)"  # the line every completion has to beat
 BAG_BUDGET_ROW = "input scan, FPS to the completion's point count"  # the same line at the same budget
+OUTPUT_BUDGET_ROW = "input scan, FPS to the output's point count"  # (the whole scan when the output is larger)
 HEADERS = {"cd": "CD (m) ↓", "jsd_bev": "JSD-BEV ↓", "emd": "EMD ↓", "fscore": "F-score ↑", "iou_0.5": "IoU 0.5 ↑",
            "iou_0.2": "IoU 0.2 ↑", "iou_0.1": "IoU 0.1 ↑", "nfe": "NFE", "time_s": "time/frame (s)"}
 
@@ -49,6 +50,7 @@ class Setting:
     input_points: int | dict[int, int] | None = None
     sampler: str | None = None  # None: the checkpoint's own
     t0: int | None = None
+    completion_only: bool = False  # the model's completed points alone, not the scan + them
 
 
 def _scans(root: str, sequences: Sequence[str], max_scans: int | None, stride: int, max_range: float | None) -> tuple[CompletionDataset, list[int]]:
@@ -82,7 +84,8 @@ def evaluate_setting(
 
         overrides = {"data.preset": preset, "data.n_part": n_part, "sampling.steps": setting.steps,
                      "sampling.guidance": setting.guidance, "sampling.seed": seed, "refine": setting.refine, "device": device,
-                     "sampling.sampler": setting.sampler, "sampling.t0": setting.t0}
+                     "sampling.sampler": setting.sampler, "sampling.t0": setting.t0,
+                     "data.completion_only": setting.completion_only}
         config = load_config(**overrides)
         if free_space_margin is not None:
             config = config.with_free_space_margin(free_space_margin if free_space_margin >= 0 else None)
@@ -259,6 +262,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sampler", choices=SAMPLERS, help="default: the checkpoint's own")
     parser.add_argument("--t0", type=int, help="start timestep of the sampler (default: the checkpoint's own)")
     parser.add_argument("--refine", action="store_true")
+    parser.add_argument("--completion-only", action="store_true",
+                        help="score the model's completed points alone (the model study), not the default output "
+                        "(the scan + what completion adds) against the input rows")
     parser.add_argument("--no-emd", action="store_true", help="skip EMD (exact optimal transport; the slowest metric)")
     args = parser.parse_args(argv)
     max_range = args.max_range
@@ -295,13 +301,42 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         name = str(args.completed)
     else:
-        setting = Setting(Path(args.checkpoint).name, args.checkpoint, args.steps, args.guidance, args.refine,
-                          sampler=args.sampler, t0=args.t0)
-        rows = evaluate_setting(setting, dataset, indices, preset=args.preset, n_part=args.n_part, device=args.device,
-                                seed=args.seed, with_emd=with_emd, free_space_margin=args.free_space_margin)
-        name = setting.name
+        return _evaluate_checkpoint(args, dataset, indices, with_emd)
     print(write_outputs(args.out, {name: summarise(rows)}, {name: rows}))
     print(f"lidar-evaluate: {len(rows)} scans; table, JSON, CSV and plot in {args.out}")
+    return 0
+
+
+def _evaluate_checkpoint(args: argparse.Namespace, dataset: CompletionDataset, indices: Sequence[int],
+                         with_emd: bool) -> int:
+    """What users get against what they had: the input (all points in range), the input FPS'd
+    to the output's size, the default output (the scan + what completion adds) and the
+    completion alone (``--completion-only``: that row only)."""
+    name = Path(args.checkpoint).name
+    common = dict(preset=args.preset, n_part=args.n_part, device=args.device, seed=args.seed, with_emd=with_emd,
+                  free_space_margin=args.free_space_margin)
+    model = dict(checkpoint=args.checkpoint, steps=args.steps, guidance=args.guidance, refine=args.refine,
+                 sampler=args.sampler, t0=args.t0)
+    summary, per_scan = {}, {}
+    settings = [Setting(f"{name}, completion only", completion_only=True, **model)]
+    if not args.completion_only:
+        kept: dict[int, np.ndarray] = {}
+        rows = evaluate_setting(Setting(f"{name} (scan + completion)", **model), dataset, indices, keep=kept, **common)
+        settings = [Setting(INPUT_ROW), Setting(OUTPUT_BUDGET_ROW, input_points={i: len(p) for i, p in kept.items()}),
+                    *settings]
+        per_scan[f"{name} (scan + completion)"] = rows
+    for setting in settings:
+        per_scan[setting.name] = evaluate_setting(setting, dataset, indices, **common)
+    order = [INPUT_ROW, OUTPUT_BUDGET_ROW, f"{name} (scan + completion)", f"{name}, completion only"]
+    per_scan = {key: per_scan[key] for key in order if key in per_scan}
+    summary = {key: summarise(rows) for key, rows in per_scan.items()}
+    print(write_outputs(args.out, summary, per_scan))
+    if INPUT_ROW in per_scan:
+        paired = "\n\n".join(paired_differences(per_scan, [(f"{name} (scan + completion)", INPUT_ROW)], key)
+                              for key in ("cd", "jsd_bev", "fscore", "iou_0.5"))
+        (args.out / "paired.md").write_text(paired + "\n")
+        print(paired)
+    print(f"lidar-evaluate: {len(indices)} scans; table, JSON, CSV and plot in {args.out}")
     return 0
 
 
