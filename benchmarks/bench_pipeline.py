@@ -38,7 +38,7 @@ from lidar_completion.io import read_points
 REPO = Path(__file__).resolve().parents[1]
 SCAN = REPO.parent / "shared" / "data" / "semantickitti_08_000123.ply"
 MODELS = Path(lidar_completion.__file__).resolve().parent / "models"
-STAGES = ("preprocess", "encode", "sample", "postprocess", "refine", "free_space", "total")
+STAGES = ("preprocess", "encode", "sample", "postprocess", "refine", "free_space", "compose", "total")
 PRESET_CHOICES = (MODEL_PRESET, *sorted(PRESETS))
 
 
