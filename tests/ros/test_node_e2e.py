@@ -56,7 +56,7 @@ def test_replay_through_node_into_recorder(domain_id: int, model, synthetic_root
         def settled() -> bool:
             c = peer.counters()
             return c.get("received") == len(inputs) and \
-                c["completed"] + c["dropped"] + c["rejected"] + c["skipped"] == c["received"]
+                c["completed"] + c["out_of_domain"] + c["dropped"] + c["rejected"] + c["skipped"] == c["received"]
 
         peer.spin_until(settled, 600, f"the node to account for {len(inputs)} scans")
         completed = peer.counters()["completed"]

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from ros_helpers import Peer, make_cloud_msg, parse_summary, shell_points, start_node
+from ros_helpers import TINY_OVERRIDES, Peer, make_cloud_msg, parse_summary, shell_points, start_node
 
 from lidar_completion.pointcloud2 import DATATYPES, FLOAT32, FLOAT64, INT16, INT32
 
@@ -168,8 +168,7 @@ def fuzz_target(module_domain_id: int, tiny_checkpoint):
     from diagnostic_msgs.msg import DiagnosticArray  # noqa: F401  (message types load once)
     from sensor_msgs.msg import PointCloud2
 
-    params = {"checkpoint": str(tiny_checkpoint), "sampling.steps": 1, "sampling.guidance": 1.0,
-              "data.n_part": 256, "refine": False, "qos.input.reliability": "reliable", "qos.input.depth": 100,
+    params = {"checkpoint": str(tiny_checkpoint), **TINY_OVERRIDES, "qos.input.reliability": "reliable", "qos.input.depth": 100,
               "min_input_points": MIN_POINTS, "max_input_points": MAX_POINTS, "diagnostics.period": 0.1,
               "log_throttle_s": 600.0}
     node = start_node(module_domain_id, params)
@@ -191,7 +190,7 @@ def _settled(peer: Peer, received: int):
     def check() -> bool:
         c = peer.counters()
         return c.get("received") == received and \
-            c["completed"] + c["rejected"] + c["dropped"] + c["skipped"] == received
+            c["completed"] + c["out_of_domain"] + c["rejected"] + c["dropped"] + c["skipped"] == received
     return check
 
 
@@ -235,7 +234,7 @@ def test_node_still_completes_and_logged_each_problem_once(fuzz_target) -> None:
     assert completed[-1].header.frame_id == "velodyne"
     assert node.interrupt(60) == 0
     summary = parse_summary(node.output)
-    assert summary["received"] == summary["completed"] + summary["rejected"]
+    assert summary["received"] == summary["completed"] + summary["out_of_domain"] + summary["rejected"]
     # One throttled line per kind of rejection (log_throttle_s is longer than this test).
     for reason in ("empty", "layout", "too_small"):
         lines = [line for line in node.lines if re.search(rf"rejected scan .*: (?:{_REASON_TEXT[reason]})", line)]
