@@ -1,4 +1,5 @@
-"""A real SemanticKITTI scan (sequence 08, scan 123) as x, y, z, intensity comes back completed."""
+"""A real SemanticKITTI scan (sequence 08, scan 123) as x, y, z, intensity comes back whole,
+every point with its intensity (measured = 1), plus completed points inside the model's radius."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import numpy as np
 from ros_helpers import make_cloud_msg, parse_summary, start_node
 from sensor_msgs.msg import PointCloud2
 
+from lidar_completion.checkpoints import load_model
 from lidar_completion.io import read_points
-from lidar_completion.pointcloud2 import cloud_to_xyz
+from lidar_completion.pointcloud2 import cloud_to_xyz, read_fields
 
 STAMP_NS = 1_234_567_890_123_456_789
 
@@ -49,12 +51,21 @@ def test_real_scan_round_trip(domain_id: int, model, real_scan_path: Path, peer)
     assert out.header.frame_id == "velodyne"
     assert out.header.stamp.sec * 10**9 + out.header.stamp.nanosec == STAMP_NS
     result = cloud_to_xyz(out)
-    assert len(result) >= 100 and np.isfinite(result).all()
-    assert np.linalg.norm(result, axis=1).max() < 50.0 + 1e-3  # data.max_range
-    # The completion lies where the scan is: most output points are near some input point.
+    fields = read_fields(out, ["intensity", "measured"])
+    measured = fields["measured"].astype(bool).ravel()
+    assert [f.name for f in out.fields] == ["x", "y", "z", "intensity", "measured"]
+    # Every finite input point is in the output, first, unchanged, with its intensity.
+    assert measured.sum() == len(xyz) == 125_773 and measured[: len(xyz)].all()
+    np.testing.assert_array_equal(result[: len(xyz)], xyz)
+    np.testing.assert_array_equal(fields["intensity"].ravel()[: len(xyz)], intensity)
+    # Completed points: some, finite, only inside the model's radius, on the scene.
+    completed = result[~measured]
+    radius = load_model(model.path).config.max_range or 50.0
+    assert len(completed) >= 100 and np.isfinite(completed).all()
+    assert np.linalg.norm(completed, axis=1).max() < min(radius, 50.0) + 1e-3
     from scipy.spatial import cKDTree
 
-    near = cKDTree(xyz).query(result, distance_upper_bound=5.0)[0]
+    near = cKDTree(xyz).query(completed, distance_upper_bound=5.0)[0]
     assert np.mean(np.isfinite(near)) > 0.9
     summary = parse_summary(node.output)
     assert summary["completed"] >= 1 and summary["rejected"] == 0 and summary["skipped"] == 0
