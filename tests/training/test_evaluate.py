@@ -21,10 +21,19 @@ def test_evaluate_checkpoint_writes_table_json_csv_and_plot(tiny_dataset, tmp_pa
     code = main(["--root", str(tiny_dataset), "--sequences", "01", "--checkpoint", str(model_dir), "--max-scans", "2", "--out", str(out)])
     assert code == 0
     assert "| CD (m)" in capsys.readouterr().out
-    summary = json.loads((out / "summary.json").read_text())["summary"]["model"]
-    assert summary["nfe"] == 1 and summary["cd"] > 0 and 0 <= summary["fscore"] <= 1
+    # What users get against what they had: input, input at the output's size, output, completion alone.
+    summary = json.loads((out / "summary.json").read_text())["summary"]
+    assert list(summary) == ["input scan (all points in range)", "input scan, FPS to the output's point count",
+                             "model (scan + completion)", "model, completion only"]
+    output, alone, scan = summary["model (scan + completion)"], summary["model, completion only"], \
+        summary["input scan (all points in range)"]
+    assert output["nfe"] == alone["nfe"] == 1 and output["cd"] > 0 and 0 <= output["fscore"] <= 1
+    assert output["points"] >= scan["points"] > alone["points"]  # the scan is all in the output
     assert (out / "summary.csv").read_text().startswith("setting,")
-    assert (out / "metrics.png").stat().st_size > 0
+    assert (out / "metrics.png").stat().st_size > 0 and "input scan" in (out / "paired.md").read_text()
+    assert main(["--root", str(tiny_dataset), "--sequences", "01", "--checkpoint", str(model_dir), "--max-scans", "2",
+                 "--no-emd", "--completion-only", "--out", str(out / "alone")]) == 0
+    assert list(json.loads((out / "alone" / "summary.json").read_text())["summary"]) == ["model, completion only"]
 
 
 def test_free_space_margin_flag_reaches_the_pipeline(tiny_dataset, tmp_path, capsys):
@@ -35,8 +44,8 @@ def test_free_space_margin_flag_reaches_the_pipeline(tiny_dataset, tmp_path, cap
     for margin in ("-1", "0"):
         out = tmp_path / f"eval{margin}"
         assert main(["--root", str(tiny_dataset), "--sequences", "01", "--checkpoint", str(model_dir), "--max-scans", "2",
-                     "--no-emd", "--free-space-margin", margin, "--out", str(out)]) == 0
-        points[margin] = json.loads((out / "summary.json").read_text())["summary"]["model"]["points"]
+                     "--no-emd", "--free-space-margin", margin, "--completion-only", "--out", str(out)]) == 0
+        points[margin] = json.loads((out / "summary.json").read_text())["summary"]["model, completion only"]["points"]
     assert points["0"] < points["-1"]
 
 
