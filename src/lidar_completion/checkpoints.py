@@ -18,6 +18,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -35,6 +36,8 @@ __all__ = [
     "PUBLISHED_PREFIXES",
     "SHIPPED_MODELS",
     "find_checkpoint",
+    "shipped_models",
+    "read_weights_only",
 ]
 
 # Lightning ``state_dict`` prefixes of the published checkpoints: (encoder, denoiser).
@@ -49,6 +52,14 @@ REFINE_PREFIX = "model_refine."
 SHIPPED_MODELS = Path(__file__).resolve().parent / "models"
 
 
+def shipped_models() -> list[str]:
+    """Names of the models shipped in :data:`SHIPPED_MODELS` (directories with a
+    ``config.json``; not the model card or other files beside them), sorted."""
+    if not SHIPPED_MODELS.is_dir():
+        return []
+    return sorted(p.name for p in SHIPPED_MODELS.iterdir() if (p / "config.json").is_file())
+
+
 def find_checkpoint(name_or_path: str | os.PathLike) -> Path | None:
     """An existing path, or the bare name of a shipped model (e.g. ``student_lite``); else None.
 
@@ -57,7 +68,7 @@ def find_checkpoint(name_or_path: str | os.PathLike) -> Path | None:
     path = Path(name_or_path)
     if path.exists():
         return path
-    if len(path.parts) == 1 and (SHIPPED_MODELS / path).exists():
+    if len(path.parts) == 1 and str(path) in shipped_models():
         return SHIPPED_MODELS / path
     return None
 
@@ -215,12 +226,13 @@ def _not_a_checkpoint_reason(err: BaseException) -> str:
     return first[:200]
 
 
-def _read_pickled_state(path: Path, map_location) -> dict[str, torch.Tensor]:
-    """The ``state_dict`` of a torch.save file, read with ``weights_only=True``; one
-    :class:`CheckpointError` ("refused: ..." for pickled code, "not a checkpoint: ..."
-    for anything else unreadable) instead of torch's advice to load it unsafely."""
+def read_weights_only(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
+    """A torch.save file read with ``weights_only=True``; one :class:`CheckpointError`
+    ("refused: ..." for pickled code, "not a checkpoint: ..." for anything else unreadable)
+    instead of torch's advice to load it unsafely. Also for ``lidar-train --resume``."""
     import warnings
 
+    path = Path(path)
     try:
         with warnings.catch_warnings():  # torch warns about legacy (non-zip) files: not our user's business
             warnings.simplefilter("ignore")
@@ -232,6 +244,12 @@ def _read_pickled_state(path: Path, map_location) -> dict[str, torch.Tensor]:
                 f"refused: {path} is not a weights-only checkpoint (it would execute code: {code})"
             ) from None
         raise CheckpointError(f"not a checkpoint: {path}: {_not_a_checkpoint_reason(err)}") from None
+    return blob
+
+
+def _read_pickled_state(path: Path, map_location) -> dict[str, torch.Tensor]:
+    """The ``state_dict`` of a torch.save file (:func:`read_weights_only`)."""
+    blob = read_weights_only(path, map_location)
     state = blob.get("state_dict", blob) if isinstance(blob, dict) else None
     if not isinstance(state, dict) or not state or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()

@@ -56,14 +56,18 @@ def default_checkpoint() -> Path:
 
 def resolve_checkpoint(given: Path | None) -> Path:
     """A path, or the name of a model shipped in ``lidar_completion/models`` (as the ROS node)."""
-    from .checkpoints import find_checkpoint
+    from .checkpoints import find_checkpoint, shipped_models
 
     if given is None:
         path = default_checkpoint()
         if not path.exists():
             raise UsageError(f"no shipped model at {path}; pass --checkpoint PATH")
         return path
-    return find_checkpoint(given) or given
+    found = find_checkpoint(given)
+    if found is None and len(given.parts) == 1:
+        raise UsageError(f"checkpoint not found: {given} (no such file or directory, and no shipped model of that "
+                         f"name; shipped models: {', '.join(shipped_models()) or 'none'})")
+    return found or given
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", choices=BACKENDS,
                         help="sparse convolutions: torch (built in, default) or minkowski (if installed)")
     parser.add_argument("--seed", type=int, help="sampling seed (default: config, 0)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, one per core)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads, 1 or more (default: torch's, one per core)")
     parser.add_argument("--preset", choices=("lite", "full"), help="point budget: lite 2000 (CPU), full 18000 (GPU)")
     parser.add_argument("--completion-only", action="store_true",
                         help="write the completed points alone (the model study); default: the whole scan "
@@ -104,9 +108,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Argument values argparse's types do not check; UsageError (one line, exit 2)."""
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads {args.threads}: must be 1 or more")
+
+
 def find_inputs(path: Path) -> list[Path]:
+    """The scan files of ``path``; in a directory also the dangling symbolic links with a scan
+    suffix, so that the run reports them as skipped instead of ignoring them."""
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in INPUT_SUFFIXES)
+        files = sorted(p for p in path.iterdir() if (p.is_file() or (p.is_symlink() and not p.exists()))
+                       and p.suffix.lower() in INPUT_SUFFIXES)
         if not files:
             raise UsageError(f"{path}: no {' / '.join(INPUT_SUFFIXES)} files in this directory")
         return files
@@ -222,6 +235,7 @@ def summarise(timings: list[dict[str, float]]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_arguments(args)
     inputs = find_inputs(args.input)
     single = not args.input.is_dir()
     outputs, out_dir = output_paths(inputs, args.out, args.format, single)
@@ -234,7 +248,7 @@ def run(args: argparse.Namespace) -> int:
     from .io import PointFileError, read_points, write_points
     from .render import render_comparison
 
-    if args.threads:
+    if args.threads is not None:
         import torch
 
         torch.set_num_threads(args.threads)

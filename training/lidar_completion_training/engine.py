@@ -7,12 +7,20 @@ several GPUs / nodes with DDP), logging, checkpoints and resume.
 Reproducibility: the data item and all noise of step ``k`` are pure functions of
 ``(seed, k, rank)``, so a run killed and resumed from its last checkpoint ends on the same
 weights as an uninterrupted one.
+
+Ctrl-C while training (SIGINT, :class:`StopOnInterrupt`): the first ends the run after the
+current step, with a checkpoint as at the end of a run; a second stops at once. :func:`fit`
+then raises :class:`TrainingInterrupted`, which says what was saved.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import os
+import signal
+import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from lidar_completion.checkpoints import load_model, save_model
+from lidar_completion.checkpoints import CheckpointError, load_model, read_weights_only, save_model
 from lidar_completion.model import CompletionModel, ModelConfig
 from lidar_completion.diffusion import NoiseSchedule
 
@@ -30,7 +38,8 @@ from .logs import ResumableCSVLogger
 from .objectives import distillation_iteration, refine_loss, seeded_generator, teacher_loss
 from .run_config import RunConfig
 
-__all__ = ["TeacherModule", "DistillationModule", "build_module", "build_trainer", "fit", "export_last"]
+__all__ = ["TeacherModule", "DistillationModule", "TrainingInterrupted", "build_module", "build_trainer", "fit",
+           "export_last"]
 
 
 class StepPairs(Dataset):
@@ -65,6 +74,17 @@ class FromStep(Sampler[int]):
 
     def __len__(self) -> int:
         return max(0, self.stop - self.start_step() * self.batch)
+
+
+def _worker_init(worker_id: int, rank: int) -> None:
+    """Data workers leave Ctrl-C to the main process (:class:`StopOnInterrupt`): a worker
+    killed by it would end the step the main process is finishing. Lightning's worker
+    seeding (``seed_everything(workers=True)``) is kept."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if int(os.environ.get("PL_SEED_WORKERS", 0)):
+        from lightning.fabric.utilities.seed import pl_worker_init_function
+
+        pl_worker_init_function(worker_id, rank)
 
 
 def _collate(items: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
@@ -122,6 +142,7 @@ class _Base(L.LightningModule):
             sampler=sampler,
             num_workers=data.num_workers,
             collate_fn=_collate,
+            worker_init_fn=functools.partial(_worker_init, rank=self.global_rank) if data.num_workers else None,
             persistent_workers=data.num_workers > 0,
         )
 
@@ -314,26 +335,99 @@ class RefineModule(_Base):
 
 class AtomicCheckpoint(L.Callback):
     """``last.ckpt`` every N steps, written to a temporary file and renamed into place, so a
-    crash mid-write never leaves a truncated checkpoint behind."""
+    crash mid-write never leaves a truncated checkpoint behind.
+
+    The checkpoint of step N is written at the end of that step (where Lightning's loop state
+    resumes from) but renamed into place only when step N + 1 starts (or the run ends), after
+    Lightning has written step N's row and the diagnostics of step N are in the metrics log:
+    the rows of every step a ``last.ckpt`` holds are on disk before it is, so a resumed run
+    keeps exactly those rows and recomputes the rest (issue 28, item 2)."""
 
     def __init__(self, directory: Path, every_n_steps: int):
         self.directory, self.every = directory, every_n_steps
+        self.pending: int | None = None  # the step of the written, not yet renamed checkpoint
+        self.saved_step: int | None = None  # the step of the last checkpoint renamed into place
 
-    def _save(self, trainer: L.Trainer) -> None:
+    def _write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
+        trainer.save_checkpoint(self.directory / ".last.ckpt.tmp", weights_only=False)
+        self.pending = pl_module.data_step
+
+    def _promote(self, trainer: L.Trainer) -> None:
+        if self.pending is None:
+            return
         if trainer.logger is not None:  # the metrics log on disk covers the steps the checkpoint holds
             trainer.logger.save()
-        tmp = self.directory / ".last.ckpt.tmp"
-        trainer.save_checkpoint(tmp, weights_only=False)
         if trainer.is_global_zero:
-            os.replace(tmp, self.directory / "last.ckpt")
+            os.replace(self.directory / ".last.ckpt.tmp", self.directory / "last.ckpt")
+        self.saved_step, self.pending = self.pending, None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         if pl_module.data_step % self.every == 0:
-            self._save(trainer)
+            self._write(trainer, pl_module)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self._promote(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._save(trainer)
+        self._write(trainer, pl_module)
+        self._promote(trainer)
+
+
+class _StopNow(BaseException):
+    """A second Ctrl-C: raised from the signal handler, through Lightning, to :func:`fit`."""
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C stopped the run at ``step``; ``saved_step``: the step of the checkpoint at
+    ``checkpoint`` (None: nothing was saved). The message says so in one line."""
+
+    def __init__(self, step: int, saved_step: int | None, checkpoint: Path, at_once: bool):
+        self.step, self.saved_step, self.checkpoint, self.at_once = step, saved_step, checkpoint, at_once
+        how = "stopped at once" if at_once else "interrupted"
+        if saved_step is None:
+            text = f"{how} at step {step}: nothing was saved (no checkpoint yet)"
+        elif saved_step == step:
+            text = (f"{how} at step {step}: checkpoint of step {step} saved to {checkpoint} "
+                    "(continue with --resume; --export-only exports it)")
+        else:
+            text = (f"{how} at step {step}: steps after {saved_step} were not saved; the checkpoint of step "
+                    f"{saved_step} is {checkpoint} (continue with --resume)")
+        super().__init__(text)
+
+
+class StopOnInterrupt(L.Callback):
+    """Ctrl-C (SIGINT) during :func:`fit`: the first ends the run after the current step (the
+    end of a run writes ``last.ckpt``, with the step's rows in the metrics log); a second one
+    stops at once, saving nothing more. With several processes any rank's request stops all."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> "StopOnInterrupt":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise _StopNow()
+        self.requested = True
+        print("lidar-train: Ctrl-C: stopping after this step and saving a checkpoint (Ctrl-C again: stop at once, "
+              "unsaved)", file=sys.stderr, flush=True)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        stop = self.requested
+        if trainer.world_size > 1:
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if stop:
+            trainer.should_stop = True
 
 
 class Diagnostics(L.Callback):
@@ -368,15 +462,19 @@ class Diagnostics(L.Callback):
             values |= noise_mse_by_bucket(model, pairs, timestep_buckets(top))
         steps = 4 if self.config.kind == "teacher" else model.config.default_steps
         values[f"cd_{steps}steps"] = sampled_chamfer(model, pairs, steps, repeat=self.config.data.n_full // self.config.data.n_part)
-        trainer.logger.log_metrics({f"diag/{k}": v for k, v in values.items()}, step=trainer.global_step)
+        # At the step the weights have been trained for (batches, as the train/* rows; not
+        # Lightning's optimizer steps, of which distillation takes several per batch).
+        trainer.logger.log_metrics({f"diag/{k}": v for k, v in values.items()}, step=pl_module.data_step)
 
 
 def build_module(config: RunConfig) -> _Base:
     return {"teacher": TeacherModule, "distill": DistillationModule, "refine": RefineModule}[config.kind](config)
 
 
-def build_trainer(config: RunConfig, progress: bool = True, resume_step: int | None = None) -> L.Trainer:
-    """``resume_step``: a resumed run's checkpoint step; its metrics log keeps the rows before it."""
+def build_trainer(config: RunConfig, progress: bool = True, resume_step: int | None = None,
+                  interrupt: StopOnInterrupt | None = None) -> L.Trainer:
+    """``resume_step``: a resumed run's checkpoint step; its metrics log keeps the rows of the
+    steps it holds. ``interrupt``: the Ctrl-C handler that may end the run early."""
     t = config.trainer
     out = Path(t.out_dir)
     strategy = t.strategy
@@ -397,7 +495,8 @@ def build_trainer(config: RunConfig, progress: bool = True, resume_step: int | N
         gradient_clip_val=t.grad_clip if config.kind != "distill" else None,
         logger=ResumableCSVLogger(out, name="logs", version="", keep_before_step=resume_step, flush_logs_every_n_steps=1),
         log_every_n_steps=t.log_every,
-        callbacks=[AtomicCheckpoint(out / "checkpoints", t.checkpoint_every), *([Diagnostics(config)] if t.diagnose_every else [])],
+        callbacks=[AtomicCheckpoint(out / "checkpoints", t.checkpoint_every), *([Diagnostics(config)] if t.diagnose_every else []),
+                   *([interrupt] if interrupt is not None else [])],
         enable_checkpointing=False,
         enable_progress_bar=progress,
         enable_model_summary=False,
@@ -406,22 +505,44 @@ def build_trainer(config: RunConfig, progress: bool = True, resume_step: int | N
     )
 
 
+def _read_run_checkpoint(last: Path) -> dict[str, Any]:
+    """A ``lidar-train`` checkpoint, read weights-only: a file that would run code is refused
+    in one line (:class:`CheckpointError`), as the CLI and the node refuse it."""
+    blob = read_weights_only(last)
+    if not isinstance(blob, dict) or not isinstance(blob.get("data_step"), int) or not isinstance(blob.get("state_dict"), dict):
+        raise CheckpointError(f"not a checkpoint: {last}: not a lidar-train checkpoint (no data_step / state_dict)")
+    return blob
+
+
 def fit(config: RunConfig, resume: bool = False, progress: bool = True) -> Path:
-    """Train, then export the model (safetensors + config.json) to ``<out_dir>/export``."""
+    """Train, then export the model (safetensors + config.json) to ``<out_dir>/export``.
+
+    Raises :class:`TrainingInterrupted` (nothing exported) when Ctrl-C stopped the run."""
     out = Path(config.trainer.out_dir)
     last = out / "checkpoints" / "last.ckpt"
     if resume and not last.is_file():  # before anything is built or written
         raise FileNotFoundError(f"--resume: no checkpoint at {last} (start the run without --resume)")
-    resume_step = int(torch.load(last, map_location="cpu", weights_only=True)["data_step"]) if resume else None
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "run_config.yaml").write_text(config.to_yaml())
-    L.seed_everything(config.trainer.seed, workers=True, verbose=False)
-    module = build_module(config)
-    trainer = build_trainer(config, progress, resume_step)
-    trainer.fit(module, ckpt_path=str(last) if resume else None, weights_only=True)
-    export = out / "export"
-    if trainer.is_global_zero:
-        module.export(export)
+    resume_step = _read_run_checkpoint(last)["data_step"] if resume else None
+    with StopOnInterrupt() as interrupt:
+        module = checkpoints = None
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "run_config.yaml").write_text(config.to_yaml())
+            L.seed_everything(config.trainer.seed, workers=True, verbose=False)
+            module = build_module(config)
+            trainer = build_trainer(config, progress, resume_step, interrupt)
+            checkpoints = next(c for c in trainer.callbacks if isinstance(c, AtomicCheckpoint))
+            trainer.fit(module, ckpt_path=str(last) if resume else None, weights_only=True)
+            stopped_early = interrupt.requested and module.data_step < config.trainer.max_steps
+            export = out / "export"
+            if trainer.is_global_zero and not stopped_early:
+                module.export(export)
+        except _StopNow:
+            step = module.data_step if module is not None else resume_step or 0
+            saved = checkpoints.saved_step if checkpoints is not None and checkpoints.saved_step is not None else resume_step
+            raise TrainingInterrupted(step, saved, last, at_once=True) from None
+    if stopped_early:
+        raise TrainingInterrupted(module.data_step, checkpoints.saved_step, last, at_once=False)
     return export
 
 
@@ -430,7 +551,7 @@ def export_last(config: RunConfig) -> Path:
     last = Path(config.trainer.out_dir) / "checkpoints" / "last.ckpt"
     if not last.is_file():
         raise FileNotFoundError(f"no checkpoint at {last}")
+    state = _read_run_checkpoint(last)
     module = build_module(config)
-    state = torch.load(last, map_location="cpu", weights_only=True)
     module.load_state_dict(state["state_dict"])
     return module.export(Path(config.trainer.out_dir) / "export")

@@ -2,10 +2,12 @@
 
 Lightning's CSV logger deletes an existing ``metrics.csv`` when a run starts ("previous log
 files will be deleted"), so a resumed run would lose every row logged before the crash.
-:class:`ResumableCSVLogger` keeps the rows of the steps the checkpoint already holds
-(``step < keep_before_step``) and appends the resumed run's rows after them. Rows logged
-after the checkpoint was written (the steps that are trained again) are dropped, so every
-step appears once.
+:class:`ResumableCSVLogger` keeps the rows of the steps the checkpoint of step N already
+holds and appends the resumed run's rows after them: the training rows of steps 0 .. N - 1
+and the diagnostics rows (``diag/*`` only) up to step N, which are taken on the weights after
+N steps. Rows logged after the checkpoint (the steps that are trained again, diagnostics that
+are taken again) are dropped, so every step's row and every diagnostics row appear once.
+A checkpoint is only renamed into place once its rows are on disk (``engine.AtomicCheckpoint``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,16 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 __all__ = ["ResumableCSVLogger", "read_metrics"]
 
 
+def _kept(row: dict[str, str], checkpoint_step: int) -> bool:
+    """Whether ``row`` belongs to the steps a checkpoint of ``checkpoint_step`` holds."""
+    if not row.get("step"):
+        return False
+    step = int(float(row["step"]))
+    values = [key for key, value in row.items() if key != "step" and value not in ("", None)]
+    diagnostics = bool(values) and all(key.startswith("diag/") for key in values)
+    return step < checkpoint_step or (diagnostics and step == checkpoint_step)
+
+
 def read_metrics(path: str | os.PathLike) -> tuple[list[str], list[dict[str, str]]]:
     """Header and rows of a metrics CSV file."""
     with open(path, newline="") as handle:
@@ -30,7 +42,8 @@ def read_metrics(path: str | os.PathLike) -> tuple[list[str], list[dict[str, str
 
 
 class _KeepingWriter(ExperimentWriter):
-    """An experiment writer that keeps the rows of steps before ``keep_before_step``."""
+    """An experiment writer that keeps the rows of the steps a checkpoint of step
+    ``keep_before_step`` holds (:func:`_kept`)."""
 
     def __init__(self, log_dir: str, keep_before_step: int) -> None:
         self._keep_before_step = keep_before_step
@@ -41,7 +54,7 @@ class _KeepingWriter(ExperimentWriter):
         if not os.path.isfile(path):
             return
         header, rows = read_metrics(path)
-        kept = [row for row in rows if row.get("step") and int(float(row["step"])) < self._keep_before_step]
+        kept = [row for row in rows if _kept(row, self._keep_before_step)]
         tmp = f"{path}.tmp"
         with open(tmp, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=header)
@@ -52,8 +65,9 @@ class _KeepingWriter(ExperimentWriter):
 
 
 class ResumableCSVLogger(CSVLogger):
-    """Lightning's CSVLogger; with ``keep_before_step`` (a resumed run) the rows already
-    logged for earlier steps stay in ``metrics.csv`` and new rows are appended."""
+    """Lightning's CSVLogger; with ``keep_before_step`` (a resumed run: its checkpoint's
+    step) the rows already logged for the steps the checkpoint holds stay in ``metrics.csv``
+    and new rows are appended."""
 
     def __init__(self, *args: Any, keep_before_step: int | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -2,6 +2,10 @@
 
 The same command runs on a CPU, one GPU or several GPUs / nodes (``trainer.devices``,
 ``trainer.num_nodes``, ``trainer.strategy: ddp``); the run's YAML decides what is trained.
+
+Exit status: 0 trained and exported, 2 a configuration or checkpoint error (one line), 130
+stopped by Ctrl-C (one line says what was saved: the first Ctrl-C ends the run after the
+current step and saves a checkpoint, a second stops at once).
 """
 
 from __future__ import annotations
@@ -30,6 +34,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--export-only", action="store_true", help="export <out_dir>/checkpoints/last.ckpt (e.g. of a stopped run) and exit")
     args = parser.parse_args(argv)
 
+    try:
+        return _run(args)
+    except KeyboardInterrupt:  # where fit() does not handle Ctrl-C itself (imports, configuration, --export-only)
+        print("lidar-train: interrupted: nothing was saved", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
     from .run_config import load_run_config
 
     try:
@@ -37,7 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as err:
         print(f"lidar-train: invalid configuration: {err}", file=sys.stderr)
         return 2
-    from .engine import export_last, fit
+    from lidar_completion.checkpoints import CheckpointError
+
+    from .engine import TrainingInterrupted, export_last, fit
 
     try:
         if args.export_only:
@@ -45,9 +59,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"lidar-train: exported {config.kind} model from its last checkpoint to {export}")
             return 0
         export = fit(config, resume=args.resume, progress=not args.no_progress)
-    except FileNotFoundError as err:  # --resume / --export-only without a checkpoint
+    except (FileNotFoundError, CheckpointError) as err:  # no checkpoint; a corrupt or poisoned one (refused)
         print(f"lidar-train: {err}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as err:
+        print(f"lidar-train: {err}", file=sys.stderr)
+        return 130
     print(f"lidar-train: exported {config.kind} model to {export}")
     return 0
 

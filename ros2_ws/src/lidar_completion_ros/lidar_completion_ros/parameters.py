@@ -320,13 +320,12 @@ def resolve_checkpoint(value: str, name: str = "checkpoint") -> Path:
     text = os.path.expandvars(os.path.expanduser(str(value).strip()))
     if not text:
         raise FileNotFoundError(f"parameter '{name}' is empty; set it to a checkpoint path or a shipped model")
-    from lidar_completion.checkpoints import find_checkpoint
+    from lidar_completion.checkpoints import find_checkpoint, shipped_models
 
     found = find_checkpoint(text)
     if found is not None:
         return found
-    shipped_dir = shipped_models_dir()
-    shipped = sorted(p.name for p in shipped_dir.iterdir()) if shipped_dir.is_dir() else []
+    shipped_dir, shipped = shipped_models_dir(), shipped_models()
     raise FileNotFoundError(
         f"{name} '{value}' not found: no such file or directory, and no model of that name in "
         f"{shipped_dir} (shipped models: {', '.join(shipped) or 'none'})"

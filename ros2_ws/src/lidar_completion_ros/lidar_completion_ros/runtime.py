@@ -4,7 +4,10 @@ benchmarks and the tests)."""
 
 from __future__ import annotations
 
+import os
+import re
 import sys
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -62,12 +65,59 @@ def summary_line(counts: dict[str, int]) -> str:
     return "summary: " + " ".join(f"{k}={n}" for k, n in counts.items())
 
 
+def _params_files(args: list[str]) -> list[str]:
+    """The ``--params-file`` paths among the ``--ros-args`` of a command line."""
+    found, in_ros_args = [], False
+    for i, token in enumerate(args):
+        if token == "--ros-args":
+            in_ros_args = True
+        elif token == "--":
+            in_ros_args = False
+        elif in_ros_args and token == "--params-file" and i + 1 < len(args):
+            found.append(args[i + 1])
+    return found
+
+
+def init_ros(args: list[str] | None = None) -> None:
+    """``rclpy.init(args=args)``; a missing or unreadable ``--params-file``, or ROS arguments
+    rcl cannot parse (a malformed parameter YAML, a bad ``-p``), raise :class:`StartupError`
+    with one line, instead of rcl's error log line and traceback (its output is held back
+    while it parses and shown only when it succeeds)."""
+    for path in _params_files(list(sys.argv if args is None else args)):
+        if not os.path.isfile(path):
+            raise StartupError(f"--params-file {path}: {'not a file' if os.path.exists(path) else 'no such file'}")
+        if not os.access(path, os.R_OK):
+            raise StartupError(f"--params-file {path}: not readable")
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            rclpy.init(args=args)
+        except Exception as err:  # RCLError: "failed to initialize rcl: Couldn't parse params file: ..."
+            text = re.sub(r"^failed to initialize rcl:\s*", "", str(err).strip())
+            text = re.sub(r",\s*at \S+:\d+", "", text)  # rcl's source locations
+            raise StartupError(f"bad ROS arguments: {' '.join(text.split())}") from None
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        held.seek(0)
+        output = held.read()
+    if output:
+        os.write(2, output)
+
+
 def run_managed_node(make_node: Any, name: str, args: list[str] | None = None) -> int:
     """Spin ``make_node()`` until SIGINT/SIGTERM (0), a start-up failure (2, one FATAL line)
     or the node's ``fatal`` reason (3). The node has ``autostart``, ``configure_error``,
-    ``fatal`` and ``close() -> counters``; with autostart it is configured and activated here."""
-    rclpy.init(args=args)
+    ``fatal`` and ``close() -> counters``; with autostart it is configured and activated here.
+    A missing or malformed ``--params-file`` is a start-up failure too (:func:`init_ros`)."""
     logger = rclpy.logging.get_logger(name)
+    try:
+        init_ros(args)
+    except StartupError as err:
+        logger.fatal(f"cannot start: {err}")
+        return EXIT_STARTUP
     executor = SingleThreadedExecutor()  # before the slow start-up, while the context is surely valid
     node = None
     status = 0

@@ -1,0 +1,97 @@
+"""``lidar-complete`` small input checks (issue 28, item 7): ``--threads`` below 1, dangling
+symbolic links in an input directory, and the shipped-model list of "checkpoint not found"."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lidar_completion import cli
+from lidar_completion.checkpoints import save_model
+from lidar_completion.io import write_points
+from lidar_completion.model import CompletionModel, ModelConfig
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    return save_model(CompletionModel(ModelConfig(channel_ratio=0.25)), tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def small_config(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("config") / "small.yaml"
+    path.write_text("completion:\n  data:\n    n_part: 128\n    compose_support: 0\n"
+                    "  sampling:\n    steps: 1\n    guidance: 0\n")
+    return path
+
+
+def scan(seed: int = 0, n: int = 2000) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    r, phi = rng.uniform(5, 40, n), rng.uniform(-np.pi, np.pi, n)
+    return np.stack([r * np.cos(phi), r * np.sin(phi), rng.uniform(-2, 1, n)], axis=1).astype(np.float32)
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("threads", ["0", "-2"])
+def test_threads_below_one_is_one_usage_line_and_exit_2(capsys, tmp_path, checkpoint, small_config, threads):
+    source = write_points(tmp_path / "scan.npy", scan())
+    code, out, err = run_cli(capsys, source, "--checkpoint", checkpoint, "--config", small_config,
+                             "--out", tmp_path / "out.ply", "--threads", threads)
+    assert code == 2 and err == f"lidar-complete: error: --threads {threads}: must be 1 or more\n", err
+    assert out == "" and not (tmp_path / "out.ply").exists()
+
+
+def test_dangling_symlink_in_an_input_directory_is_listed_as_skipped(capsys, tmp_path, checkpoint, small_config):
+    folder = tmp_path / "scans"
+    write_points(folder / "good.npy", scan())
+    (folder / "gone.bin").symlink_to(tmp_path / "deleted.bin")
+    (folder / "gone.txt").symlink_to(tmp_path / "deleted.txt")  # not a scan suffix: ignored, as files are
+    code, out, err = run_cli(capsys, folder, "--checkpoint", checkpoint, "--config", small_config,
+                             "--out", tmp_path / "out")
+    assert code == 1, err
+    assert "completed 1 of 2 scan(s)" in out
+    listed = err[err.index("skipped 1 scan(s):"):].splitlines()[1:]
+    assert len(listed) == 1 and str(folder / "gone.bin") in listed[0], err
+    assert "gone.txt" not in out + err
+
+
+@pytest.fixture
+def shipped(tmp_path, monkeypatch, checkpoint) -> Path:
+    """A models directory as shipped: two models and the model card beside them."""
+    models = tmp_path / "models"
+    for name in ("student_lite", "teacher_lite"):
+        (models / name).mkdir(parents=True)
+        for item in checkpoint.iterdir():
+            (models / name / item.name).write_bytes(item.read_bytes())
+    (models / "MODEL_CARD.md").write_text("# Models\n")
+    monkeypatch.setattr("lidar_completion.checkpoints.SHIPPED_MODELS", models)
+    return models
+
+
+def test_checkpoint_not_found_lists_the_shipped_models_only(capsys, tmp_path, shipped, small_config):
+    from lidar_completion.checkpoints import find_checkpoint, shipped_models
+
+    assert shipped_models() == ["student_lite", "teacher_lite"]
+    assert find_checkpoint("MODEL_CARD.md") is None and find_checkpoint("teacher_lite") == shipped / "teacher_lite"
+    source = write_points(tmp_path / "scan.npy", scan())
+    for name in ("student_full", "MODEL_CARD.md"):
+        code, _, err = run_cli(capsys, source, "--checkpoint", name, "--config", small_config)
+        assert code == 2 and err.count("\n") == 1, err
+        assert err.startswith(f"lidar-complete: error: checkpoint not found: {name} ")
+        assert err.rstrip().endswith("shipped models: student_lite, teacher_lite)"), err
+
+
+def test_node_checkpoint_not_found_lists_the_shipped_models_only(shipped):
+    parameters = pytest.importorskip("lidar_completion_ros.parameters")
+    with pytest.raises(FileNotFoundError) as info:
+        parameters.resolve_checkpoint("student_full")
+    assert str(info.value).endswith("(shipped models: student_lite, teacher_lite)"), info.value
