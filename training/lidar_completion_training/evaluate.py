@@ -370,12 +370,13 @@ def score_completed_bag(dataset: CompletionDataset, input_bag: Path, completed_b
                         with_emd: bool = False) -> list[dict[str, float]]:
     """One row per completed scan of ``completed_bag`` whose stamp is a scan of ``input_bag``
     (a bag of ``dataset``'s one sequence, scan ``i`` its ``i``-th message): ``frame``, ``stamp``
-    (s), ``input_points`` (the scan's static points in range), ``output_points``, ``gt_points``,
+    (s), ``input_points`` (the scan's static points in range), ``output_points`` (the output's
+    points in that range band: the node's output also holds the scan beyond it), ``gt_points``,
     then every metric against the ground truth of the input scan (``input_<metric>``), of the
     input farthest-point sampled to the completion's point count (``budget_<metric>``: the line
     to beat, same number of points) and of the completion (``completion_<metric>``)."""
     from lidar_completion.bags import read_clouds
-    from lidar_completion.points import farthest_point_sample
+    from lidar_completion.points import farthest_point_sample, in_range
 
     stamps = {cloud.stamp_ns: i for i, cloud in enumerate(read_clouds(input_bag))}
     frames = []
@@ -385,12 +386,15 @@ def score_completed_bag(dataset: CompletionDataset, input_bag: Path, completed_b
             print(f"lidar-evaluate: completed scan at {cloud.stamp_ns} ns is no scan of {input_bag}, skipped", file=sys.stderr)
             continue
         partial, full = dataset.pair(index)
+        # The node's output holds the whole scan (far points too): score it where the ground
+        # truth is, in the same range band as the input.
+        output = cloud.xyz[in_range(cloud.xyz, dataset.config.min_range, dataset.config.max_range)]
         before = evaluate_completion(partial, full, with_emd=with_emd)
-        budget = farthest_point_sample(partial, len(cloud.xyz)) if 0 < len(cloud.xyz) < len(partial) else partial
+        budget = farthest_point_sample(partial, len(output)) if 0 < len(output) < len(partial) else partial
         at_budget = evaluate_completion(budget, full, with_emd=with_emd)
-        after = evaluate_completion(cloud.xyz, full, with_emd=with_emd)
+        after = evaluate_completion(output, full, with_emd=with_emd)
         frames.append({"frame": index, "stamp": cloud.stamp_ns / 1e9, "input_points": len(partial),
-                       "output_points": len(cloud.xyz), "gt_points": len(full), "budget_points": len(budget),
+                       "output_points": len(output), "gt_points": len(full), "budget_points": len(budget),
                        **{f"input_{k}": v for k, v in before.items()}, **{f"budget_{k}": v for k, v in at_budget.items()},
                        **{f"completion_{k}": v for k, v in after.items()}})
     return frames
