@@ -371,7 +371,7 @@ def score_completed_bag(dataset: CompletionDataset, input_bag: Path, completed_b
     """One row per completed scan of ``completed_bag`` whose stamp is a scan of ``input_bag``
     (a bag of ``dataset``'s one sequence, scan ``i`` its ``i``-th message): ``frame``, ``stamp``
     (s), ``input_points`` (the scan's static points in range), ``output_points`` (the output's
-    points in that range band: the node's output also holds the scan beyond it), ``gt_points``,
+    points within the radius: the node's output also holds the scan beyond it), ``gt_points``,
     then every metric against the ground truth of the input scan (``input_<metric>``), of the
     input farthest-point sampled to the completion's point count (``budget_<metric>``: the line
     to beat, same number of points) and of the completion (``completion_<metric>``)."""
@@ -387,8 +387,8 @@ def score_completed_bag(dataset: CompletionDataset, input_bag: Path, completed_b
             continue
         partial, full = dataset.pair(index)
         # The node's output holds the whole scan (far points too): score it where the ground
-        # truth is, in the same range band as the input.
-        output = cloud.xyz[in_range(cloud.xyz, dataset.config.min_range, dataset.config.max_range)]
+        # truth is, within the radius.
+        output = cloud.xyz[in_range(cloud.xyz, max_range=dataset.config.max_range)]
         before = evaluate_completion(partial, full, with_emd=with_emd)
         budget = farthest_point_sample(partial, len(output)) if 0 < len(output) < len(partial) else partial
         at_budget = evaluate_completion(budget, full, with_emd=with_emd)
