@@ -320,7 +320,7 @@ def test_refinement_learns_on_the_completions_the_pipeline_makes(tiny_dataset, t
         assert torch.equal(module.model.refiner.state_dict()[key], value), key
     partial = pairs[0]
     coarse = module._completions(partial)
-    before_free_space = CompletionConfig.from_dict({"data.free_space_margin": None})
+    before_free_space = CompletionConfig.from_dict({"data.free_space_margin": None, "data.completion_only": True})
     expected = SceneCompleter.from_checkpoint(base_dir, before_free_space).complete_batch([p.numpy() for p in partial])
     assert len(coarse) == len(expected) == 2
     for got, want in zip(coarse, expected):

@@ -308,8 +308,9 @@ class RefineModule(_Base):
         from lidar_completion.config import load_config
 
         if self._completer is None:
-            config = load_config(device=str(self.device), backend=self.config.trainer.backend, refine=False)
-            # At run time the refiner sees the completion before the free-space stage (the last).
+            config = load_config(device=str(self.device), backend=self.config.trainer.backend, refine=False,
+                                 **{"data.completion_only": True})
+            # At run time the refiner sees the completion alone, before the free-space stage.
             config = config.with_free_space_margin(None)
             self._completer = SceneCompleter(self.model, config)
         self.model.encoder.eval()  # frozen: running statistics, as at inference
