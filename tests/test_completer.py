@@ -266,7 +266,7 @@ def test_output_is_every_finite_measured_point_plus_completed_points_that_add(mo
     assert result.completed_points == len(added) > 0 and (result.intensity[~result.measured] == 0).all()
     assert (np.linalg.norm(added, axis=1) < 30.0).all() and result.radius == 30.0
     gaps = np.linalg.norm(added[:, None, :] - xyz[finite][None, :, :], axis=2).min(axis=1)
-    assert gaps.min() >= 0.2  # the default compose_distance
+    assert gaps.min() >= 0.3  # the default compose_distance
     # completion_only: the completed points before composition, a superset of what was added
     alone = make_completer(model, **{"data.max_range": 30.0}).complete(np.hstack([xyz, intensity]))
     assert not alone.measured.any() and len(alone.points) >= len(added)
@@ -349,7 +349,7 @@ def test_stray_completed_points_are_not_added(model):
     scan = ring_scan(500)
     alone = make_completer(model).complete(scan).points
     composed = make_completer(model, **{"data.completion_only": False, "data.compose_support": 3}).complete(scan)
-    candidates = alone[~near_measured(alone, scan, 0.2)]
-    expected = candidates[supported(candidates, 0.4, 3)]
+    candidates = alone[~near_measured(alone, scan, 0.3)]  # the default compose_distance
+    expected = candidates[supported(candidates, 0.6, 3)]
     np.testing.assert_array_equal(composed.points[~composed.measured], expected)
     assert len(expected) < len(candidates)

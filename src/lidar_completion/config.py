@@ -120,7 +120,7 @@ class DataConfig:
     # (stray points are dropped). Both chosen on the training world's validation sequence
     # (model card). completion_only: the model's completed points alone (the model study).
     completion_only: bool = False
-    compose_distance: float = 0.2
+    compose_distance: float = 0.3
     compose_support: int = 2
 
     def __post_init__(self) -> None:

@@ -180,7 +180,7 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("data.completion_only", False,
               "Publish the completed points alone (measured = 0). Default false: the whole input scan "
               "(every finite point, measured = 1, its intensity) plus the completed points that add to it."),
-    ParamSpec("data.compose_distance", 0.2,
+    ParamSpec("data.compose_distance", 0.3,
               "A completed point within this distance (m) of a measured return adds nothing and is not "
               "published (0 = keep every completed point).", range=(0.0, 5.0)),
     ParamSpec("data.compose_support", 2,
