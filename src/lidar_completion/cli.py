@@ -37,6 +37,7 @@ from .config import BACKENDS
 __all__ = ["build_parser", "default_checkpoint", "main"]
 
 PROG = "lidar-complete"
+WHOLE_RANGE_M = 50.0  # the --render panel of the whole output (the scan passes through beyond the radius)
 INPUT_SUFFIXES = (".bin", ".ply", ".pcd", ".npy")  # == io.SUPPORTED_SUFFIXES, kept import-free
 LAYOUTS = ("kitti", "nuscenes")  # == io.LAYOUT_NAMES, kept import-free
 OUTPUT_FORMATS = ("ply", "npy")
@@ -285,8 +286,11 @@ def run(args: argparse.Namespace) -> int:
             if picture is not None:
                 label = f"output ({completer.steps} step{'s' * (completer.steps > 1)})"
                 try:
-                    render_comparison([("input", points), (label, result.points, result.measured)], picture,
-                                      max_range=completer.max_range, title=f"{scan.name}: {setting}")
+                    panels = [("input", points), (label, result.points, result.measured)]
+                    if not completer.config.data.completion_only:  # the whole range, radius marked
+                        panels.append(("output, whole range", result.points, result.measured))
+                    render_comparison(panels, picture, max_range=[completer.max_range] * 2 + [WHOLE_RANGE_M],
+                                      circle=completer.max_range, title=f"{scan.name}: {setting}")
                     extra = f", picture {picture}"
                 except OSError as err:  # the completion is written; say what is missing
                     no_picture.append(picture)

@@ -163,8 +163,13 @@ def supported(points: np.ndarray, radius: float, neighbours: int) -> np.ndarray:
 
     if neighbours <= 0 or len(points) == 0:
         return np.ones(len(points), dtype=bool)
+    if len(points) <= neighbours:
+        return np.zeros(len(points), dtype=bool)
     tree = cKDTree(points, balanced_tree=False, compact_nodes=False)
-    return tree.query_ball_point(points, radius, return_length=True) - 1 >= neighbours
+    # The (neighbours + 1)-th nearest (the point itself is the first) within the radius: a
+    # bounded k-NN query, not a count of every point in the ball (dense clouds: many).
+    distance, _ = tree.query(points, k=[neighbours + 1], distance_upper_bound=radius)
+    return np.isfinite(distance[:, 0])
 
 
 # --- free space ------------------------------------------------------------------------

@@ -51,7 +51,7 @@ def render_comparison(
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
-    ranges = [float(max_range)] * len(panels) if np.isscalar(max_range) else [float(r) for r in max_range]
+    ranges = [float(max_range)] * len(panels) if np.isscalar(max_range) else [float(r) for r in max_range][:len(panels)]
     drawn = [_in_range(panel[1], r, max_drawn, panel[2] if len(panel) > 2 else None)
              for panel, r in zip(panels, ranges)]
     heights = np.concatenate([d[:, 2] for d, _ in drawn if len(d)] or [np.zeros(1)])
