@@ -7,8 +7,12 @@
 # 2. runs the CUDA parity tests (tests/test_networks.py, the cuda-parametrised fixtures);
 # 3. prints the table of benchmarks/gpu_check.py: full-scale denoiser forward (180k points,
 #    channel ratio 1) fp32 / bf16 / fp16 autocast with peak GPU memory, the 1-step student
-#    end to end per frame at full scale and at the shipped preset, the node's overhead.
-# Under 10 minutes on a GPU machine with a fast network. Without a GPU it prints one line
+#    end to end per frame at full scale and at the shipped preset, the node's overhead, and two
+#    one-minute training bursts at full scale (issue 27: config/training/teacher_semantickitti.yaml
+#    and distill_dpo_semantickitti.yaml on one GPU, generated HDL-64 scans): ms per step,
+#    steps/s with data loading and compute only, peak GPU memory, and the configured run's
+#    length at that rate (GPU_CHECK_TRAIN_SECONDS: each burst's length, default 60; 0: none).
+# Under 15 minutes on a GPU machine with a fast network. Without a GPU it prints one line
 # and exits 2, having done nothing. CI never runs it.
 #
 # Which torch: PyPI's Linux x86_64 wheel `torch==2.13.0` is a CUDA build; where a pip
@@ -74,6 +78,7 @@ echo "[gpu_check] CUDA parity tests (tests/test_networks.py, cuda fixtures)"
 parity=passed
 timeout 300 python -m pytest -q -p no:cacheprovider tests/test_networks.py -k cuda -rs || parity=FAILED
 echo "[gpu_check] benchmarks"
-timeout 420 python benchmarks/gpu_check.py
+train_seconds="${GPU_CHECK_TRAIN_SECONDS:-60}"
+timeout $((420 + 2 * (${train_seconds%.*} + 150))) python benchmarks/gpu_check.py --train-seconds "$train_seconds"
 echo "[gpu_check] CUDA parity tests: $parity; total $((SECONDS - start)) s"
 [ "$parity" = passed ]

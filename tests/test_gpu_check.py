@@ -46,3 +46,30 @@ def test_benchmark_without_cuda_says_so_in_one_line():
     lines = (done.stdout + done.stderr).strip().splitlines()
     assert done.returncode == 2, done.stdout + done.stderr
     assert len(lines) == 1 and "no CUDA device" in lines[0], lines
+
+
+def test_training_bursts_time_the_shipped_configs_and_write_no_checkpoint(tmp_path):
+    """The training rows' bursts on CPU: the full-scale teacher and DPO configs with their point
+    counts, widths and device scaled down, stopped by time; steps/s with data loading never
+    exceed compute-only steps/s."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_check
+    from lidar_completion_training import maps, synthetic
+
+    root = tmp_path / "data"
+    assert synthetic.main(["--out", str(root), "--sequences", "1", "--scans", "4", "--seed", "3", "--preset", "lite"]) == 0
+    assert maps.main(["--root", str(root)]) == 0
+    small = {"trainer.accelerator": "cpu", "data.num_workers": 0, "data.n_part": 64, "data.n_full": 640,
+             "model.channel_ratio": 0.25}
+    config = gpu_check.burst_config("teacher", root, tmp_path / "run", overrides=small)
+    assert config.model.sampler == "ve" and config.trainer.batch_size == 2 and config.trainer.devices == 1
+    result = gpu_check.training_burst(config, seconds=2.0, warmup=1)
+    assert result["steps"] >= 1 and 0 < result["steps_per_s"] <= result["compute_steps_per_s"]
+    assert result["peak_mib"] is None and result["seconds"] >= 2.0
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    # The student's burst distils from a random teacher of the teacher config's shape.
+    teacher = gpu_check.random_teacher(root, tmp_path / "teacher", overrides=small)
+    config = gpu_check.burst_config("distill_dpo", root, tmp_path / "student", teacher, overrides=small)
+    assert config.distill.mode == "dpo" and config.trainer.batch_size == 1
+    result = gpu_check.training_burst(config, seconds=1.0, warmup=1)
+    assert result["steps"] >= 1 and not (tmp_path / "student" / "checkpoints").exists()
