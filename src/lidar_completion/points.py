@@ -138,6 +138,10 @@ def density_matched_count(points: np.ndarray, n_part: int, reference_cells: int 
     return int(min(n_part, max(minimum, scaled)))
 
 
+# KD-tree queries of the composition stage run on two threads (the node's CPU budget).
+QUERY_WORKERS = 2
+
+
 def near_measured(points: np.ndarray, scan: np.ndarray, distance: float) -> np.ndarray:
     """Mask of ``points`` within ``distance`` (m) of a point of ``scan``: what the scan already
     shows there, so a completed point adds nothing. scipy's KD-tree (built on the scan points
@@ -151,7 +155,7 @@ def near_measured(points: np.ndarray, scan: np.ndarray, distance: float) -> np.n
     if len(scan) == 0:
         return np.zeros(len(points), dtype=bool)
     tree = cKDTree(scan, balanced_tree=False, compact_nodes=False)
-    nearest, _ = tree.query(points, k=1, distance_upper_bound=distance)
+    nearest, _ = tree.query(points, k=1, distance_upper_bound=distance, workers=QUERY_WORKERS)
     return np.isfinite(nearest)
 
 
@@ -168,7 +172,7 @@ def supported(points: np.ndarray, radius: float, neighbours: int) -> np.ndarray:
     tree = cKDTree(points, balanced_tree=False, compact_nodes=False)
     # The (neighbours + 1)-th nearest (the point itself is the first) within the radius: a
     # bounded k-NN query, not a count of every point in the ball (dense clouds: many).
-    distance, _ = tree.query(points, k=[neighbours + 1], distance_upper_bound=radius)
+    distance, _ = tree.query(points, k=[neighbours + 1], distance_upper_bound=radius, workers=QUERY_WORKERS)
     return np.isfinite(distance[:, 0])
 
 
