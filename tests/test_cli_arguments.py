@@ -5,40 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
+from test_cli import checkpoint, one_thread, run_cli, small_config  # noqa: F401  (shared fixtures)
+from test_cli import ring_scan as scan
 
-from lidar_completion import cli
-from lidar_completion.checkpoints import save_model
 from lidar_completion.io import write_points
-from lidar_completion.model import CompletionModel, ModelConfig
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    return save_model(CompletionModel(ModelConfig(channel_ratio=0.25)), tmp_path_factory.mktemp("models") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def small_config(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("config") / "small.yaml"
-    path.write_text("completion:\n  data:\n    n_part: 128\n    compose_support: 0\n"
-                    "  sampling:\n    steps: 1\n    guidance: 0\n")
-    return path
-
-
-def scan(seed: int = 0, n: int = 2000) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    r, phi = rng.uniform(5, 40, n), rng.uniform(-np.pi, np.pi, n)
-    return np.stack([r * np.cos(phi), r * np.sin(phi), rng.uniform(-2, 1, n)], axis=1).astype(np.float32)
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    code = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.mark.parametrize("threads", ["0", "-2"])
