@@ -171,7 +171,9 @@ def test_running_node_limits_range_refines_and_times_its_own_overhead(domain_id:
     waited = max(stages, key=lambda s: s["wait_ms"])
     assert waited["wait_ms"] > 50 and waited["overhead_ms"] < waited["wait_ms"], waited
     assert sorted(round(m.data, 3) for m in overheads) == sorted(round(s["overhead_ms"], 3) for s in stages)
-    assert sorted(round(m.data, 1) for m in waits) == sorted(round(s["wait_ms"], 1) for s in stages)
+    # (the status values are printed to 3 decimals: compare within that, not after a rounding
+    # that can fall either side of .x5)
+    np.testing.assert_allclose(sorted(m.data for m in waits), sorted(s["wait_ms"] for s in stages), atol=0.002)
     # Refined (x6) and within the effective range (18 m after the change).
     from lidar_completion.pointcloud2 import cloud_to_xyz
 
