@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from lidar_completion.checkpoints import SHIPPED_MODELS
-from lidar_completion.completer import SceneCompleter, encode_scans, randn_tensor
+from lidar_completion.completer import SceneCompleter
 from lidar_completion.config import CompletionConfig
 from lidar_completion.io import read_points
 from lidar_completion.points import read_kitti_bin
@@ -57,12 +57,8 @@ def scans(real: np.ndarray, root: Path | None, picks: list[int]) -> dict[str, np
 
 def at_bound(completer: SceneCompleter, scan: np.ndarray) -> int:
     """Sampled points (before post-processing) at the sampler's bounding box."""
-    partial = torch.from_numpy(completer.preprocess(scan)[0])[None]
-    x_init = partial.repeat(1, completer.config.data.repeat, 1)
-    noise = randn_tensor(x_init.shape, [torch.Generator().manual_seed(0)], completer.device, x_init.dtype)
-    with torch.inference_mode():
-        sample, _ = completer.sample(x_init, noise, [encode_scans(completer.model, partial)], None)
-    return int((sample.abs() >= completer.sample_bound - 1e-3).any(-1).sum())
+    sample, _, _ = completer.sample_scans(completer.preprocess(scan)[0][None])
+    return int((np.abs(sample) >= completer.sample_bound - 1e-3).any(-1).sum())
 
 
 def main() -> None:

@@ -246,15 +246,14 @@ class SceneCompleter:
             return []
         timer = _Timer(self.device)
         with timer.stage("preprocess"):
-            in_band = [self.points_in_band(s) for s in scans]
-            budgets = [self.model_budget(b) for b in in_band]
-            partial = [farthest_point_sample(b, n) for b, n in zip(in_band, budgets)]
+            partial, used = zip(*(self.preprocess(s) for s in scans))
+        budgets = [len(p) for p in partial]
         completed: list[np.ndarray] = [np.zeros((0, 3), np.float32)] * len(scans)
         clipped = [0] * len(scans)
         nfe = 0
         for budget in sorted(set(budgets)):  # scans of one budget share a batch (usually all)
             rows = [i for i, n in enumerate(budgets) if n == budget]
-            points, counts, nfe = self._sample_batch(np.stack([partial[i] for i in rows]), timer)
+            points, counts, nfe = self.sample_scans(np.stack([partial[i] for i in rows]), timer)
             for k, i in enumerate(rows):
                 completed[i], clipped[i] = points[k], int(counts[k])
         with timer.stage("postprocess"):
@@ -278,7 +277,7 @@ class SceneCompleter:
                 guidance=self.guidance,
                 nfe=nfe,
                 input_points=len(scans[i]),
-                used_points=len(in_band[i]),
+                used_points=used[i],
                 measured=is_measured,
                 intensity=intensity,
                 model_points=budgets[i],
@@ -289,8 +288,11 @@ class SceneCompleter:
             for i, (points, is_measured, intensity) in enumerate(outputs)
         ]
 
-    def _sample_batch(self, partial_np: np.ndarray, timer: _Timer) -> tuple[np.ndarray, np.ndarray, int]:
-        """Sampled points [B, n * repeat, 3] of scans [B, n, 3], clipped predictions per scan, NFE."""
+    @torch.inference_mode()
+    def sample_scans(self, partial_np: np.ndarray, timer: _Timer | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+        """The model's raw sample [B, n * repeat, 3] (before post-processing) of pre-processed
+        scans [B, n, 3], the clipped noise predictions per scan, and the NFE."""
+        timer = timer or _Timer(self.device)
         partial = torch.from_numpy(partial_np).to(self.device)
         generator = self._generators(len(partial))
         with timer.stage("encode"):
