@@ -258,7 +258,6 @@ def model_values(completer: Any, device: str, checkpoint: Any, refine_checkpoint
         "min_range": f"{data.min_range:g}", "max_range": f"{data.max_range:g}",
         "max_range_model": f"{mc.max_range:g}" if mc.max_range else "",
         "max_range_effective": f"{completer.max_range:g}", "frames": "; ".join(p.describe() for p in poses),
-        "completion_radius_m": f"{completer.max_range:g}",
         "output": ("completed points only" if data.completion_only else
                    f"the whole scan + completed points within {completer.max_range:g} m "
                    f"(none within {data.compose_distance:g} m of a return, >= {data.compose_support} "
