@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from lidar_completion.points import density_matched_count, farthest_point_sample, in_range, pack_cells, voxel_keys
+from lidar_completion.points import (density_matched_count, farthest_point_sample, in_range, pack_cells,
+                                     surface_cells, voxel_keys)
 
 from .kitti import KittiSequence, static_mask
 from .maps import load_map
@@ -193,7 +194,5 @@ class CompletionDataset(Dataset):
 def mean_surface_cells(dataset: "CompletionDataset", scans: int = 50) -> int:
     """Mean occupied 0.5 m voxels of up to ``scans`` whole scans of ``dataset`` (their range
     band): the surface the model's ``n_part`` points cover, recorded with the model."""
-    from lidar_completion.points import surface_cells
-
     picks = np.unique(np.linspace(0, len(dataset) - 1, min(scans, len(dataset))).round().astype(int))
     return int(round(np.mean([surface_cells(dataset.pair(int(i))[0]) for i in picks])))

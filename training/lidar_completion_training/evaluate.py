@@ -313,26 +313,26 @@ def _evaluate_checkpoint(args: argparse.Namespace, dataset: CompletionDataset, i
     to the output's size, the default output (the scan + what completion adds) and the
     completion alone (``--completion-only``: that row only)."""
     name = Path(args.checkpoint).name
+    output_row, alone_row = f"{name} (scan + completion)", f"{name}, completion only"
     common = dict(preset=args.preset, n_part=args.n_part, device=args.device, seed=args.seed, with_emd=with_emd,
                   free_space_margin=args.free_space_margin)
     model = dict(checkpoint=args.checkpoint, steps=args.steps, guidance=args.guidance, refine=args.refine,
                  sampler=args.sampler, t0=args.t0)
-    summary, per_scan = {}, {}
-    settings = [Setting(f"{name}, completion only", completion_only=True, **model)]
+    per_scan: dict[str, list[dict[str, float]]] = {}
+    settings = [Setting(alone_row, completion_only=True, **model)]
     if not args.completion_only:
         kept: dict[int, np.ndarray] = {}
-        rows = evaluate_setting(Setting(f"{name} (scan + completion)", **model), dataset, indices, keep=kept, **common)
+        per_scan[output_row] = evaluate_setting(Setting(output_row, **model), dataset, indices, keep=kept, **common)
         settings = [Setting(INPUT_ROW), Setting(OUTPUT_BUDGET_ROW, input_points={i: len(p) for i, p in kept.items()}),
                     *settings]
-        per_scan[f"{name} (scan + completion)"] = rows
     for setting in settings:
         per_scan[setting.name] = evaluate_setting(setting, dataset, indices, **common)
-    order = [INPUT_ROW, OUTPUT_BUDGET_ROW, f"{name} (scan + completion)", f"{name}, completion only"]
+    order = [INPUT_ROW, OUTPUT_BUDGET_ROW, output_row, alone_row]
     per_scan = {key: per_scan[key] for key in order if key in per_scan}
     summary = {key: summarise(rows) for key, rows in per_scan.items()}
     print(write_outputs(args.out, summary, per_scan))
     if INPUT_ROW in per_scan:
-        paired = "\n\n".join(paired_differences(per_scan, [(f"{name} (scan + completion)", INPUT_ROW)], key)
+        paired = "\n\n".join(paired_differences(per_scan, [(output_row, INPUT_ROW)], key)
                               for key in ("cd", "jsd_bev", "fscore", "iou_0.5"))
         (args.out / "paired.md").write_text(paired + "\n")
         print(paired)
