@@ -301,8 +301,7 @@ def run(args: argparse.Namespace) -> int:
                        f"{100 * result.clipped_fraction:.1f}% of noise predictions clipped) "
                        f"in {result.timings_ms['total'] / 1000:.2f} s{extra}", file=sys.stdout)
             if result.out_of_domain:
-                why = (f"{100 * result.clipped_fraction:.0f}% of the noise predictions were clipped"
-                       if result.completed_points else "no completed point was added")
+                why = result.domain_problem
                 outside.append(f"{scan}: {why}")
                 tqdm.write(f"{PROG}: warning: {scan} is outside the model's domain ({why}): the output is the "
                            f"scan with {result.completed_points:,} completed points, not a completion to trust",

@@ -88,9 +88,18 @@ class CompletionResult:
         return self.clipped / total if total else 0.0
 
     @property
+    def domain_problem(self) -> str:
+        """Why this is not a completion to trust (nothing completed, or mostly clipped); "" if none."""
+        if self.completed_points == 0:
+            return "no completed point was added"
+        if self.clipped_fraction > OUT_OF_DOMAIN_CLIPPED:
+            return f"{100 * self.clipped_fraction:.0f}% of the noise predictions were clipped"
+        return ""
+
+    @property
     def out_of_domain(self) -> bool:
         """Mostly clipped, or nothing completed: not a completion to trust."""
-        return self.clipped_fraction > OUT_OF_DOMAIN_CLIPPED or self.completed_points == 0
+        return bool(self.domain_problem)
 
 
 def randn_tensor(

@@ -255,10 +255,8 @@ class CompletionNode(LifecycleNode):
             tm.counts["output_points"] = len(xyz)
             if result.out_of_domain:  # published (the scan is still in it), never counted as completed
                 self._health.out_of_domain(scan.index, tm, time.monotonic())
-                why = (f"{100 * result.clipped_fraction:.0f}% of the noise predictions clipped"
-                       if result.completed_points else "nothing completed")
                 self._throttled("out_of_domain", f"scan (stamp {stamp_ns(scan.header) / 1e9:.3f}) is outside the "
-                                f"model's domain: {why}; published the scan with {result.completed_points} "
+                                f"model's domain: {result.domain_problem}; published the scan with {result.completed_points} "
                                 f"completed points (out_of_domain in /diagnostics)")
             else:
                 self._health.completed(scan.index, tm, time.monotonic())
