@@ -48,6 +48,55 @@ def test_voxel_downsample_averages_each_cell() -> None:
     np.testing.assert_allclose(np.sort(mean.result(), 0), np.sort(out, 0), atol=1e-7)
 
 
+def test_voxel_means_stay_in_their_own_voxel_far_from_the_origin() -> None:
+    """A mean within a float32 step of its voxel's face (0.24 mm at 3 km) used to round into
+    the neighbouring voxel; every mean now keys to its own voxel, in float32 and in float64."""
+    i = np.arange(1000)
+    x = (30_000 + i + 1) * 0.1 - 3e-5  # 3 km out, 0.03 mm below each voxel's upper face
+    points = np.stack([x, np.full_like(x, -2000.05), np.full_like(x, 2.05)], axis=1)
+    assert (voxel_keys(points.astype(np.float32), 0.1) != voxel_keys(points, 0.1)).sum() > 100  # plain rounding crosses
+    for batch in (1, 8_000_000):
+        mean = maps.VoxelMean(0.1, flush_points=batch)
+        mean.add(points[:500])
+        mean.add(points[500:])
+        out = mean.result()
+        assert out.dtype == np.float32 and len(out) == len(points)
+        for keys in (voxel_keys(out, 0.1), voxel_keys(out.astype(np.float64), 0.1)):
+            np.testing.assert_array_equal(np.sort(keys), np.sort(voxel_keys(points, 0.1)))
+        np.testing.assert_allclose(np.sort(out[:, 0]), x, atol=3e-4, rtol=0)  # moved by a float32 step at most
+
+
+def _write_scans(directory: Path, scans: list[tuple[np.ndarray, np.ndarray]], camera_poses: np.ndarray) -> kitti.KittiSequence:
+    """A sequence of hand-made scans ((N, 3) points, (N,) labels) with identity calibration."""
+    (directory / "velodyne").mkdir(parents=True)
+    (directory / "labels").mkdir()
+    for i, (points, labels) in enumerate(scans):
+        kitti.write_scan(directory / "velodyne" / f"{i:06d}.bin", np.hstack([points, np.zeros((len(points), 1))]))
+        kitti.write_labels(directory / "labels" / f"{i:06d}.label", labels)
+    kitti.write_calib(directory / "calib.txt", {"Tr": np.eye(4)})
+    kitti.write_poses(directory / "poses.txt", camera_poses)
+    return kitti.KittiSequence(directory.parent.parent, directory.name)
+
+
+def test_map_keeps_static_labelled_points_beyond_3_5_m_of_their_sensor(tmp_path: Path) -> None:
+    """As LiDiff's map_from_scans: class > 1 and < 252 (moving ids 252-259 and unlabelled /
+    outlier out), and nothing within 3.5 m of the scan's own sensor, whatever other scans saw."""
+    road, moving_car, unlabelled, outlier = 40, 252, 0, 1
+    points = np.array([[1.0, 0.05, 0.05], [3.45, 0.05, 0.05], [3.55, 0.05, 0.05], [10.05, 0.05, 0.05],
+                       [20.05, 0.05, 0.05], [30.05, 0.05, 0.05], [40.05, 0.05, 0.05]])
+    labels = np.array([road, road, road, road, moving_car, unlabelled, outlier], dtype=np.uint32)
+    labels[3] |= 7 << 16  # an instance id does not change the class
+    moved = np.eye(4)
+    moved[:3, 3] = [100.0, 0.0, 0.0]  # the second scan 100 m along x (identity Tr: camera = velodyne)
+    sequence = _write_scans(tmp_path / "sequences" / "00", [(points, labels), (points, labels)], np.stack([np.eye(4), moved]))
+    built = maps.build_map(sequence)
+    expected = np.array([[3.55, 0.05, 0.05], [10.05, 0.05, 0.05], [103.55, 0.05, 0.05], [110.05, 0.05, 0.05]])
+    np.testing.assert_allclose(built[np.argsort(built[:, 0])], expected, atol=1e-5)
+    # --min-range 0 keeps the ego points too (the second scan's 1 m point is 101 m from the first sensor).
+    assert maps.main(["--root", str(tmp_path), "--min-range", "0"]) == 0
+    np.testing.assert_allclose(np.sort(maps.load_map(sequence)[:, 0]), [1.0, 3.45, 3.55, 10.05, 101.0, 103.45, 103.55, 110.05], atol=1e-5)
+
+
 def test_map_is_a_dense_static_voxel_grid(sequence: kitti.KittiSequence, ground_truth: np.ndarray) -> None:
     assert ground_truth.dtype == np.float32 and ground_truth.shape[1] == 3
     assert len(np.unique(voxel_keys(ground_truth, 0.1))) == len(ground_truth)  # one point per 10 cm voxel
