@@ -267,6 +267,9 @@ class DistillationModule(_Base):
             regression_steps=d.regression_steps,
             repeat=self.config.data.n_full // self.config.data.n_part,
             max_timestep=d.max_timestep or self.model.config.t0,
+            pairing=d.pairing(),
+            reward_weight=d.reward_weight,
+            measure_gradients=bool(d.gradient_norms_every) and self.data_step % d.gradient_norms_every == 0,
         )
         self.log_dict({f"train/{k}": v for k, v in losses.logs.items()}, prog_bar=True, batch_size=batch["partial"].shape[0])
         self.data_step += 1

@@ -9,12 +9,15 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from lidar_completion.backends import check_backend
 from lidar_completion.config import MAX_CHANNEL_RATIO, PREDICTIONS, SAMPLERS, check, check_keys, check_types, read_yaml
+
+if TYPE_CHECKING:
+    from .objectives import Preference
 
 __all__ = ["RunConfig", "load_run_config"]
 
@@ -129,8 +132,26 @@ class DistillSection:
     regression_steps: int = 8  # K: the teacher's steps for that target (same sampler and t0 as the student)
     max_timestep: int | None = None  # score-distillation timesteps in [0, max_timestep]; null: the teacher's t0, else all
     t0: int | None = None  # the student's start timestep; null: the teacher's
+    # The preference (objectives.Preference): published (one noise at scales 1 and
+    # noise_scale_loser), best_worst, sweet_spot or listwise over `candidates` independent noises.
+    preference: str = "published"
+    candidates: int = 2
+    start_scales: tuple[float, ...] = (1.0,)  # candidate k starts at start_scales[k % len]
+    metric: str = "cd"  # cd, cd_f (CD + metric_lambda * (1 - F-score)) or jsd_bev; lower wins
+    metric_lambda: float = 1.0
+    gap_scale: float = 0.0  # > 0: loser weight min(1, relative metric gap / gap_scale)
+    reward_weight: float = 0.0  # direct reward: differentiable CD of the student's sample to the ground truth
+    gradient_norms_every: int = 0  # log each generator term's gradient norm and share every N iterations; 0: never
 
     def __post_init__(self) -> None:
+        try:
+            self.pairing()
+        except ValueError as err:
+            check(False, "distill.preference", str(err))
+        check(self.metric_lambda >= 0, "distill.metric_lambda", f"must be >= 0, got {self.metric_lambda}")
+        check(self.gap_scale >= 0, "distill.gap_scale", f"must be >= 0, got {self.gap_scale}")
+        check(self.reward_weight >= 0, "distill.reward_weight", f"must be >= 0, got {self.reward_weight}")
+        check(self.gradient_norms_every >= 0, "distill.gradient_norms_every", "must be >= 0")
         check(self.max_timestep is None or 1 <= self.max_timestep <= 999, "distill.max_timestep", "must be in [1, 999] or null")
         check(self.t0 is None or 1 <= self.t0 <= 999, "distill.t0", "must be in [1, 999] or null")
         check(self.mode in ("dpo", "sd"), "distill.mode", f"must be dpo or sd, got {self.mode!r}")
@@ -140,6 +161,12 @@ class DistillSection:
         check(1 <= self.aux_steps <= 20, "distill.aux_steps", f"must be in [1, 20], got {self.aux_steps}")
         check(self.regression_weight >= 0, "distill.regression_weight", f"must be >= 0, got {self.regression_weight}")
         check(1 <= self.regression_steps <= 50, "distill.regression_steps", f"must be in [1, 50], got {self.regression_steps}")
+
+    def pairing(self) -> "Preference":
+        """The candidates, metric and pairs of the DPO preference (``ValueError`` when invalid)."""
+        from .objectives import Preference  # torch and the model: only once a run is built
+
+        return Preference(self.preference, self.candidates, tuple(self.start_scales), self.metric, self.metric_lambda, self.gap_scale)
 
 
 @dataclass(frozen=True)
@@ -193,6 +220,8 @@ class RunConfig:
             if name == "data":
                 given = given | {k: tuple(str(s) for s in given[k]) for k in ("train_sequences", "val_sequences") if k in given}
                 given = given | ({"fov_deg": tuple(float(v) for v in given["fov_deg"])} if "fov_deg" in given else {})
+            if name == "distill" and "start_scales" in given:
+                given = given | {"start_scales": tuple(float(v) for v in given["start_scales"])}
             try:
                 kwargs[name] = section(**given)
             except TypeError as err:
@@ -204,6 +233,7 @@ class RunConfig:
         values["data"]["train_sequences"] = list(values["data"]["train_sequences"])
         values["data"]["val_sequences"] = list(values["data"]["val_sequences"])
         values["data"]["fov_deg"] = list(values["data"]["fov_deg"])
+        values["distill"]["start_scales"] = list(values["distill"]["start_scales"])
         return values
 
     def to_yaml(self) -> str:
