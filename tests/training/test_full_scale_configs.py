@@ -55,6 +55,10 @@ def test_full_scale_config_holds_the_published_scene(name):
     if name == "teacher":  # 20 epochs of 19,130 scans at 2 per GPU on 2 GPUs, Adam 1e-4
         assert trainer["max_steps"] == 20 * math.ceil(19_130 / 4) and (trainer["batch_size"], trainer["lr"]) == (2, 1e-4)
         assert raw["teacher"]["uncond_prob"] == 0.1
+        # halved every 5 of the 20 epochs (release: ExponentialLR(0.5) every 5 epochs)
+        assert (trainer["lr_decay"], trainer["lr_decay_every"]) == (0.5, 5 * trainer["max_steps"] // 20)
+    else:  # the releases of the refinement net and of Distillation-DPO keep the rate (about) constant
+        assert trainer.get("lr_decay_every", 0) == 0
     if name.startswith("distill"):  # batch 1 per GPU, lr 1e-5, clip 0.05, loser noise x1.1
         assert (trainer["batch_size"], trainer["lr"], trainer["grad_clip"]) == (1, 1e-5, 0.05)
         assert raw["distill"]["noise_scale_loser"] == 1.1 and raw["distill"]["teacher"] == "runs/teacher_semantickitti/export"

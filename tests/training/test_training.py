@@ -243,6 +243,8 @@ def test_distillation_run_exports_a_student_with_the_teachers_encoder(tiny_datas
         ({"trainer": {"backend": "spconv"}}, "trainer.backend"),
         ({"trainer": {"lr": "fast"}}, "trainer.lr: must be a number"),
         ({"trainer": {"max_steps": 1.5}}, "trainer.max_steps: must be an integer"),
+        ({"trainer": {"lr_decay": 0}}, "trainer.lr_decay"),
+        ({"trainer": {"lr_decay_every": -1}}, "trainer.lr_decay_every"),
     ],
 )
 def test_bad_config_values_are_rejected_before_training(tmp_path, override, message):
@@ -291,15 +293,43 @@ def test_refinement_run_adds_a_refiner_and_keeps_the_base_model(tiny_dataset, tm
     torch.manual_seed(0)
     base = CompletionModel(ModelConfig(channel_ratio=0.25, kind="student", default_steps=1, default_guidance=1.0))
     base_dir = save_model(base, tmp_path / "base")
-    config = run_config(tiny_dataset, tmp_path / "refine", kind="refine", trainer={"max_steps": 3, "checkpoint_every": 3},
+    config = run_config(tiny_dataset, tmp_path / "refine", kind="refine",
+                        trainer={"max_steps": 3, "checkpoint_every": 3, "lr_decay": 0.5, "lr_decay_every": 2},
                         refine={"base": str(base_dir), "source": source})
     refined = load_model(fit(config, progress=False))
     assert refined.refiner is not None and refined.config.refine_channel_ratio == 0.25
     for key, value in base.state_dict().items():
         assert torch.equal(refined.state_dict()[key], value), key
     with open(tmp_path / "refine" / "logs" / "metrics.csv") as handle:
-        chamfer = [float(row["train/chamfer"]) for row in __import__("csv").DictReader(handle) if row.get("train/chamfer")]
+        rows = [row for row in __import__("csv").DictReader(handle) if row.get("train/chamfer")]
+    chamfer = [float(row["train/chamfer"]) for row in rows]
     assert len(chamfer) == 3 and all(0 < c < 100 for c in chamfer)
+    assert [float(row["train/lr"]) for row in rows] == pytest.approx([1e-3, 1e-3, 5e-4])  # the schedule reaches refinement
+
+
+def _logged_lr(out: Path) -> dict[int, float]:
+    import csv
+
+    with open(out / "logs" / "metrics.csv", newline="") as handle:
+        return {int(float(row["step"])): float(row["train/lr"]) for row in csv.DictReader(handle) if row.get("train/lr")}
+
+
+def test_learning_rate_decays_in_steps_and_resumes_on_its_schedule(tiny_dataset, tmp_path):
+    """trainer.lr_decay / lr_decay_every (LiDiff's teacher: x0.5 every 5 epochs): lr * 0.5 **
+    (step // 2) here, and a resumed run goes on where the checkpoint's schedule stood."""
+    from lidar_completion_training.engine import fit
+
+    schedule = {"lr_decay": 0.5, "lr_decay_every": 2, "checkpoint_every": 2}
+    fit(run_config(tiny_dataset, tmp_path / "run", trainer=schedule | {"max_steps": 4}), progress=False)
+    fit(run_config(tiny_dataset, tmp_path / "run", trainer=schedule | {"max_steps": 7}), resume=True, progress=False)
+    lrs = _logged_lr(tmp_path / "run")
+    assert sorted(lrs) == list(range(7))
+    assert [lrs[step] for step in range(7)] == pytest.approx([1e-3 * 0.5 ** (step // 2) for step in range(7)])
+    # Without the keys the rate stays constant (and is not logged); distillation refuses a schedule.
+    fit(run_config(tiny_dataset, tmp_path / "constant", trainer={"max_steps": 2}), progress=False)
+    assert _logged_lr(tmp_path / "constant") == {}
+    with pytest.raises(ValueError, match="trainer.lr_decay_every"):
+        run_config(tiny_dataset, tmp_path / "x", kind="distill", trainer=schedule, distill={"teacher": str(tmp_path)})
 
 
 def test_refinement_learns_on_the_completions_the_pipeline_makes(tiny_dataset, tmp_path, pairs):

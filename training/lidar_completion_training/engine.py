@@ -149,6 +149,20 @@ class _Base(L.LightningModule):
     def _generator(self) -> torch.Generator:
         return seeded_generator(self.config.trainer.seed, self.data_step, self.global_rank, self.device)
 
+    def _scheduled(self, optimizer: torch.optim.Optimizer) -> Any:
+        """``optimizer`` with the step decay of ``trainer.lr_decay`` every ``trainer.lr_decay_every``
+        optimizer steps (one per batch here), if any; Lightning keeps its state in the checkpoint."""
+        t = self.config.trainer
+        if not t.lr_decay_every or t.lr_decay == 1:
+            return optimizer
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=t.lr_decay_every, gamma=t.lr_decay)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+    def _log_lr(self, batch_size: int) -> None:
+        """The learning rate of this step (``train/lr``) when it follows a schedule."""
+        if self.config.trainer.lr_decay_every:
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=batch_size)
+
     def export(self, directory: str | os.PathLike) -> Path:
         raise NotImplementedError
 
@@ -184,11 +198,12 @@ class TeacherModule(_Base):
             self.model, self.schedule, batch["partial"], batch["full"], self._generator(), t.uncond_prob, t.reg_weight, t.max_timestep
         )
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=batch["partial"].shape[0])
+        self._log_lr(batch["partial"].shape[0])
         self.data_step += 1
         return losses["loss"]
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.model.parameters(), lr=self.config.trainer.lr)
+        return self._scheduled(torch.optim.Adam(self.model.parameters(), lr=self.config.trainer.lr))
 
     def export(self, directory: str | os.PathLike) -> Path:
         return save_model(self.model, directory)
@@ -327,11 +342,12 @@ class RefineModule(_Base):
         coarse = self._completions(batch["partial"]) if r.source == "completion" else None
         losses = refine_loss(self.model, batch["full"], self._generator(), r.jitter, coarse, r.accuracy_weight)
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=batch["full"].shape[0])
+        self._log_lr(batch["full"].shape[0])
         self.data_step += 1
         return losses["loss"]
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.model.refiner.parameters(), lr=self.config.trainer.lr)
+        return self._scheduled(torch.optim.Adam(self.model.refiner.parameters(), lr=self.config.trainer.lr))
 
     def export(self, directory: str | os.PathLike) -> Path:
         return save_model(self.model, directory)

@@ -91,9 +91,15 @@ class TrainerSection:
     precision: str = "32-true"
     backend: str = "torch"  # sparse convolutions: torch, or minkowski (MinkowskiEngine, if installed)
     diagnose_every: int = 0  # steps between learnability diagnostics on data.val_sequences; 0: off
+    # Step decay of the learning rate: lr * lr_decay ** (step // lr_decay_every) (LiDiff's
+    # teacher halves it every 5 epochs); lr_decay_every 0: constant. Teacher and refinement runs.
+    lr_decay: float = 1.0
+    lr_decay_every: int = 0
 
     def __post_init__(self) -> None:
         check(self.max_steps >= 1, "trainer.max_steps", "must be >= 1")
+        check(0 < self.lr_decay <= 1, "trainer.lr_decay", f"must be in (0, 1], got {self.lr_decay}")
+        check(self.lr_decay_every >= 0, "trainer.lr_decay_every", "must be >= 0 (0: a constant learning rate)")
         check(self.batch_size >= 1, "trainer.batch_size", "must be >= 1")
         check(0 < self.lr < 1, "trainer.lr", f"must be in (0, 1), got {self.lr}")
         check(self.optimizer in ("adam", "sgd"), "trainer.optimizer", f"must be adam or sgd, got {self.optimizer!r}")
@@ -203,6 +209,8 @@ class RunConfig:
         check(self.kind in ("teacher", "distill", "refine"), "kind", f"must be teacher, distill or refine, got {self.kind!r}")
         if self.trainer.diagnose_every:
             check(bool(self.data.val_sequences), "data.val_sequences", "needed by trainer.diagnose_every")
+        check(self.kind != "distill" or not self.trainer.lr_decay_every or self.trainer.lr_decay == 1, "trainer.lr_decay_every",
+              "distillation keeps a constant learning rate (the schedule applies to teacher and refine runs)")
         if self.kind == "refine":
             check(bool(self.refine.base) and Path(self.refine.base).exists(), "refine.base", f"exported model {self.refine.base!r} not found")
         if self.kind == "distill":
