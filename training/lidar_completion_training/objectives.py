@@ -351,8 +351,17 @@ def distillation_iteration(
     # Bounded box for the student's samples (zero gradient outside): a diverging student
     # must not crash voxelisation with kilometre-scale coordinates.
     box = sample_bound(partial)
-    samples = [generate(model, student, partial, scan, z, s, student_steps, repeat, generator).clamp(-box, box) for z, s in starts]
-    stacked = torch.stack(samples)  # [K, B, N, 3]
+    if len(starts) == 1:
+        stacked = generate(model, student, partial, scan, noise, 1.0, student_steps, repeat, generator).clamp(-box, box)[None]
+    else:
+        # All candidates in one batch [K * B] (candidate-major): sparse convolutions cost
+        # mostly per layer, not per point, so K candidates cost far less than K calls.
+        with torch.no_grad():
+            candidate_scans = encode_scans(model, partial.repeat(len(starts), 1, 1))
+        start_noise = torch.cat([s * z for z, s in starts])
+        flat = generate(model, student, partial.repeat(len(starts), 1, 1), candidate_scans, start_noise, 1.0, student_steps, repeat, generator)
+        stacked = flat.clamp(-box, box).view(len(starts), *noise.shape)  # [K, B, N, 3]
+    samples = list(stacked)
     score = preference_metric or (lambda xs, gt: preference_scores(xs, gt, pairing.metric, pairing.metric_lambda))
     scores = score(samples, full)  # [K, B]
     logs: dict[str, float] = {}
