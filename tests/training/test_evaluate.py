@@ -180,3 +180,154 @@ def test_demo_scores_through_the_command_and_prints_the_table(tiny_dataset, tmp_
     assert "not installed" in capsys.readouterr().out
     text, _ = demo.table(demo.frame_rows(outputs, stamps, timings, None))
     assert "node ms" in text and "CD" not in text and len(text.splitlines()) == 2 + 2 + 2  # the cloud at no scan's stamp is left out
+
+
+# --- Long runs: per-scan log, resume after a kill, parallel workers --------------------------
+
+SCANS = 5  # of sequence 01 (6 scans)
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory):
+    torch.manual_seed(0)
+    config = ModelConfig(channel_ratio=0.25, kind="student", default_steps=1, default_guidance=1.0, n_part=64)
+    return save_model(CompletionModel(config), tmp_path_factory.mktemp("model") / "model")
+
+
+def _run_args(tiny_dataset, model_dir, out, *extra) -> list[str]:
+    return ["--root", str(tiny_dataset), "--sequences", "01", "--checkpoint", str(model_dir), "--max-scans", str(SCANS),
+            "--no-emd", "--out", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tiny_dataset, small_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight")
+    assert main(_run_args(tiny_dataset, small_model, out)) == 0
+    return out
+
+
+def _numbers(out):
+    """Every number of the tables but the measured times, and the paired differences."""
+    loaded = json.loads((out / "summary.json").read_text())
+    per_scan = {name: [{k: v for k, v in row.items() if k != "time_s"} for row in rows] for name, rows in loaded["per_scan"].items()}
+    summary = {name: {k: v for k, v in row.items() if not k.startswith("time_s")} for name, row in loaded["summary"].items()}
+    table = [line.rsplit("|", 2)[0] for line in (out / "table.md").read_text().splitlines()]  # without the time column
+    return per_scan, summary, table, (out / "paired.md").read_text()
+
+
+def _logged(out) -> list[dict]:
+    """The whole lines of the per-scan log (not a last one cut short)."""
+    return [json.loads(line) for line in (out / "per_scan.jsonl").read_text().split("\n")[:-1]]
+
+
+def test_every_scan_is_logged_as_it_comes(straight_run):
+    entries = _logged(straight_run)
+    assert entries[0]["lidar-evaluate per-scan log"] == 1 and entries[0]["settings"]["steps"] is None
+    assert entries[-1] == {"finished": True}
+    rows = entries[1:-1]
+    assert len(rows) == 4 * SCANS  # input, input at the output's size, output, completion alone
+    assert {row["index"] for row in rows} == set(range(SCANS))
+    per_scan = json.loads((straight_run / "summary.json").read_text())["per_scan"]
+    assert [r["row"] for r in rows if r["setting"] == "model (scan + completion)"] == per_scan["model (scan + completion)"]
+
+
+def test_killed_run_resumes_where_it_stopped_with_the_same_tables(tiny_dataset, small_model, straight_run, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "killed"
+    env = os.environ | {"OMP_NUM_THREADS": "1"}  # the threads of this process (tests/conftest.py): same sums
+    proc = subprocess.Popen([sys.executable, "-m", "lidar_completion_training.evaluate", *_run_args(tiny_dataset, small_model, out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    log, deadline = out / "per_scan.jsonl", time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        if log.is_file() and log.read_text().count("\n") >= 3:  # the settings and two scans
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    entries = _logged(out)
+    assert {"finished": True} not in entries, "the run finished before it could be killed"
+    before = len(entries) - 1
+    with open(log, "a") as handle:  # as a kill during a write leaves it
+        handle.write('{"setting": "model (scan + completion)", "index": 4, "row": {"cd": 0.')
+
+    # Without --resume the unfinished log is kept and the command says what to do; other settings are refused.
+    assert main(_run_args(tiny_dataset, small_model, out)) == 2
+    assert main(_run_args(tiny_dataset, small_model, out, "--resume", "--steps", "2")) == 2
+    assert main(_run_args(tiny_dataset, small_model, out, "--resume", "--max-range", "7")) == 2
+    assert len(_logged(out)) - 1 == before  # each refusal left the log as it was
+
+    scored: list[int] = []
+    from lidar_completion_training import evaluate
+
+    original = evaluate.ScanScorer.score
+    def counting(self, setting, scoring, index, keep=False):
+        scored.append(index)
+        return original(self, setting, scoring, index, keep)
+    import unittest.mock
+
+    with unittest.mock.patch.object(evaluate.ScanScorer, "score", counting):
+        assert main(_run_args(tiny_dataset, small_model, out, "--resume")) == 0
+    assert len(scored) == 4 * SCANS - before  # only what was missing
+    assert _numbers(out) == _numbers(straight_run)
+    assert _logged(out)[-1] == {"finished": True} and len(_logged(out)) == 4 * SCANS + 2
+
+
+def test_refusals_name_the_reason(tiny_dataset, small_model, straight_run, tmp_path, capsys):
+    out = tmp_path / "fresh"
+    assert main(_run_args(tiny_dataset, small_model, out, "--resume")) == 2
+    assert "--resume: no per-scan log at" in capsys.readouterr().err
+    # A finished run is no reason to refuse: a new one starts over; resuming it rewrites the tables.
+    assert main(_run_args(tiny_dataset, small_model, straight_run, "--resume")) == 0
+    (out / "per_scan.jsonl").parent.mkdir(parents=True)
+    (out / "per_scan.jsonl").write_text(
+        (straight_run / "per_scan.jsonl").read_text().split('{"finished": true}')[0])  # unfinished
+    assert main(_run_args(tiny_dataset, small_model, out)) == 2
+    assert "holds an unfinished evaluation" in capsys.readouterr().err
+    assert main(_run_args(tiny_dataset, small_model, out, "--resume", "--seed", "1")) == 2
+    err = capsys.readouterr().err
+    assert "other settings" in err and "seed: 0 then, 1 now" in err
+
+
+def test_ctrl_c_keeps_the_scored_scans_and_exits_130(tiny_dataset, small_model, tmp_path, capsys, monkeypatch):
+    from lidar_completion_training import evaluate
+
+    original, calls = evaluate.ScanScorer.score, []
+    def interrupted(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+    monkeypatch.setattr(evaluate.ScanScorer, "score", interrupted)
+    out = tmp_path / "stopped"
+    assert main(_run_args(tiny_dataset, small_model, out)) == 130
+    assert "interrupted: the 2 scans scored so far are in" in capsys.readouterr().err
+    assert len(_logged(out)) == 3
+
+
+def test_workers_give_the_rows_of_one_process(tiny_dataset, small_model, straight_run, tmp_path):
+    out = tmp_path / "workers"
+    assert main(_run_args(tiny_dataset, small_model, out, "--workers", "2")) == 0
+    assert _numbers(out) == _numbers(straight_run)
+    with pytest.raises(SystemExit):
+        main(_run_args(tiny_dataset, small_model, out, "--workers", "0"))
+
+
+def test_workers_and_resume_score_completed_files_too(tiny_dataset, tmp_path):
+    from lidar_completion_training.dataset import CompletionDataset, PairConfig
+
+    dataset = CompletionDataset(tiny_dataset, ["01"], PairConfig())
+    completed = tmp_path / "completed" / "01"
+    for i in range(3):
+        write_points(completed / f"{i:06d}.npy", dataset.pair(i)[0])
+    runs = {}
+    for workers in ("1", "2"):
+        out = tmp_path / f"eval{workers}"
+        assert main(["--root", str(tiny_dataset), "--sequences", "01", "--completed", str(tmp_path / "completed"),
+                     "--max-scans", "4", "--no-emd", "--workers", workers, "--out", str(out)]) == 0
+        runs[workers] = json.loads((out / "summary.json").read_text())
+    assert runs["1"] == runs["2"] and len(next(iter(runs["1"]["per_scan"].values()))) == 3  # the fourth is missing

@@ -8,17 +8,27 @@
 
 Every model goes through :class:`~lidar_completion.completer.SceneCompleter` and every
 number through :mod:`.metrics`, so the table measures what the node and the CLI run.
+
+Long runs (the published protocol: every scan of sequence 08): each scored scan is written
+to ``<out>/per_scan.jsonl`` as it comes (:mod:`.scan_log`), ``--resume`` continues an
+interrupted run from it, and ``--workers N`` scores scans in N processes (a scan's noise is
+seeded by the scan alone, so the rows are those of one process, in scan order).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
+import hashlib
 import json
+import os
+import signal
 import sys
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -26,6 +36,7 @@ from lidar_completion.config import SAMPLERS
 
 from .dataset import CompletionDataset, PairConfig
 from .metrics import evaluate_completion
+from .scan_log import LOG_FILE, EvaluationError, ScanLog, normalised
 
 __all__ = ["Setting", "evaluate_setting", "score_completed_bag", "main"]
 
@@ -51,6 +62,149 @@ class Setting:
     sampler: str | None = None  # None: the checkpoint's own
     t0: int | None = None
     completion_only: bool = False  # the model's completed points alone, not the scan + them
+    completed: str | None = None  # score files completed elsewhere: <completed>/<sequence>/<NNNNNN>.<suffix>
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How every scan of a run is completed and scored, whatever the setting."""
+
+    preset: str = "model"
+    n_part: int | None = None
+    device: str = "cpu"
+    seed: int = 0
+    with_emd: bool = True
+    free_space_margin: float | None = None  # the pipeline's; negative: the free-space stage off
+
+
+class ScanScorer:
+    """Scores one scan of one setting at a time: the scan's (partial, ground truth) pair and
+    the setting's completer, built once per setting and kept for the next scan. One lives in
+    each process that scores scans."""
+
+    def __init__(self, dataset: CompletionDataset) -> None:
+        self.dataset = dataset
+        self._key: tuple[Setting, Scoring] | None = None
+        self._completer: Any = None
+
+    def _completer_for(self, setting: Setting, scoring: Scoring) -> Any:
+        key = (dataclasses.replace(setting, name="", input_points=None), scoring)
+        if key != self._key:
+            from lidar_completion.completer import SceneCompleter
+            from lidar_completion.config import load_config
+
+            overrides = {"data.preset": scoring.preset, "data.n_part": scoring.n_part, "sampling.steps": setting.steps,
+                         "sampling.guidance": setting.guidance, "sampling.seed": scoring.seed, "refine": setting.refine,
+                         "device": scoring.device, "sampling.sampler": setting.sampler, "sampling.t0": setting.t0,
+                         "data.completion_only": setting.completion_only}
+            config = load_config(**overrides)
+            margin = scoring.free_space_margin
+            if margin is not None:
+                config = config.with_free_space_margin(margin if margin >= 0 else None)
+            self._completer, self._key = SceneCompleter.from_checkpoint(setting.checkpoint, config), key
+        return self._completer
+
+    def score(self, setting: Setting, scoring: Scoring, index: int, keep: bool = False
+              ) -> tuple[int, dict[str, Any] | None, np.ndarray | None]:
+        """(index, the scan's row or None when it was skipped, the scored points if ``keep``)."""
+        if setting.completed is not None:
+            return self._score_file(setting, scoring, index, keep)
+        partial, full = self.dataset.pair(index)
+        if setting.checkpoint is None:
+            pred, nfe, seconds = partial, 0, 0.0
+            count = setting.input_points.get(index) if isinstance(setting.input_points, dict) else setting.input_points
+            if count:
+                from lidar_completion.points import farthest_point_sample
+
+                pred = farthest_point_sample(partial, count)
+        else:
+            result = self._completer_for(setting, scoring).complete(partial)
+            pred, nfe, seconds = result.points, result.nfe, result.timings_ms["total"] / 1000
+        row = evaluate_completion(pred, full, with_emd=scoring.with_emd) | {
+            "nfe": nfe, "time_s": seconds, "points": len(pred), "steps": setting.steps or 0}
+        return index, normalised(row), pred if keep else None
+
+    def _score_file(self, setting: Setting, scoring: Scoring, index: int, keep: bool
+                    ) -> tuple[int, dict[str, Any] | None, np.ndarray | None]:
+        """A file completed elsewhere, named ``<sequence>/<NNNNNN>.<suffix>``; a missing or
+        unreadable one is skipped with a message."""
+        from lidar_completion.io import PointFileError, read_points
+
+        sequence, i = self.dataset.locate(index)
+        matches = sorted((Path(setting.completed) / sequence.name).glob(f"{i:06d}.*"))
+        if not matches:
+            print(f"lidar-evaluate: no completed file for {sequence.name}/{i:06d}, skipped", file=sys.stderr)
+            return index, None, None
+        try:
+            pred = read_points(matches[0])
+        except PointFileError as err:
+            print(f"lidar-evaluate: {err}, skipped", file=sys.stderr)
+            return index, None, None
+        row = evaluate_completion(pred, self.dataset.pair(index)[1], with_emd=scoring.with_emd) | {"nfe": 0, "time_s": 0.0}
+        return index, normalised(row), pred if keep else None
+
+
+_WORKER: ScanScorer | None = None
+
+
+def _start_worker(root: str, sequences: list[str], config: PairConfig, threads: int) -> None:
+    """A scoring process: its own dataset and completer; Ctrl-C is the parent's to handle."""
+    global _WORKER
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    import torch
+
+    torch.set_num_threads(threads)
+    _WORKER = ScanScorer(CompletionDataset(root, sequences, config))
+
+
+def _score_in_worker(task: tuple[Setting, Scoring, int, bool]) -> tuple[int, dict[str, Any] | None, np.ndarray | None]:
+    assert _WORKER is not None
+    return _WORKER.score(*task)
+
+
+class Workers:
+    """``count`` spawned processes that score scans of ``dataset``, started on first use and
+    kept across settings (each builds a setting's completer once). Each runs
+    ``torch.get_num_threads() // count`` threads (at least one). Use as a context manager:
+    leaving it stops them (at once after an error or Ctrl-C)."""
+
+    def __init__(self, count: int, dataset: CompletionDataset) -> None:
+        self.count = count
+        self._dataset = dataset
+        self._pool: Any = None
+
+    def score(self, setting: Setting, scoring: Scoring, indices: Sequence[int], keep: Collection[int]
+              ) -> Iterator[tuple[int, dict[str, Any] | None, np.ndarray | None]]:
+        """Results as they come (not in scan order)."""
+        if self._pool is None:
+            import multiprocessing
+
+            import torch
+
+            d = self._dataset
+            root = str(d.sequences[0].path.parents[1])
+            threads = max(1, torch.get_num_threads() // self.count)
+            # spawn: a forked copy of a process that already runs torch threads (or CUDA) can hang.
+            self._pool = multiprocessing.get_context("spawn").Pool(
+                self.count, _start_worker, (root, [s.name for s in d.sequences], d.config, threads))
+        def one(index: int) -> Setting:  # a per-scan budget travels with its own scan only
+            counts = setting.input_points
+            return dataclasses.replace(setting, input_points={index: counts[index]}) if isinstance(counts, dict) else setting
+
+        tasks = [(one(index), scoring, index, index in keep) for index in indices]
+        return self._pool.imap_unordered(_score_in_worker, tasks, chunksize=1)
+
+    def __enter__(self) -> "Workers":
+        return self
+
+    def __exit__(self, kind: Any, *exc: Any) -> None:
+        if self._pool is not None:
+            if kind is None:
+                self._pool.close()
+            else:
+                self._pool.terminate()
+            self._pool.join()
+            self._pool = None
 
 
 def _scans(root: str, sequences: Sequence[str], max_scans: int | None, stride: int, max_range: float | None) -> tuple[CompletionDataset, list[int]]:
@@ -72,41 +226,41 @@ def evaluate_setting(
     keep: dict[int, np.ndarray] | None = None,
     with_emd: bool = True,
     free_space_margin: float | None = None,
+    keep_indices: Collection[int] | None = None,
+    log: ScanLog | None = None,
+    workers: Workers | None = None,
 ) -> list[dict[str, float]]:
-    """Per-scan metrics (plus ``nfe`` and ``time_s``) of one setting; ``free_space_margin``
-    overrides the pipeline's (negative: the free-space stage off)."""
+    """Per-scan metrics (plus ``nfe``, ``time_s``, ``points``, ``steps``) of one setting, in
+    the order of ``indices`` (a skipped completed file has no row); ``free_space_margin``
+    overrides the pipeline's (negative: the free-space stage off).
+
+    ``keep`` gets the scored points of ``keep_indices`` (default: every scan). ``log``: rows
+    already in it are taken from it, each new one is added as it comes. ``workers``: the new
+    scans are scored in those processes."""
     from tqdm import tqdm
 
-    completer = None
-    if setting.checkpoint is not None:
-        from lidar_completion.completer import SceneCompleter
-        from lidar_completion.config import load_config
-
-        overrides = {"data.preset": preset, "data.n_part": n_part, "sampling.steps": setting.steps,
-                     "sampling.guidance": setting.guidance, "sampling.seed": seed, "refine": setting.refine, "device": device,
-                     "sampling.sampler": setting.sampler, "sampling.t0": setting.t0,
-                     "data.completion_only": setting.completion_only}
-        config = load_config(**overrides)
-        if free_space_margin is not None:
-            config = config.with_free_space_margin(free_space_margin if free_space_margin >= 0 else None)
-        completer = SceneCompleter.from_checkpoint(setting.checkpoint, config)
-    rows = []
-    for index in tqdm(indices, desc=setting.name, leave=False):
-        partial, full = dataset.pair(index)
-        if completer is None:
-            pred, nfe, seconds = partial, 0, 0.0
-            count = setting.input_points.get(index) if isinstance(setting.input_points, dict) else setting.input_points
-            if count:
-                from lidar_completion.points import farthest_point_sample
-
-                pred = farthest_point_sample(partial, count)
-        else:
-            result = completer.complete(partial)
-            pred, nfe, seconds = result.points, result.nfe, result.timings_ms["total"] / 1000
-        if keep is not None:
-            keep[index] = pred
-        rows.append(evaluate_completion(pred, full, with_emd=with_emd) | {"nfe": nfe, "time_s": seconds, "points": len(pred), "steps": setting.steps or 0})
-    return rows
+    scoring = Scoring(preset, n_part, device, seed, with_emd, free_space_margin)
+    rows = log.done(setting.name) if log is not None else {}
+    wanted = set() if keep is None else set(indices if keep_indices is None else keep_indices)
+    todo = [i for i in indices if i not in rows]
+    local = ScanScorer(dataset)
+    if workers is not None and workers.count > 1 and len(todo) > 1:
+        results = workers.score(setting, scoring, todo, wanted)
+    else:
+        results = (local.score(setting, scoring, i, i in wanted) for i in todo)
+    with tqdm(total=len(indices), initial=len(indices) - len(todo), desc=setting.name, leave=False) as bar:
+        for index, row, pred in results:
+            if row is not None:
+                rows[index] = row
+                if log is not None:
+                    log.add(setting.name, index, row)
+            if pred is not None and keep is not None:
+                keep[index] = pred
+            bar.update()
+    for index in wanted - set(todo):  # scored by an earlier run: only their rows were kept
+        if keep is not None and index in rows:
+            keep[index] = local.score(setting, scoring, index, True)[2]
+    return [rows[i] for i in indices if i in rows]
 
 
 def _standard_error(values: np.ndarray) -> float:
@@ -237,6 +391,42 @@ def _common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-range", type=float, help="scene radius in m (default: the model's trained radius, else 50)")
     parser.add_argument("--free-space-margin", type=float, metavar="M",
                         help="the pipeline's data.free_space_margin (m; default its own, 0.2); negative = stage off")
+    parser.add_argument("--workers", type=int, default=1, metavar="N",
+                        help="score scans in N processes (the same rows as 1; each process loads the model and the maps)")
+    parser.add_argument("--resume", action="store_true",
+                        help=f"continue the interrupted run whose {LOG_FILE} is in --out (same settings only)")
+
+
+# Arguments that do not change a single number of the tables (where they go, how fast, what is drawn).
+_NOT_SETTINGS = {"out", "workers", "resume", "picture", "picture_note", "input_bag", "completed_bag", "runs", "examples", "merge"}
+
+
+def _digest(path: str | os.PathLike) -> str:
+    """SHA-256 (16 hex digits) of a checkpoint: the file, or every file of an export directory."""
+    path, digest = Path(path), hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode() + b"\0")
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def _open_log(args: argparse.Namespace, command: str, models: Sequence[str]) -> ScanLog:
+    """The run's per-scan log in ``--out``: its settings are every argument that changes a
+    number, the root as an absolute path and the digest of each model's weights (a checkpoint
+    retrained in place is another setting)."""
+    settings = {key: value for key, value in sorted(vars(args).items()) if key not in _NOT_SETTINGS}
+    settings |= {"command": command, "root": str(Path(args.root).resolve())}
+    settings |= {f"{name}_digest": _digest(getattr(args, name)) for name in models if getattr(args, name)}
+    return ScanLog(args.out / LOG_FILE, settings, args.resume)
+
+
+def _interrupted(log: ScanLog) -> int:
+    print(f"lidar-evaluate: interrupted: the {log.scored} scans scored so far are in {log.path}; "
+          "the same command with --resume continues", file=sys.stderr)
+    return 130
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -267,6 +457,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "(the scan + what completion adds) against the input rows")
     parser.add_argument("--no-emd", action="store_true", help="skip EMD (exact optimal transport; the slowest metric)")
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error(f"--workers must be >= 1, got {args.workers}")
+    if args.completed_bag and (args.resume or args.workers != 1):
+        parser.error("--resume and --workers apply to --checkpoint and --completed, not --completed-bag")
     max_range = args.max_range
     if max_range is None and args.checkpoint:
         from lidar_completion.checkpoints import load_model
@@ -294,39 +488,50 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(write_outputs(args.out, summary, per_scan))
         print(f"lidar-evaluate: {len(rows)} completed scans; table, JSON (frames.json: per frame), CSV and plot in {args.out}")
         return 0
-    if args.completed:
-        rows = _score_files(dataset, indices, args.completed, with_emd)
-        if not rows:
-            print("lidar-evaluate: nothing to evaluate", file=sys.stderr)
-            return 2
-        name = str(args.completed)
-    else:
-        return _evaluate_checkpoint(args, dataset, indices, with_emd)
+    try:
+        log = _open_log(args, "checkpoint" if args.checkpoint else "completed", ["checkpoint"])
+    except EvaluationError as err:
+        print(f"lidar-evaluate: {err}", file=sys.stderr)
+        return 2
+    try:
+        with log, Workers(args.workers, dataset) as workers:
+            if not args.completed:
+                return _evaluate_checkpoint(args, dataset, indices, with_emd, log, workers)
+            name = str(args.completed)
+            rows = evaluate_setting(Setting(name, completed=name), dataset, indices, with_emd=with_emd, log=log,
+                                    workers=workers)
+            if not rows:
+                print("lidar-evaluate: nothing to evaluate", file=sys.stderr)
+                return 2
+            log.finish()
+    except KeyboardInterrupt:
+        return _interrupted(log)
     print(write_outputs(args.out, {name: summarise(rows)}, {name: rows}))
     print(f"lidar-evaluate: {len(rows)} scans; table, JSON, CSV and plot in {args.out}")
     return 0
 
 
 def _evaluate_checkpoint(args: argparse.Namespace, dataset: CompletionDataset, indices: Sequence[int],
-                         with_emd: bool) -> int:
+                         with_emd: bool, log: ScanLog | None = None, workers: Workers | None = None) -> int:
     """What users get against what they had: the input (all points in range), the input FPS'd
     to the output's size, the default output (the scan + what completion adds) and the
     completion alone (``--completion-only``: that row only)."""
     name = Path(args.checkpoint).name
     output_row, alone_row = f"{name} (scan + completion)", f"{name}, completion only"
     common = dict(preset=args.preset, n_part=args.n_part, device=args.device, seed=args.seed, with_emd=with_emd,
-                  free_space_margin=args.free_space_margin)
+                  free_space_margin=args.free_space_margin, log=log, workers=workers)
     model = dict(checkpoint=args.checkpoint, steps=args.steps, guidance=args.guidance, refine=args.refine,
                  sampler=args.sampler, t0=args.t0)
     per_scan: dict[str, list[dict[str, float]]] = {}
     settings = [Setting(alone_row, completion_only=True, **model)]
     if not args.completion_only:
-        kept: dict[int, np.ndarray] = {}
-        per_scan[output_row] = evaluate_setting(Setting(output_row, **model), dataset, indices, keep=kept, **common)
-        settings = [Setting(INPUT_ROW), Setting(OUTPUT_BUDGET_ROW, input_points={i: len(p) for i, p in kept.items()}),
-                    *settings]
+        per_scan[output_row] = rows = evaluate_setting(Setting(output_row, **model), dataset, indices, **common)
+        output_points = {i: int(row["points"]) for i, row in zip(indices, rows)}
+        settings = [Setting(INPUT_ROW), Setting(OUTPUT_BUDGET_ROW, input_points=output_points), *settings]
     for setting in settings:
         per_scan[setting.name] = evaluate_setting(setting, dataset, indices, **common)
+    if log is not None:
+        log.finish()
     order = [INPUT_ROW, OUTPUT_BUDGET_ROW, output_row, alone_row]
     per_scan = {key: per_scan[key] for key in order if key in per_scan}
     summary = {key: summarise(rows) for key, rows in per_scan.items()}
@@ -338,27 +543,6 @@ def _evaluate_checkpoint(args: argparse.Namespace, dataset: CompletionDataset, i
         print(paired)
     print(f"lidar-evaluate: {len(indices)} scans; table, JSON, CSV and plot in {args.out}")
     return 0
-
-
-def _score_files(dataset: CompletionDataset, indices: Sequence[int], completed: Path, with_emd: bool) -> list[dict[str, float]]:
-    """Metrics of files completed elsewhere, named ``<sequence>/<NNNNNN>.<suffix>``; unreadable or missing ones are skipped."""
-    from lidar_completion.io import PointFileError, read_points
-
-    rows = []
-    for index in indices:
-        sequence, i = dataset.locate(index)
-        matches = sorted((completed / sequence.name).glob(f"{i:06d}.*"))
-        if not matches:
-            print(f"lidar-evaluate: no completed file for {sequence.name}/{i:06d}, skipped", file=sys.stderr)
-            continue
-        try:
-            pred = read_points(matches[0])
-        except PointFileError as err:
-            print(f"lidar-evaluate: {err}, skipped", file=sys.stderr)
-            continue
-        rows.append(evaluate_completion(pred, dataset.pair(index)[1], with_emd=with_emd) | {"nfe": 0, "time_s": 0.0})
-    return rows
-
 
 
 def _prefixed(frame: dict[str, float], prefix: str) -> dict[str, float]:
@@ -473,20 +657,35 @@ def report(argv: Sequence[str]) -> int:
     dataset, indices = _scans(args.root, args.sequences, args.max_scans, args.stride, max_range)
     summary, per_scan, drawn = {}, {}, {}
     shown = indices[: args.examples]
-    for setting in settings:  # (grows by the budget row once the DPO student's counts are known)
-        kept: dict[int, np.ndarray] = {}
-        rows = evaluate_setting(setting, dataset, indices, preset=args.preset, n_part=args.n_part, device=args.device,
-                                seed=args.seed, keep=kept, with_emd=args.emd, free_space_margin=args.free_space_margin)
-        summary[setting.name], per_scan[setting.name] = summarise(rows), rows
-        if setting.checkpoint is None or setting.steps in (k, args.teacher_steps):
-            for index in shown:
-                drawn[f"{setting.name} (scan {index})"] = kept[index]
-        s = summary[setting.name]
-        print(f"{setting.name}: CD {s['cd']:.3f} ± {s['cd_se']:.3f} m, JSD-BEV {s['jsd_bev']:.3f}, {s['time_s']:.2f} s/frame", flush=True)
-        if setting.name == dpo:
-            # The line to beat at the same budget: the scan FPS'd to the student's own count, scan
-            # by scan (the pipeline's filters leave fewer points than the nominal budget).
-            settings.append(Setting(BAG_BUDGET_ROW, input_points={i: len(p) for i, p in kept.items()}))
+    try:
+        log = _open_log(args, "report", ["teacher", "student", "sd_student"])
+    except EvaluationError as err:
+        print(f"lidar-evaluate report: {err}", file=sys.stderr)
+        return 2
+    try:
+        with log, Workers(args.workers, dataset) as workers:
+            for setting in settings:  # (grows by the budget row once the DPO student's counts are known)
+                kept: dict[int, np.ndarray] = {}
+                drawn_here = setting.checkpoint is None or setting.steps in (k, args.teacher_steps)
+                rows = evaluate_setting(setting, dataset, indices, preset=args.preset, n_part=args.n_part,
+                                        device=args.device, seed=args.seed, keep=kept, with_emd=args.emd,
+                                        free_space_margin=args.free_space_margin, keep_indices=shown if drawn_here else (),
+                                        log=log, workers=workers)
+                summary[setting.name], per_scan[setting.name] = summarise(rows), rows
+                if drawn_here:
+                    for index in shown:
+                        drawn[f"{setting.name} (scan {index})"] = kept[index]
+                s = summary[setting.name]
+                print(f"{setting.name}: CD {s['cd']:.3f} ± {s['cd_se']:.3f} m, JSD-BEV {s['jsd_bev']:.3f}, "
+                      f"{s['time_s']:.2f} s/frame", flush=True)
+                if setting.name == dpo:
+                    # The line to beat at the same budget: the scan FPS'd to the student's own count,
+                    # scan by scan (the pipeline's filters leave fewer points than the nominal budget).
+                    counts = {i: int(row["points"]) for i, row in zip(indices, rows)}
+                    settings.append(Setting(BAG_BUDGET_ROW, input_points=counts))
+            log.finish()
+    except KeyboardInterrupt:
+        return _interrupted(log)
     for index in shown:
         drawn[f"ground truth (scan {index})"] = dataset.pair(index)[1]
     for earlier in args.merge:  # rows computed by an earlier run on the same scans
