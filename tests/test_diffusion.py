@@ -123,3 +123,44 @@ def test_displacement_models_are_read_back_as_noise_predictions():
     assert epsilon_model.as_noise(eps, t) is eps
     with pytest.raises(ValueError, match="prediction must be one of"):
         ModelConfig(prediction="x0")
+
+
+def test_should_stop_abandons_the_sample_between_two_steps():
+    """Issue 28, item 1: a node shutting down cancels the sampling loop at the next step
+    instead of waiting for all of them; nothing else changes when it never says stop."""
+    from lidar_completion.diffusion import Cancelled
+
+    schedule = NoiseSchedule.of(CONFIG)
+    x0 = torch.zeros(1, 50, 3)
+    calls = []
+
+    def predict(x_t, t):
+        calls.append(int(t))
+        return oracle(x0, schedule)(x_t, t)
+
+    sampler = make_sampler(CONFIG, "ve", 10, 300)
+    with pytest.raises(Cancelled, match="before timestep"):
+        sample(predict, sampler, x0, torch.randn(x0.shape), should_stop=lambda: len(calls) >= 3)
+    assert len(calls) == 3  # the three steps before the stop ran; none after
+    calls.clear()
+    out = sample(predict, sampler, x0, torch.randn(x0.shape), should_stop=lambda: False)
+    assert len(calls) == 10 and torch.allclose(out, x0, atol=1e-4)
+
+
+def test_completer_passes_should_stop_to_its_sampler():
+    from lidar_completion.diffusion import Cancelled
+
+    torch.manual_seed(0)
+    completer = SceneCompleter(CompletionModel(CONFIG), CompletionConfig.from_dict(
+        {"device": "cpu", "sampling.steps": 4, "sampling.guidance": 1.0, "data.n_part": 64, "data.repeat": 2}))
+    scan = np.random.default_rng(0).uniform(-15, 15, (500, 3)).astype(np.float32)
+    asked = []
+
+    def stop_at_third() -> bool:
+        asked.append(1)
+        return len(asked) >= 3
+
+    with pytest.raises(Cancelled):
+        completer.complete(scan, should_stop=stop_at_third)
+    assert len(asked) == 3
+    assert completer.complete(scan, should_stop=lambda: False).nfe == 4

@@ -195,6 +195,47 @@ def test_levels_come_from_rates_and_times_not_from_a_single_drop() -> None:
     assert _levels(health, t + 6.5)["processing"][0] == ERROR  # one batch running > 1000 ms
 
 
+def test_a_running_batch_shows_its_age_and_warns_past_the_processing_bound() -> None:
+    """Issue 28, item 6: a batch that is still running counts, not only finished ones: its age
+    is a value of the processing task, WARN past warn_processing_ms, ERROR past error_processing_ms."""
+    health = Health(["/a"])
+    health.activated(0.0)
+    processing = {t.task: t for t in health.evaluate(1.0, SETTINGS, True, True, {}, {})}["processing"]
+    assert processing.level == OK and processing.values["running_batch_age_s"] == "0.00"
+    health.batch_started(10.0)
+    for now, level in ((10.05, OK), (10.5, WARN), (11.5, ERROR)):  # bounds: 100 ms, 1000 ms
+        processing = {t.task: t for t in health.evaluate(now, SETTINGS, True, True, {}, {})}["processing"]
+        assert processing.level == level, (now, processing)
+        assert processing.values["running_batch_age_s"] == f"{now - 10.0:.2f}"
+    assert "a batch has run 500 ms > 100 ms" in {t.task: t for t in health.evaluate(
+        10.5, SETTINGS, True, True, {}, {})}["processing"].message
+    health.batch_done(None)
+    assert {t.task: t for t in health.evaluate(12.0, SETTINGS, True, True, {}, {})}["processing"].level == OK
+
+
+def test_in_flight_scans_are_answered_once_by_whichever_thread_claims_them() -> None:
+    """Issue 28, item 1: the worker claims a scan before publishing it; a shutdown that cannot
+    wait claims the rest as abandoned. No scan is counted twice, none is lost."""
+    from lidar_completion_ros.pipeline import InFlight, Scan
+
+    scans = [Scan(i, i, np.zeros((1, 3), np.float32), frames.SensorPose(), 0.0, 1) for i in range(3)]
+    flight = InFlight()
+    flight.start(scans)
+    assert flight.claim(scans[0]) and not flight.claim(scans[0])  # the worker answered scan 0
+    assert flight.claim_all() == scans[1:]  # the shutdown takes the rest
+    assert not flight.claim(scans[1]) and flight.claim_all() == []  # the worker finds them gone
+    # Racing threads: every scan goes to exactly one of them.
+    for _ in range(20):
+        many = [Scan(i, i, np.zeros((1, 3), np.float32), frames.SensorPose(), 0.0, 1) for i in range(200)]
+        flight.start(many)
+        won: list = []
+        worker = threading.Thread(target=lambda won=won, many=many: won.extend(s for s in many if flight.claim(s)))
+        worker.start()
+        rest = flight.claim_all()
+        worker.join()
+        assert sorted(s.index for s in won + rest) == list(range(200))
+
+
 def test_consecutive_failures_and_counters_per_input() -> None:
     health = Health(["/a", "/b"])
     assert health.batch_done("RuntimeError: x") == 1

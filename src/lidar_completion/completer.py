@@ -29,7 +29,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -39,10 +39,11 @@ from .model import CompletionModel
 from .points import density_matched_count, farthest_point_sample, in_range, near_measured, seen_through, supported
 from .config import CompletionConfig
 from . import diffusion
+from .diffusion import Cancelled
 from .networks import Denoiser
 from .sparse import SparseTensor
 
-__all__ = ["ScanError", "CompletionResult", "SceneCompleter", "resolve_device", "OUT_OF_DOMAIN_CLIPPED"]
+__all__ = ["Cancelled", "ScanError", "CompletionResult", "SceneCompleter", "resolve_device", "OUT_OF_DOMAIN_CLIPPED"]
 
 
 class ScanError(ValueError):
@@ -243,14 +244,17 @@ class SceneCompleter:
         seed = self.config.sampling.seed
         return None if seed is None else [torch.Generator(self.device).manual_seed(seed) for _ in range(count)]
 
-    def complete(self, points: np.ndarray) -> CompletionResult:
+    def complete(self, points: np.ndarray, should_stop: Callable[[], bool] | None = None) -> CompletionResult:
         """Complete one scan ([N, >=3] array, sensor frame, metres)."""
-        return self.complete_batch([points])[0]
+        return self.complete_batch([points], should_stop)[0]
 
     @torch.inference_mode()
-    def complete_batch(self, scans: Sequence[np.ndarray]) -> list[CompletionResult]:
+    def complete_batch(self, scans: Sequence[np.ndarray],
+                       should_stop: Callable[[], bool] | None = None) -> list[CompletionResult]:
         """Complete several scans ([N, >=3] arrays, sensor frame, metres; a 4th column is the
-        intensity) in one batch per point budget; :class:`ScanError` for an unusable one."""
+        intensity) in one batch per point budget; :class:`ScanError` for an unusable one.
+        ``should_stop()`` is asked before every sampler step and before refinement: when it
+        is true the batch is abandoned with :class:`Cancelled` (e.g. the node shuts down)."""
         if len(scans) == 0:
             return []
         timer = _Timer(self.device)
@@ -262,12 +266,14 @@ class SceneCompleter:
         nfe = 0
         for budget in sorted(set(budgets)):  # scans of one budget share a batch (usually all)
             rows = [i for i, n in enumerate(budgets) if n == budget]
-            points, counts, nfe = self.sample_scans(np.stack([partial[i] for i in rows]), timer)
+            points, counts, nfe = self.sample_scans(np.stack([partial[i] for i in rows]), timer, should_stop)
             for k, i in enumerate(rows):
                 completed[i], clipped[i] = points[k], int(counts[k])
         with timer.stage("postprocess"):
             kept = [self.postprocess(c, p) for c, p in zip(completed, partial)]
         if self.config.refine:
+            if should_stop is not None and should_stop():
+                raise Cancelled("stopped before refinement")
             with timer.stage("refine"):  # refined points obey the same range and height band
                 kept = [self.postprocess(self.refine(k), p) for k, p in zip(kept, partial)]
         measured = [self._finite(s) for s in scans]
@@ -298,9 +304,11 @@ class SceneCompleter:
         ]
 
     @torch.inference_mode()
-    def sample_scans(self, partial_np: np.ndarray, timer: _Timer | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    def sample_scans(self, partial_np: np.ndarray, timer: _Timer | None = None,
+                     should_stop: Callable[[], bool] | None = None) -> tuple[np.ndarray, np.ndarray, int]:
         """The model's raw sample [B, n * repeat, 3] (before post-processing) of pre-processed
-        scans [B, n, 3], the clipped noise predictions per scan, and the NFE."""
+        scans [B, n, 3], the clipped noise predictions per scan, and the NFE
+        (:class:`Cancelled` when ``should_stop()`` turns true between two steps)."""
         timer = timer or _Timer(self.device)
         partial = torch.from_numpy(partial_np).to(self.device)
         generator = self._generators(len(partial))
@@ -312,7 +320,7 @@ class SceneCompleter:
             x_init = partial.repeat(1, self.config.data.repeat, 1)
             noise = randn_tensor(x_init.shape, generator=generator, device=self.device, dtype=x_init.dtype)
             clipped = torch.zeros(len(partial), dtype=torch.long, device=self.device)
-            x_t, nfe = self.sample(x_init, noise, scans_enc, generator, clipped)
+            x_t, nfe = self.sample(x_init, noise, scans_enc, generator, clipped, should_stop)
         return x_t.cpu().numpy(), clipped.cpu().numpy(), nfe
 
     @staticmethod
@@ -346,9 +354,11 @@ class SceneCompleter:
         scans: list[SparseTensor],
         generator: list[torch.Generator] | None,
         clipped: torch.Tensor | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> tuple[torch.Tensor, int]:
         """The model's sampler from ``x_init`` + scaled ``noise``; returns the points and the NFE
-        (clipped noise predictions per scan are added to ``clipped``)."""
+        (clipped noise predictions per scan are added to ``clipped``; ``should_stop``: see
+        :func:`~lidar_completion.diffusion.sample`)."""
         nfe = 0
 
         def guided_noise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -363,7 +373,8 @@ class SceneCompleter:
         # Diverging points (a weak model under strong guidance) stay inside a box: they are
         # dropped by post-processing anyway and must not overflow voxel coordinates.
         x_t = diffusion.sample(guided_noise, sampler, x_init, noise, generator, bound=self.sample_bound,
-                               noise_clip=self.config.sampling.noise_clip, clipped=clipped)
+                               noise_clip=self.config.sampling.noise_clip, clipped=clipped,
+                               should_stop=should_stop)
         return x_t, nfe
 
     @torch.inference_mode()

@@ -29,8 +29,12 @@ import torch
 
 from .config import SAMPLERS
 
-__all__ = ["SAMPLERS", "NoiseSchedule", "Sampler", "VESampler", "PublishedSampler", "make_sampler", "clip_noise", "sample"]
+__all__ = ["SAMPLERS", "Cancelled", "NoiseSchedule", "Sampler", "VESampler", "PublishedSampler", "make_sampler",
+           "clip_noise", "sample"]
 
+
+class Cancelled(Exception):
+    """The caller's ``should_stop()`` said so between two steps: the sample was abandoned."""
 
 
 class NoiseSchedule:
@@ -148,14 +152,19 @@ def sample(
     bound: float | None = None,
     noise_clip: float | None = None,
     clipped: torch.Tensor | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> torch.Tensor:
     """Points from ``x_init + start_scale * noise`` after every step of ``sampler``;
     ``predict(x_t, t)`` is the (possibly guided) noise prediction. ``noise_clip`` bounds
     each point's predicted noise norm (:func:`clip_noise`) and adds the clipped predictions
     per batch row to ``clipped`` [B] when given. ``bound`` is the last resort that keeps
-    points in a box, so a weak model cannot overflow voxel coordinates."""
+    points in a box, so a weak model cannot overflow voxel coordinates. ``should_stop()``
+    is asked before every step; when it is true the sample is abandoned with
+    :class:`Cancelled` (a node shutting down does not wait for a 50-step teacher)."""
     x_t = x_init + sampler.start_scale * noise
     for t in sampler.timesteps:
+        if should_stop is not None and should_stop():
+            raise Cancelled(f"sampling stopped before timestep {int(t)}")
         eps = predict(x_t, t.to(x_t.device).reshape(1))
         if noise_clip is not None:
             eps, over = clip_noise(eps, noise_clip)

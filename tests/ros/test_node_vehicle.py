@@ -1,5 +1,7 @@
 """Issue 13 on a real node process over DDS: frames, several LiDARs in one batch, the output
-layout, the managed lifecycle, QoS overrides and the no-input WARN."""
+layout, the managed lifecycle, QoS overrides and the no-input WARN; issue 28, item 6: the
+"ready" line states the QoS in effect (after an override), and the shutdown transition
+(finalized) ends the process with status 0."""
 
 from __future__ import annotations
 
@@ -103,6 +105,16 @@ def _lifecycle(peer, transition: str | None = None) -> int:
     return future.result().current_state.id
 
 
+def _shutdown(peer) -> None:
+    """Ask for the shutdown transition; the node may exit before its answer arrives."""
+    from lifecycle_msgs.msg import Transition
+    from lifecycle_msgs.srv import ChangeState
+
+    client = peer.node.create_client(ChangeState, "/completion_node/change_state")
+    peer.spin_until(client.service_is_ready, 120, "the change_state service")
+    client.call_async(ChangeState.Request(transition=Transition(id=Transition.TRANSITION_UNCONFIGURED_SHUTDOWN)))
+
+
 def test_lifecycle_qos_override_and_no_input_warning(domain_id: int, model, peer) -> None:
     from lifecycle_msgs.msg import State
     from rclpy.qos import ReliabilityPolicy
@@ -132,6 +144,8 @@ def test_lifecycle_qos_override_and_no_input_warning(domain_id: int, model, peer
                         "the node's subscription")
         (info,) = graph.get_subscriptions_info_by_topic("/points_raw")
         assert info.qos_profile.reliability == ReliabilityPolicy.RELIABLE
+        # The log says what is in effect, not qos.input.reliability (best_effort).
+        node.wait_for_line(r"ready: /points_raw -> /points_completed \(input QoS reliable/5, output QoS reliable/2;", 60)
         # No scan since activation: the input task warns (not before activation).
         peer.spin_until(lambda: any(lv == 1 and "no scan for" in msg for lv, msg, _ in peer.tasks["input"]), 120,
                         "the no-input WARN")
@@ -151,7 +165,11 @@ def test_lifecycle_qos_override_and_no_input_warning(domain_id: int, model, peer
         assert _lifecycle(peer, "cleanup") == State.PRIMARY_STATE_UNCONFIGURED
         node.wait_for_line(r"cleaned up: model released", 60)
         peer.spin_until(lambda: graph.count_publishers("/points_completed") == 0, 120, "the publisher to go")
-        assert node.interrupt(60) == 0, node.output
+        # shutdown (unconfigured -> finalized): nothing can leave finalized, so the process
+        # exits 0 by itself (docs/ros.md, "The node"), as under a launch file it would too.
+        _shutdown(peer)
+        peer.spin_until(lambda: node.returncode is not None, 30, "the finalized node to exit")
+        assert node.wait(10) == 0, node.output
     finally:
         node.kill()
 
@@ -159,6 +177,7 @@ def test_lifecycle_qos_override_and_no_input_warning(domain_id: int, model, peer
     assert [_stamp(m) for m in completed] == [2_000_000_002, 4_000_000_004]
     summary = parse_summary(node.output)
     assert (summary["received"], summary["completed"]) == (2, 2), summary
+    assert "shut down (lifecycle): finalized, exiting" in node.output
     assert "Traceback" not in node.output
 
 

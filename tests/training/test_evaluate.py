@@ -331,3 +331,30 @@ def test_workers_and_resume_score_completed_files_too(tiny_dataset, tmp_path):
                      "--max-scans", "4", "--no-emd", "--workers", workers, "--out", str(out)]) == 0
         runs[workers] = json.loads((out / "summary.json").read_text())
     assert runs["1"] == runs["2"] and len(next(iter(runs["1"]["per_scan"].values()))) == 3  # the fourth is missing
+
+
+def test_report_resumes_with_workers_to_the_same_tables(tiny_dataset, tmp_path, monkeypatch):
+    """The report (the model-card table) is a long run too: stopped in its third row, resumed
+    on two processes, it gives the numbers of one uninterrupted process."""
+    from lidar_completion_training import evaluate
+
+    torch.manual_seed(0)
+    common = dict(channel_ratio=0.25, n_part=32, max_range=20.0, sampler="ve", t0=200, prediction="displacement")
+    teacher = save_model(CompletionModel(ModelConfig(**common, default_steps=4, default_guidance=1.0)), tmp_path / "teacher")
+    student = save_model(CompletionModel(ModelConfig(**common, kind="student", default_steps=1, default_guidance=1.0)),
+                         tmp_path / "student")
+    def args(out, *extra):
+        return ["report", "--root", str(tiny_dataset), "--sequences", "01", "--max-scans", "3", "--teacher", str(teacher),
+                "--student", str(student), "--teacher-steps", "2", "--curve-steps", "1", "--out", str(out), *extra]
+    assert main(args(tmp_path / "straight")) == 0
+    original, calls = evaluate.ScanScorer.score, []
+    def interrupted(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 8:  # the third row's second scan
+            raise KeyboardInterrupt
+        return original(self, *a, **k)
+    monkeypatch.setattr(evaluate.ScanScorer, "score", interrupted)
+    assert main(args(tmp_path / "resumed")) == 130
+    monkeypatch.setattr(evaluate.ScanScorer, "score", original)
+    assert main(args(tmp_path / "resumed", "--resume", "--workers", "2")) == 0
+    assert _numbers(tmp_path / "resumed") == _numbers(tmp_path / "straight")

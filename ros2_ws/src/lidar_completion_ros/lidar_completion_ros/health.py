@@ -11,7 +11,9 @@ The node feeds :class:`Health` from its callback and worker threads and turns
   Dropped scans (a model slower than the sensor) are counted, not a WARN.
 * ``processing``: mean processing time over the window against
   ``diagnostics.warn_processing_ms`` (WARN) and ``diagnostics.error_processing_ms``
-  (ERROR; also when one batch has been running that long).
+  (ERROR); the batch running now, by its age (``running_batch_age_s``), against the same
+  two bounds: a batch that has run longer than a scan may take is a WARN (then an ERROR)
+  while it runs, not only after it finished.
 * ``output``: completed vs accepted scans per second; WARN below
   ``diagnostics.warn_output_ratio``; ERROR while inferences fail or the worker died.
 * ``model``: device, checkpoint and settings; WARN when ``device: auto`` found no GPU.
@@ -25,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["OK", "WARN", "ERROR", "Health", "TaskStatus", "Throttle", "REJECT_REASONS", "REPAIR_REASONS",
-           "COUNTER_KEYS", "model_values"]
+           "DROP_REASONS", "COUNTER_KEYS", "model_values"]
 
 OK, WARN, ERROR = 0, 1, 2
 WINDOW_S = 5.0  # rates and means are over the last few seconds
@@ -41,9 +43,15 @@ REJECT_REASONS = {
 }
 #: Scans that were changed and then used (counter ``repaired.<reason>``).
 REPAIR_REASONS = ("nonfinite", "subsampled")
+#: Why an accepted scan went unanswered (each has a counter ``dropped.<reason>``).
+DROP_REASONS = {
+    "stale": "a newer scan of its input replaced it while it waited (the model is slower than the sensor)",
+    "stopped": "it was waiting when the node was deactivated or shut down",
+    "abandoned": "it was being completed when the node shut down (cancelled between sampler steps)",
+}
 COUNTER_KEYS = ("received", "completed", "out_of_domain", "dropped", "skipped", "rejected",
-                *(f"rejected.{r}" for r in REJECT_REASONS), *(f"repaired.{r}" for r in REPAIR_REASONS),
-                "nonfinite_points")
+                *(f"rejected.{r}" for r in REJECT_REASONS), *(f"dropped.{r}" for r in DROP_REASONS),
+                *(f"repaired.{r}" for r in REPAIR_REASONS), "nonfinite_points")
 
 
 @dataclass
@@ -125,6 +133,15 @@ class Health:
             counts = self.inputs[index].counts
             counts["out_of_domain"] = counts.get("out_of_domain", 0) + 1
             self.recent.append((now, timings))
+
+    def batch_started(self, now: float) -> None:
+        with self.lock:
+            self.busy_since = now
+
+    def batch_abandoned(self) -> None:
+        """The batch in flight was given up (shutdown): no outcome to record."""
+        with self.lock:
+            self.busy_since = None
 
     def batch_done(self, error: str | None) -> int:
         """Record a batch's outcome; the number of consecutive failed batches."""
@@ -209,14 +226,18 @@ class Health:
                            "overhead_ms": f"{last.overhead_ms:.2f}", "wait_ms": f"{last.wait_ms:.1f}",
                            "pipeline_latency_ms": f"{last.latency_ms:.1f}", "batch_size": str(last.batch_size)})
         running = 1000 * (now - busy_since) if busy_since is not None else 0.0
+        values["running_batch_age_s"] = f"{running / 1000:.2f}"  # 0: no batch running
         if running > error_ms:
             return TaskStatus("processing", ERROR, f"a batch has run {running:.0f} ms > {error_ms:g} ms", values)
         if recent and mean > error_ms:
             return TaskStatus("processing", ERROR, f"slow: {mean:.0f} ms per scan > {error_ms:g} ms", values)
+        if running > warn_ms:
+            return TaskStatus("processing", WARN, f"a batch has run {running:.0f} ms > {warn_ms:g} ms", values)
         if recent and mean > warn_ms:
             return TaskStatus("processing", WARN, f"slow: {mean:.0f} ms per scan > {warn_ms:g} ms", values)
-        return TaskStatus("processing", OK, f"{mean:.1f} ms per scan" if recent else "no scan processed recently",
-                          values)
+        idle = f"{mean:.1f} ms per scan" if recent else "no scan processed recently"
+        return TaskStatus("processing", OK, idle + (f"; a batch running for {running / 1000:.1f} s" if busy_since
+                                                    is not None else ""), values)
 
     def _output_task(self, settings, active, worker_alive, recent, rates, failures, last_error, totals,
                      outputs, outside: int = 0) -> TaskStatus:

@@ -11,7 +11,7 @@ from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPo
 from sensor_msgs.msg import PointCloud2, PointField
 from std_msgs.msg import Header
 
-__all__ = ["add_qos_arguments", "qos_profile", "stamp_ns", "time_from_ns", "to_rclpy_cloud"]
+__all__ = ["add_qos_arguments", "describe_qos", "qos_profile", "stamp_ns", "time_from_ns", "to_rclpy_cloud"]
 
 RELIABILITIES = ("reliable", "best_effort")
 
@@ -26,6 +26,13 @@ def qos_profile(reliability: str, depth: int) -> QoSProfile:
         reliability=ReliabilityPolicy.RELIABLE if reliability == "reliable" else ReliabilityPolicy.BEST_EFFORT,
         durability=DurabilityPolicy.VOLATILE,
     )
+
+
+def describe_qos(profile: QoSProfile) -> str:
+    """``reliable/5``: reliability and depth of a profile as it is in effect (after any
+    ``qos_overrides`` parameter, which rclpy applies to the profile it was given)."""
+    names = {ReliabilityPolicy.RELIABLE: "reliable", ReliabilityPolicy.BEST_EFFORT: "best_effort"}
+    return f"{names.get(profile.reliability, str(profile.reliability).lower())}/{profile.depth}"
 
 
 def add_qos_arguments(parser: Any, role: str, depth: int, why: str) -> None:

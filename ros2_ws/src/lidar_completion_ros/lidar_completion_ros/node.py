@@ -3,10 +3,12 @@
     ros2 run lidar_completion_ros completion_node --ros-args --params-file completion_node.yaml
 
 configure = check parameters, load the model, warm up; activate = subscribe and publish;
-deactivate = stop; cleanup = free the model (``autostart``: configure + activate at start).
-This is the ROS part only; pipeline.py, frames.py, health.py and timings.py hold the rest.
-Exit status (runtime.py): 0 on SIGINT/SIGTERM, 2 when it cannot start, 3 after
-``max_consecutive_failures`` failed inferences. Topics, parameters, diagnostics: docs/ros.md.
+deactivate = stop; cleanup = free the model; shutdown = finalized, and the process exits
+(``autostart``: configure + activate at start). This is the ROS part only; pipeline.py,
+frames.py, health.py and timings.py hold the rest. Exit status (runtime.py): 0 on
+SIGINT/SIGTERM and after the shutdown transition (the scan in flight is abandoned between
+two sampler steps), 2 when it cannot start, 3 after ``max_consecutive_failures`` failed
+inferences. Topics, parameters, diagnostics: docs/ros.md.
 """
 
 from __future__ import annotations
@@ -33,10 +35,10 @@ from std_msgs.msg import Float64
 from lidar_completion.pointcloud2 import build_cloud
 
 from .health import REJECT_REASONS, Health, Throttle, model_values
-from .messages import qos_profile, stamp_ns
+from .messages import describe_qos, qos_profile, stamp_ns
 from .parameters import COMPLETION_KEYS, PARAMETERS, StartupError
-from .pipeline import (Mailbox, Rejected, apply_changes, complete_scans, describe, free_device, log_range,
-                       output_arrays, read_scan, set_up, warm_up)
+from .pipeline import (Cancelled, InFlight, Mailbox, Rejected, apply_changes, complete_scans, describe, free_device,
+                       log_range, output_arrays, read_scan, set_up, warm_up)
 from .ros_parameters import declare_parameters
 from .runtime import run_managed_node, summary_line  # noqa: F401  (summary_line: part of the module's API)
 from .tf_poses import TfPoses
@@ -48,6 +50,11 @@ NODE_NAME = "completion_node"
 INPUT_TOPIC, OUTPUT_TOPIC = "points_raw", "points_completed"
 DEBUG_SCALARS = tuple(ScanTimings().scalars())  # ~/debug/<name>, std_msgs/Float64
 SUCCESS, FAILURE = TransitionCallbackReturn.SUCCESS, TransitionCallbackReturn.FAILURE
+#: Shutting down, how long to wait for the worker to reach its next sampler step (where it
+#: abandons the batch); one network call longer than this is left behind (runtime.py).
+SHUTDOWN_WAIT_S = 3.0
+#: Deactivating, how long to wait for the batch in flight to finish and be published.
+DEACTIVATE_WAIT_S = 60.0
 
 
 class CompletionNode(LifecycleNode):
@@ -58,7 +65,10 @@ class CompletionNode(LifecycleNode):
         self._values = declare_parameters(self)
         self.autostart = bool(self._values["autostart"])
         self.configure_error = self.fatal = ""  # why configure failed; why to exit (worker)
+        self.finalized = False  # the shutdown transition ran: the process exits (runtime.py)
         self._completer = self._model = self._diag_timer = self._worker = self._tf = None
+        self._left_behind: threading.Thread | None = None  # a worker that did not stop in time
+        self._cancel, self._in_flight = threading.Event(), InFlight()
         self._subs, self._pubs, self._debug, self._active, self._throttle = [], [], {}, False, Throttle()
         self._health = Health([self.resolve_topic_name(t) for t in self._values["input_topics"]])
         self._mailbox, self._last_publish = Mailbox(len(self._values["input_topics"])), {}
@@ -109,14 +119,17 @@ class CompletionNode(LifecycleNode):
             self._drop_subscriptions()
             return FAILURE
         self._mailbox.reopen()
+        self._cancel.clear()
         self._worker = threading.Thread(target=self._work, name="completion_worker", daemon=True)
         self._worker.start()
         self._health.activated(time.monotonic())
         self._active = True
+        def qos(entities: list) -> str:  # as in effect: after any qos_overrides.* parameter
+            return ", ".join(dict.fromkeys(describe_qos(e.qos_profile) for e in entities))
+
         self.get_logger().info(
             f"ready: {', '.join(s.topic_name for s in self._subs)} -> {', '.join(p.topic_name for p in self._pubs)} "
-            f"(input QoS {v['qos.input.reliability']}/{v['qos.input.depth']}, "
-            f"output QoS {v['qos.output.reliability']}/{v['qos.output.depth']}; "
+            f"(input QoS {qos(self._subs)}, output QoS {qos(self._pubs)}; "
             f"frames: {'; '.join(p.describe() for p in self._poses)})")
         return super().on_activate(state)
 
@@ -131,23 +144,50 @@ class CompletionNode(LifecycleNode):
         return super().on_cleanup(state)
 
     def on_shutdown(self, state: Any) -> TransitionCallbackReturn:
-        self._stop()
+        """Finalized: the batch in flight is abandoned, the model freed, and the process exits
+        with status 0 (runtime.py; launch's ``respawn`` would start it again)."""
+        self._stop(abandon=True)
         self._release()
+        self.finalized = True
+        self.get_logger().info("shut down (lifecycle): finalized, exiting")
         return SUCCESS
 
     def _drop_subscriptions(self) -> None:
         subs, self._subs = self._subs, []
         [self.destroy_subscription(sub) for sub in subs]
 
-    def _stop(self) -> None:
-        """Unsubscribe, finish and publish the batch in flight; waiting scans count as dropped."""
+    def _stop(self, abandon: bool = False) -> None:
+        """Unsubscribe; waiting scans count as dropped (``dropped.stopped``). The batch in flight
+        is finished and published (deactivate) or, with ``abandon`` (shutdown), given up at the
+        sampler's next step and counted as ``dropped.abandoned``. A worker still busy after the
+        wait is left behind and its scans are counted as abandoned here."""
         self._active = False
         self._drop_subscriptions()
+        if abandon:
+            self._cancel.set()
         for scan in self._mailbox.close():
-            self._health.add(scan.index, "dropped")
-        if self._worker is not None and self._worker is not threading.current_thread():
-            self._worker.join(60)
-        self._worker = None
+            self._health.add(scan.index, "dropped", reason="stopped")
+        worker, self._worker = self._worker, None
+        if worker is not None and worker is not threading.current_thread():
+            worker.join(SHUTDOWN_WAIT_S if abandon else DEACTIVATE_WAIT_S)
+            if worker.is_alive():
+                self._left_behind = worker
+                self._abandon()
+
+    def worker_running(self) -> bool:
+        """A worker did not stop when asked (one network call longer than ``SHUTDOWN_WAIT_S``):
+        the process must exit without waiting for it (runtime.py)."""
+        return self._left_behind is not None and self._left_behind.is_alive()
+
+    def _abandon(self) -> None:
+        """Count the scans of the batch in flight that nobody answered as ``dropped.abandoned``."""
+        for scan in self._in_flight.claim_all():
+            self._health.add(scan.index, "dropped", reason="abandoned")
+        self._health.batch_abandoned()
+
+    def _stopping(self) -> bool:
+        """The sampler's cancellation check: shutdown asked for, or the context is gone (SIGINT)."""
+        return self._cancel.is_set() or not self.context.ok()
 
     def _release(self) -> None:
         for pub in [*self._pubs, *self._debug.values()]:
@@ -209,62 +249,78 @@ class CompletionNode(LifecycleNode):
         self._health.accepted(index, time.monotonic())
         stale = self._mailbox.put(scan)
         if stale is not None:
-            self._health.add(index, "dropped")
+            self._health.add(index, "dropped", reason="stale")
             self._throttled("dropped", f"dropped stale scan (stamp {stamp_ns(stale.header) / 1e9:.3f}) on "
                             f"{self._subs[index].topic_name}: the model is slower than the input rate")
 
     def _work(self) -> None:
         while (batch := self._mailbox.take(self._values["batch.gather_ms"] / 1000)) is not None:
-            self._health.busy_since = time.monotonic()
+            now = time.monotonic()
+            self._in_flight.start(batch)
+            self._health.batch_started(now)
             error = None
             try:
                 self._process(batch)
+            except Cancelled:  # shutting down: given up between two sampler steps
+                return self._abandon()
             except Exception as err:
-                if not self.context.ok():  # shutting down: the batch goes unanswered
-                    for scan in batch:
-                        self._health.add(scan.index, "dropped")
-                    return
+                if self._stopping():  # shutting down: the batch goes unanswered
+                    return self._abandon()
                 error = f"{type(err).__name__}: {err}"
-                for scan in batch:
+                for scan in self._in_flight.claim_all():
                     self._reject(scan.index, "error", error, scan.header)
+            self._in_flight.claim_all()  # every scan is answered: the batch is over
             failures, limit = self._health.batch_done(error), self._values["max_consecutive_failures"]
             if error and limit and failures >= limit:
                 self.fatal = f"inference failed {failures} times in a row (max_consecutive_failures): {error}"
                 return
 
     def _process(self, batch: list) -> None:
-        completer, v = self._completer, self._values
+        def out_of_range(scan: Any, why: str) -> None:
+            if self._in_flight.claim(scan):
+                self._reject(scan.index, "out_of_range", why, scan.header)
+
         t_model = time.perf_counter()
-        results = complete_scans(completer, batch, lambda scan, why: self._reject(
-            scan.index, "out_of_range", why, scan.header))
+        results = complete_scans(self._completer, batch, out_of_range, self._stopping)
         model_ms = 1000 * (time.perf_counter() - t_model)
         for scan, result in zip(batch, results, strict=True):
-            if result is None:
-                continue
-            tm = scan.model_done(result, t_model, model_ms, len(batch))
-            t_build = time.perf_counter()
-            xyz, extra = output_arrays(result, scan)
-            out = build_cloud(xyz, scan.header, PointCloud2, PointField, extra=extra)
-            t_publish = time.perf_counter()
-            self._pubs[scan.index].publish(out)
-            t_end = time.perf_counter()
-            tm.build_ms, tm.publish_ms = 1000 * (t_publish - t_build), 1000 * (t_end - t_publish)
-            tm.latency_ms = (self.get_clock().now().nanoseconds - stamp_ns(scan.header)) / 1e6
-            previous, self._last_publish[scan.index] = self._last_publish.get(scan.index), t_end
-            tm.cyclic_ms = 1000 * (t_end - previous) if previous is not None else 0.0
-            tm.counts["output_points"] = len(xyz)
-            if result.out_of_domain:  # published (the scan is still in it), never counted as completed
-                self._health.out_of_domain(scan.index, tm, time.monotonic())
-                self._throttled("out_of_domain", f"scan (stamp {stamp_ns(scan.header) / 1e9:.3f}) is outside the "
-                                f"model's domain: {result.domain_problem}; published the scan with {result.completed_points} "
-                                f"completed points (out_of_domain in /diagnostics)")
-            else:
-                self._health.completed(scan.index, tm, time.monotonic())
-            try:  # the scan is answered: trouble with the debug topics must not count against it
-                self._publish_debug(scan, tm)
-            except Exception as err:
-                if self.context.ok():
-                    self._throttled("debug", f"could not publish debug timings: {type(err).__name__}: {err}")
+            if result is None or not self._in_flight.claim(scan):
+                continue  # rejected above, or abandoned by a shutdown that could not wait
+            try:
+                self._answer(scan, result, t_model, model_ms, len(batch))
+            except Exception as err:  # this scan is claimed: count it here, the rest in _work
+                if self._stopping():
+                    self._health.add(scan.index, "dropped", reason="abandoned")
+                else:
+                    self._reject(scan.index, "error", f"{type(err).__name__}: {err}", scan.header)
+                raise
+
+    def _answer(self, scan: Any, result: Any, t_model: float, model_ms: float, batch_size: int) -> None:
+        """Publish one scan's completion and count it (completed or out_of_domain)."""
+        tm = scan.model_done(result, t_model, model_ms, batch_size)
+        t_build = time.perf_counter()
+        xyz, extra = output_arrays(result, scan)
+        out = build_cloud(xyz, scan.header, PointCloud2, PointField, extra=extra)
+        t_publish = time.perf_counter()
+        self._pubs[scan.index].publish(out)
+        t_end = time.perf_counter()
+        tm.build_ms, tm.publish_ms = 1000 * (t_publish - t_build), 1000 * (t_end - t_publish)
+        tm.latency_ms = (self.get_clock().now().nanoseconds - stamp_ns(scan.header)) / 1e6
+        previous, self._last_publish[scan.index] = self._last_publish.get(scan.index), t_end
+        tm.cyclic_ms = 1000 * (t_end - previous) if previous is not None else 0.0
+        tm.counts["output_points"] = len(xyz)
+        if result.out_of_domain:  # published (the scan is still in it), never counted as completed
+            self._throttled("out_of_domain", f"scan (stamp {stamp_ns(scan.header) / 1e9:.3f}) is outside the "
+                            f"model's domain: {result.domain_problem}; published the scan with {result.completed_points} "
+                            f"completed points (out_of_domain in /diagnostics)")
+            self._health.out_of_domain(scan.index, tm, time.monotonic())
+        else:
+            self._health.completed(scan.index, tm, time.monotonic())
+        try:  # the scan is answered and counted: trouble with the debug topics must not count against it
+            self._publish_debug(scan, tm)
+        except Exception as err:
+            if self.context.ok():
+                self._throttled("debug", f"could not publish debug timings: {type(err).__name__}: {err}")
 
     def _publish_debug(self, scan: Any, tm: Any) -> None:
         for name, value in tm.scalars().items():
@@ -293,8 +349,9 @@ class CompletionNode(LifecycleNode):
                                 values=[KeyValue(key=k, value=str(x)) for k, x in values.items()])
 
     def close(self) -> dict[str, int]:
-        """Stop; the final counters (``received == completed + out_of_domain + dropped + skipped + rejected``)."""
-        self._stop()
+        """Stop (abandoning the batch in flight); the final counters
+        (``received == completed + out_of_domain + dropped + skipped + rejected``)."""
+        self._stop(abandon=True)
         return self._health.counters()
 
 

@@ -5,6 +5,8 @@
 * :class:`Mailbox` holds the latest scan of each input (one slot each: a newer scan
   replaces a waiting one, which is then dropped) and hands the worker every waiting scan
   as one batch;
+* :class:`InFlight` holds the batch the worker is completing, so each of its scans is
+  answered (or counted as abandoned at shutdown) exactly once, by whichever thread claims it;
 * :func:`output_arrays` lays out a completion for publishing: x, y, z, intensity and
   ``measured`` (1 = a point of the input scan, 0 = completed), in the input's frame.
 """
@@ -19,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from lidar_completion.diffusion import Cancelled
 from lidar_completion.pointcloud2 import CloudError, cloud_to_xyz, finite_points, read_fields
 
 from .frames import SensorPose
@@ -26,8 +29,9 @@ from .parameters import (COMPLETION_KEYS, StartupError, check_values, completion
                          sensor_poses_of)
 from .timings import ScanTimings
 
-__all__ = ["Mailbox", "Rejected", "Scan", "Setup", "apply_changes", "describe", "free_device", "log_range", "set_up", "complete_scans", "load_model", "make_completer",
-           "output_arrays", "read_scan", "synthetic_scan", "warm_up"]
+__all__ = ["Cancelled", "InFlight", "Mailbox", "Rejected", "Scan", "Setup", "apply_changes", "describe", "free_device",
+           "log_range", "set_up", "complete_scans", "load_model", "make_completer", "output_arrays", "read_scan",
+           "synthetic_scan", "warm_up"]
 
 
 class Rejected(Exception):
@@ -176,6 +180,36 @@ class Mailbox:
             self._closed = False
 
 
+class InFlight:
+    """The scans of the batch being completed that nobody has answered yet. The worker
+    claims a scan before it publishes or rejects it; a shutdown that cannot wait for the
+    worker claims what is left and counts it as abandoned. A scan claimed once is never
+    claimed again, so every scan is counted once, whichever thread gets there first."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._scans: list[Scan] = []
+
+    def start(self, batch: list[Scan]) -> None:
+        with self._lock:
+            self._scans = list(batch)
+
+    def claim(self, scan: Scan) -> bool:
+        """True once for a scan of the batch (the caller answers it), False after that."""
+        with self._lock:
+            for i, waiting in enumerate(self._scans):
+                if waiting is scan:
+                    del self._scans[i]
+                    return True
+            return False
+
+    def claim_all(self) -> list[Scan]:
+        """The scans nobody has claimed yet (now claimed by the caller); the batch is over."""
+        with self._lock:
+            left, self._scans = self._scans, []
+            return left
+
+
 def synthetic_scan(config: Any, n: int, seed: int = 0, max_range: float | None = None) -> np.ndarray:
     """A ring of ground and wall points inside the range band (for the warm-up inference);
     ``max_range``: the effective one, when the model caps ``data.max_range``."""
@@ -239,18 +273,19 @@ def warm_up(completer: Any, log: Any) -> None:
         f"({result.nfe} network call{'s' * (result.nfe != 1)}, {len(points)} -> {len(result.points)} points)")
 
 
-def complete_scans(completer: Any, batch: list[Scan], out_of_range: Any) -> list:
+def complete_scans(completer: Any, batch: list[Scan], out_of_range: Any, should_stop: Any = None) -> list:
     """Completions of a batch in one ``complete_batch`` call; a scan with no point in the
-    range band gets None (after ``out_of_range(scan, why)``) and the others are still done."""
+    range band gets None (after ``out_of_range(scan, why)``) and the others are still done.
+    :class:`Cancelled` when ``should_stop()`` turns true between two sampler steps."""
     from lidar_completion.completer import ScanError
 
     try:
-        return completer.complete_batch([s.model_input() for s in batch])
+        return completer.complete_batch([s.model_input() for s in batch], should_stop)
     except ScanError:
         results = []
         for scan in batch:
             try:
-                results.append(completer.complete(scan.model_input()))
+                results.append(completer.complete(scan.model_input(), should_stop))
             except ScanError as err:
                 results.append(None)
                 out_of_range(scan, str(err))

@@ -108,10 +108,17 @@ def init_ros(args: list[str] | None = None) -> None:
 
 
 def run_managed_node(make_node: Any, name: str, args: list[str] | None = None) -> int:
-    """Spin ``make_node()`` until SIGINT/SIGTERM (0), a start-up failure (2, one FATAL line)
-    or the node's ``fatal`` reason (3). The node has ``autostart``, ``configure_error``,
-    ``fatal`` and ``close() -> counters``; with autostart it is configured and activated here.
-    A missing or malformed ``--params-file`` is a start-up failure too (:func:`init_ros`)."""
+    """Spin ``make_node()`` until SIGINT/SIGTERM (0), the lifecycle shutdown transition (0:
+    the node's ``finalized``), a start-up failure (2, one FATAL line) or the node's ``fatal``
+    reason (3). The node has ``autostart``, ``configure_error``, ``fatal`` and
+    ``close() -> counters`` (which stops it, abandoning the inference in flight), and may have
+    ``finalized`` and ``worker_running()``; with autostart it is configured and activated here.
+    A missing or malformed ``--params-file`` is a start-up failure too (:func:`init_ros`).
+
+    When ``close()`` could not stop an inference (one network call outlasting the node's
+    wait), the process ends with ``os._exit(status)`` after the summary line, instead of
+    letting the interpreter tear down under a thread that is still inside torch (which
+    aborts: ``terminate called without an active exception``, status -6)."""
     logger = rclpy.logging.get_logger(name)
     try:
         init_ros(args)
@@ -128,10 +135,11 @@ def run_managed_node(make_node: Any, name: str, args: list[str] | None = None) -
             for transition in (node.trigger_configure, node.trigger_activate):
                 if transition() != TransitionCallbackReturn.SUCCESS:
                     raise StartupError(node.configure_error or f"{transition.__name__} failed")
-        while not node.fatal:
+        while not node.fatal and not getattr(node, "finalized", False):
             executor.spin_once(timeout_sec=0.2)
-        logger.fatal(node.fatal)
-        status = EXIT_FAILURES
+        if node.fatal:
+            logger.fatal(node.fatal)
+            status = EXIT_FAILURES
     except StartupError as err:
         logger.fatal(f"cannot start: {err}")
         status = EXIT_STARTUP
@@ -142,11 +150,18 @@ def run_managed_node(make_node: Any, name: str, args: list[str] | None = None) -
             raise
         # A signal shut the context down mid-start-up or between start-up and spin: a clean stop.
     finally:
+        left_behind = False
         if node is not None:
             print(f"[{name}] {summary_line(node.close())}", file=sys.stderr, flush=True)
+            left_behind = bool(getattr(node, "worker_running", lambda: False)())
             try:
                 node.destroy_node()
             except Exception:  # the context may already be shut down by the signal handler
                 pass
         rclpy.try_shutdown()
+    if left_behind:
+        print(f"[{name}] the inference in flight did not stop in time: exiting without waiting for it "
+              "(its scans are counted as dropped.abandoned)", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(status)
     return status
