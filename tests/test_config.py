@@ -49,3 +49,21 @@ def test_free_space_margin_is_a_distance_or_null():
     assert CompletionConfig().with_free_space_margin(0.5).data.free_space_margin == 0.5
     with pytest.raises(ValueError, match="data.free_space_margin"):
         CompletionConfig().with_free_space_margin(-0.5)
+
+
+def test_max_range_unset_is_the_models_radius():
+    """Issue 28, item 9: ``data.max_range`` defaults to the radius the model was trained on
+    (the node's shipped YAML leaves it at 0 = unset), so no setting of ours is capped."""
+    from lidar_completion.config import UNRECORDED_RADIUS, completion_radius, effective_range
+
+    data = CompletionConfig().data
+    assert data.max_range is None
+    assert completion_radius(None, 10.0) == 10.0 and completion_radius(None, None) == UNRECORDED_RADIUS == 50.0
+    assert completion_radius(30.0, 10.0) == 10.0 and completion_radius(8.0, 10.0) == 8.0
+    assert completion_radius(30.0, None) == 30.0
+    assert effective_range(data, 10.0) == (3.5, 10.0)
+    with pytest.raises(ValueError, match=r"data.min_range: 12 m leaves no range band: the model completes up "
+                                         r"to 10 m \(the model's trained radius\)"):
+        effective_range(CompletionConfig.from_dict({"data.min_range": 12.0}).data, 10.0)
+    with pytest.raises(ValueError, match="data.min_range"):
+        CompletionConfig.from_dict({"data.min_range": 500.0})

@@ -37,7 +37,7 @@ import torch
 from .checkpoints import load_model
 from .model import CompletionModel
 from .points import density_matched_count, farthest_point_sample, in_range, near_measured, seen_through, supported
-from .config import CompletionConfig
+from .config import CompletionConfig, completion_radius
 from . import diffusion
 from .diffusion import Cancelled
 from .networks import Denoiser
@@ -183,8 +183,9 @@ class SceneCompleter:
         self.sampler = sampling.sampler or mc.sampler
         self.t0 = sampling.t0 if sampling.t0 is not None else mc.t0
         self.n_part = self.config.data.resolve_n_part(mc.n_part)
-        # A model trained on a smaller radius cannot complete beyond it: cap (documented).
-        self.max_range = min(self.config.data.max_range, mc.max_range or float("inf"))
+        # A model trained on a smaller radius cannot complete beyond it: cap (documented);
+        # data.max_range unset: the model's radius.
+        self.max_range = completion_radius(self.config.data.max_range, mc.max_range)
         self.sample_bound = 4.0 * self.max_range
         self.guidance = mc.default_guidance if self.config.sampling.guidance is None else self.config.sampling.guidance
         if self.config.refine and model.refiner is None:

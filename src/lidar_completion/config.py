@@ -18,7 +18,8 @@ import yaml
 from .backends import BACKENDS, check_backend
 
 __all__ = ["DataConfig", "SamplingConfig", "CompletionConfig", "PRESETS", "MODEL_PRESET", "BACKENDS", "SAMPLERS", "PREDICTIONS",
-           "MAX_CHANNEL_RATIO", "effective_range", "load_config", "read_yaml", "check_types"]
+           "MAX_CHANNEL_RATIO", "UNRECORDED_RADIUS", "completion_radius", "effective_range", "load_config", "read_yaml",
+           "check_types"]
 
 # Point budgets: "full" is the published setting (GPU); "lite" keeps a CPU frame in seconds;
 # "model" (the default) uses the budget the checkpoint was trained with, else "lite".
@@ -35,6 +36,9 @@ PREDICTIONS = ("epsilon", "displacement")
 # Widest network a config may name: 4x the published widths (~16x its weights); wider is a typo,
 # and would allocate gigabytes before anything else could say so.
 MAX_CHANNEL_RATIO = 4.0
+# data.max_range unset (None, the default) means the radius the model was trained on; a
+# checkpoint that records none (the published LiDiff files) gets the published 50 m.
+UNRECORDED_RADIUS = 50.0
 
 
 def check(condition: bool, key: str, message: str) -> None:
@@ -107,7 +111,9 @@ class DataConfig:
     """Pre-/post-processing of scans (metres)."""
 
     min_range: float = 3.5
-    max_range: float = 50.0
+    # None: the model's own radius (its config's max_range; UNRECORDED_RADIUS when it has none).
+    # A number is capped at that radius too: a model cannot complete beyond what it was trained on.
+    max_range: float | None = None
     preset: str = MODEL_PRESET
     n_part: int | None = None  # None: take it from the preset
     repeat: int = 10
@@ -126,8 +132,11 @@ class DataConfig:
     def __post_init__(self) -> None:
         choices = sorted([*PRESETS, MODEL_PRESET])
         check(self.preset in choices, "data.preset", f"must be one of {choices}, got {self.preset!r}")
-        check(0 <= self.min_range < self.max_range, "data.min_range", "need 0 <= min_range < max_range")
-        check(self.max_range <= 500, "data.max_range", "must be <= 500 m")
+        if self.max_range is None:
+            check(0 <= self.min_range < 500, "data.min_range", "need 0 <= min_range < 500")
+        else:
+            check(0 <= self.min_range < self.max_range, "data.min_range", "need 0 <= min_range < max_range")
+            check(self.max_range <= 500, "data.max_range", "must be <= 500 m")
         if self.n_part is not None:
             check(16 <= self.n_part <= 200_000, "data.n_part", f"must be in [16, 200000], got {self.n_part}")
         check(1 <= self.repeat <= 50, "data.repeat", "must be in [1, 50]")
@@ -235,15 +244,24 @@ class CompletionConfig:
         return CompletionConfig.from_dict(values)
 
 
+def completion_radius(max_range: float | None, model_max_range: float | None) -> float:
+    """How far completion reaches (m): ``data.max_range`` capped at the radius the model was
+    trained on; unset (None), that radius itself (``UNRECORDED_RADIUS`` for a model that
+    records none)."""
+    if max_range is None:
+        return float(model_max_range or UNRECORDED_RADIUS)
+    return min(max_range, model_max_range or float("inf"))
+
+
 def effective_range(data: DataConfig, model_max_range: float | None) -> tuple[float, float]:
     """``(min_range, max_range)`` the pipeline uses with a model trained up to
-    ``model_max_range`` m: ``data.max_range`` capped at that radius (a model cannot complete
-    beyond it). ``ValueError`` naming the keys when the band left is empty, so a setting
-    that would reject every scan is refused instead."""
-    max_range = min(data.max_range, model_max_range or float("inf"))
+    ``model_max_range`` m (:func:`completion_radius`). ``ValueError`` naming the keys when
+    the band left is empty, so a setting that would reject every scan is refused instead."""
+    max_range = completion_radius(data.max_range, model_max_range)
     if data.min_range >= max_range:
         why = (f" (the model's trained radius; data.max_range is {data.max_range:g})"
-               if max_range < data.max_range else "")
+               if data.max_range is not None and max_range < data.max_range else
+               " (the model's trained radius)" if data.max_range is None and model_max_range else "")
         raise ValueError(f"data.min_range: {data.min_range:g} m leaves no range band: the model completes up to "
                          f"{max_range:g} m{why}")
     return data.min_range, max_range

@@ -100,7 +100,7 @@ def test_running_node_limits_range_refines_and_times_its_own_overhead(domain_id:
     pub = peer.publisher(PointCloud2, "/points_raw", depth=10)
     # The model's own setting (50 steps, guidance 6) for the scans; warm-up on (the default).
     params = {"checkpoint": str(radius_20_model), "refine_checkpoint": str(published_refiner), "refine": True,
-              "data.n_part": 256, "qos.input.reliability": "reliable", "qos.input.depth": 10,
+              "data.max_range": 50.0, "data.n_part": 256, "qos.input.reliability": "reliable", "qos.input.depth": 10,
               "diagnostics.period": 0.2, "log_throttle_s": 0.0}
     node = start_node(domain_id, params)
     try:

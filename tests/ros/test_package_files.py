@@ -130,7 +130,7 @@ def test_yaml_values_have_the_declared_types_and_defaults() -> None:
 
 def test_yaml_builds_a_valid_core_config() -> None:
     config = completion_config(_yaml_parameters())
-    assert config.data.max_range == 50.0 and config.data.preset == "model" and config.data.n_part is None
+    assert config.data.max_range is None and config.data.preset == "model" and config.data.n_part is None  # the model's radius
     assert config.sampling.steps is None and config.sampling.guidance is None  # the checkpoint's own
     assert config.refine is False
 

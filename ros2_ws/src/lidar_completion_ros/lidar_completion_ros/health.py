@@ -276,7 +276,7 @@ def model_values(completer: Any, device: str, checkpoint: Any, refine_checkpoint
         "model": f"{checkpoint.name} ({mc.kind}, channel_ratio {mc.channel_ratio:g})",
         "steps": str(completer.steps), "guidance": f"{completer.guidance:g}", "n_part": str(completer.n_part),
         "refine": str(completer.config.refine).lower(), "refine_checkpoint": str(refine_checkpoint or ""),
-        "min_range": f"{data.min_range:g}", "max_range": f"{data.max_range:g}",
+        "min_range": f"{data.min_range:g}", "max_range": f"{data.max_range or 0:g}",  # the parameter: 0 = the model's radius
         "max_range_model": f"{mc.max_range:g}" if mc.max_range else "",
         "max_range_effective": f"{completer.max_range:g}", "frames": "; ".join(p.describe() for p in poses),
         "output": ("completed points only" if data.completion_only else

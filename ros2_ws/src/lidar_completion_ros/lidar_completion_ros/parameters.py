@@ -11,7 +11,8 @@ are validated by *building that config* (:func:`completion_config`), so the core
 stays the one place where their limits are enforced; the ranges below only describe them to
 ``ros2 param describe`` and to rclpy (a test checks that both agree). ROS parameters cannot
 be "unset", so ``None`` in the core config ("use the preset's / checkpoint's value") is
-spelled with a sentinel: ``0`` for ``data.n_part``, ``sampling.steps`` and ``sampling.t0``,
+spelled with a sentinel: ``0`` for ``data.n_part``, ``data.max_range`` (the model's radius),
+``sampling.steps`` and ``sampling.t0``,
 ``-1`` for ``sampling.guidance`` and ``sampling.seed``, ``""`` for ``sampling.sampler``.
 
 The node's own string parameters (QoS reliability, ...) are checked against their choices
@@ -170,8 +171,11 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("data.n_part", 0, "Points the scan is farthest-point sampled to; 0 = the preset's.",
               range=(0, 200_000), none_value=0),
     ParamSpec("data.min_range", 3.5, "Scan points closer than this (m) are ignored.", range=(0.0, 500.0)),
-    ParamSpec("data.max_range", 50.0, "Scan points beyond this (m) are ignored; output is cut here too.",
-              range=(0.0, 500.0)),
+    ParamSpec("data.max_range", 0.0,
+              "Completion reaches this far (m): scan points beyond it are not given to the model and no "
+              "completed point lies beyond it; capped at the radius the model was trained on. 0 = that "
+              "radius (50 m for a checkpoint that records none).",
+              range=(0.0, 500.0), none_value=0.0, none_means="the model's radius"),
     ParamSpec("data.repeat", 10, "Each sampled scan point seeds this many output points.", range=(1, 50)),
     ParamSpec("data.free_space_margin", 0.2,
               "Completed points more than this (m) in front of the scan's nearest return in their direction "

@@ -212,11 +212,11 @@ class InFlight:
 
 def synthetic_scan(config: Any, n: int, seed: int = 0, max_range: float | None = None) -> np.ndarray:
     """A ring of ground and wall points inside the range band (for the warm-up inference);
-    ``max_range``: the effective one, when the model caps ``data.max_range``."""
+    ``max_range``: the effective one (the completer's), else ``data.max_range`` or 50 m."""
     rng = np.random.default_rng(seed)
     data = config.data
     low = data.min_range
-    high = min(data.max_range, max_range or data.max_range, max(30.0, low + 1.0))
+    high = min(max_range or data.max_range or 50.0, max(30.0, low + 1.0))
     r = rng.uniform(low + 0.05 * (high - low), high - 0.05 * (high - low), n)
     angle = rng.uniform(-np.pi, np.pi, n)
     z = np.where(rng.random(n) < 0.6, -1.73, rng.uniform(-1.7, 2.0, n)) + rng.normal(0, 0.02, n)
@@ -345,9 +345,10 @@ def set_up(values: dict[str, Any], info: Any, warning: Any) -> Setup:
 
 
 def log_range(completer: Any, warning: Any) -> None:
-    """Say so when the model's radius caps ``data.max_range``."""
+    """Say so when the model's radius caps a ``data.max_range`` that was set (0, the
+    default, means that radius: nothing to say)."""
     data = completer.config.data
-    if completer.max_range < data.max_range:
+    if data.max_range is not None and completer.max_range < data.max_range:
         warning(f"effective range {data.min_range:g}-{completer.max_range:g} m: data.max_range={data.max_range:g} "
                 f"is capped at the radius the model was trained on ({completer.max_range:g} m); "
                 f"see max_range_effective in /diagnostics")
