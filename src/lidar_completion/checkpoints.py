@@ -177,7 +177,7 @@ def _pickle_globals(path: Path, limit: int = 64 << 20) -> list[str]:
     try:
         with open(path, "rb") as handle:
             for op, arg, pos in pickletools.genops(handle):
-                if pos > limit:
+                if pos is not None and pos > limit:
                     break
                 if op.name in ("GLOBAL", "INST"):
                     found.append(str(arg).replace(" ", "."))
@@ -334,6 +334,7 @@ def read_refiner(path: str | os.PathLike, map_location: str | torch.device = "cp
     model = load_model(path, map_location)
     if model.refiner is None:
         raise CheckpointError(f"{path}: this model has no refinement net")
+    assert model.config.refine_channel_ratio is not None, "a model with a refiner records its width"
     return float(model.config.refine_channel_ratio), model.refiner.state_dict()
 
 

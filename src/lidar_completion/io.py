@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -219,6 +220,7 @@ def read_points(path: str | os.PathLike, layout: str | BinLayout | None = None,
     themselves and ignore it."""
     path = Path(path)
     suffix = path.suffix.lower()
+    reader: Callable[[Path], np.ndarray] | None
     if suffix == ".bin":
         declared = bin_layout(path, layout)  # an unknown name is the caller's ValueError
         reader = lambda p: read_bin(p, declared)[:, :4]  # noqa: E731

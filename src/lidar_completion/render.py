@@ -22,7 +22,7 @@ MEASURED_COLOUR, COMPLETED_COLOUR = "#9a9a9a", "#e4572e"  # grey scan, orange co
 def _in_range(points: np.ndarray, max_range: float, max_drawn: int,
               measured: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     xyz = np.asarray(points, dtype=np.float32)[:, :3]
-    keep = np.isfinite(xyz).all(axis=1)
+    keep = np.asarray(np.isfinite(xyz).all(axis=1))
     keep[keep] = np.linalg.norm(xyz[keep, :2], axis=1) < max_range
     xyz, measured = xyz[keep], (None if measured is None else np.asarray(measured, bool)[keep])
     if len(xyz) > max_drawn:
@@ -51,7 +51,7 @@ def render_comparison(
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
-    ranges = [float(max_range)] * len(panels) if np.isscalar(max_range) else [float(r) for r in max_range][:len(panels)]
+    ranges = [float(max_range)] * len(panels) if isinstance(max_range, (int, float, np.number)) else [float(r) for r in max_range][:len(panels)]
     drawn = [_in_range(panel[1], r, max_drawn, panel[2] if len(panel) > 2 else None)
              for panel, r in zip(panels, ranges)]
     heights = np.concatenate([d[:, 2] for d, _ in drawn if len(d)] or [np.zeros(1)])

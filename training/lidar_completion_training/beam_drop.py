@@ -37,12 +37,15 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 from scipy.spatial import cKDTree
 
 from lidar_completion.points import in_range
+
+if TYPE_CHECKING:
+    from lidar_completion.completer import SceneCompleter
 
 __all__ = ["RingEstimate", "estimate_origin_height", "estimate_rings", "rings_from_field", "read_scan", "drop_rings",
            "fov_mask", "score", "beam_drop", "markdown_table", "main"]
@@ -224,7 +227,7 @@ def estimate_rings(points: np.ndarray, *, sector_deg: float = 2.0, origin_height
     # 4. tracks: mutual nearest clusters of consecutive (non-empty) sectors, round the circle
     sector_ids, first = np.unique(cluster_sector, return_index=True)
     bounds = np.append(first, n_clusters)
-    links = []  # (distance in spacings, cluster, cluster)
+    links: list[tuple[float, int, int]] = []  # (distance in spacings, cluster, cluster)
     for i in range(len(sector_ids)):
         j = (i + 1) % len(sector_ids)
         if j == i:
@@ -427,7 +430,7 @@ def rings_from_field(points: np.ndarray, field: np.ndarray) -> RingEstimate:
     return RingEstimate(ring, 0.0, 0.0, 0.0, source="field")
 
 
-def beam_drop(points: np.ndarray, completers: dict[str, object], rings: RingEstimate, keep_every: int,
+def beam_drop(points: np.ndarray, completers: dict[str, "SceneCompleter"], rings: RingEstimate, keep_every: int,
               fov_deg: float | None = None) -> dict[str, dict[str, float]]:
     """Rows of one scan at one ``keep_every`` and field of view: the dropped scan, then each
     completer's output on it (``{row name: completer}``; scored in the first one's band)."""
@@ -480,7 +483,7 @@ def plot_rings(points: np.ndarray, rings: RingEstimate, path: Path) -> Path:
     return path
 
 
-def _build_completers(checkpoint: str | None, device: str, seed: int, completion_only: bool) -> tuple[dict[str, object], Path]:
+def _build_completers(checkpoint: str | None, device: str, seed: int, completion_only: bool) -> tuple[dict[str, "SceneCompleter"], Path]:
     """The pipeline as configured (``OUTPUT_ROW``) and, when asked and the config knows it, the
     same with ``data.completion_only`` (``COMPLETION_ONLY_ROW``)."""
     from lidar_completion.checkpoints import SHIPPED_MODELS, find_checkpoint, load_model
@@ -489,11 +492,11 @@ def _build_completers(checkpoint: str | None, device: str, seed: int, completion
 
     path = SHIPPED_MODELS / "student_lite" if checkpoint is None else (find_checkpoint(checkpoint) or Path(checkpoint))
     model = load_model(path)
-    overrides = {"data.preset": "model", "sampling.seed": seed, "device": device}
+    overrides: dict[str, Any] = {"data.preset": "model", "sampling.seed": seed, "device": device}
     completers = {OUTPUT_ROW: SceneCompleter(model, load_config(**overrides))}
     if completion_only:
         try:
-            config = load_config(**overrides, **{"data.completion_only": True})
+            config = load_config(**(overrides | {"data.completion_only": True}))
         except ValueError:  # a pipeline without the option: no such row
             print("lidar-evaluate beam-drop: this pipeline has no data.completion_only; that row is left out", file=sys.stderr)
         else:

@@ -406,15 +406,15 @@ def distillation_iteration(
     eps = torch.randn(ranked[0].shape, generator=generator, device=partial.device)
     terms: dict[str, torch.Tensor] = {}
     if preference:
-        terms["distillation"] = sum(
+        terms["distillation"] = torch.stack([
             (win_coef[k] * _dmd_surrogate(model, schedule, teacher, aux_nets[0], samples[k], scan, t, eps)).mean()
             for k in range(len(samples)) if win_coef[k].any()
-        )
+        ]).sum()
         if loser_weight and lose_coef.any():
-            terms["preference"] = -loser_weight * sum(
+            terms["preference"] = -loser_weight * torch.stack([
                 (lose_coef[k] * _dmd_surrogate(model, schedule, teacher, aux_nets[1], samples[k], scan, t, eps)).mean()
                 for k in range(len(samples)) if lose_coef[k].any()
-            )
+            ]).sum()
     else:
         terms["distillation"] = _dmd_surrogate(model, schedule, teacher, aux_nets[0], ranked[0], scan, t, eps).mean()
     if regression_weight:
@@ -429,7 +429,7 @@ def distillation_iteration(
         logs["loss_reward"] = float(reward.detach())
     if measure_gradients:
         logs |= _gradient_norms(terms, [p for p in student.parameters() if p.requires_grad])
-    gen_loss = sum(terms.values())
+    gen_loss = torch.stack(list(terms.values())).sum()
     step_student(gen_loss)
     logs |= {"loss_aux": float(aux_loss.detach()), "loss_generator": float(gen_loss.detach())}
     return DistillationLosses(generator=gen_loss.detach(), aux=aux_loss.detach(), logs=logs)
@@ -475,6 +475,7 @@ def refine_loss(
             points = scene[keep] + jitter * torch.randn(keep.shape[0], 3, generator=generator, device=scene.device)
         else:
             points = coarse[index]
+        assert model.refiner is not None, "refine_loss needs a model with a refinement net"
         offsets = model.refiner(model.voxelize(points))
         dense = (points[:, None, :] + offsets.reshape(-1, 6, 3)).reshape(-1, 3)
         accuracy, completeness = _nearest_sq(dense, scene).sqrt().mean(), _nearest_sq(scene, dense).sqrt().mean()

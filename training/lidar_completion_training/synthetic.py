@@ -499,6 +499,7 @@ class Terrain:
 
     def _cross(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """|distance| from the cross street's axis, and whether the point is on the street's side(s)."""
+        assert self.cross is not None, "only called for worlds with a cross street"
         px, py, ux, uy, _, _, sides = self.cross
         rx, ry = x - px, y - py
         return np.abs(ux * ry - uy * rx), (sides == 0) | ((ux * rx + uy * ry) * sides > 0)
@@ -568,7 +569,7 @@ class Terrain:
         t_hit, semantic = np.full(n, np.inf), np.zeros(n, np.uint16)
         hessian, above, below = self._bounds
         ox, oy, oz = (float(v) for v in origin)
-        s0 = float(self.smooth(np.float64(ox), np.float64(oy)))
+        s0 = float(self.smooth(np.array(ox), np.array(oy)))
         gx, gy = self.smooth_gradient(ox, oy)
         dx, dy, dz = directions.T
         horizontal = np.hypot(dx, dy)
@@ -833,10 +834,10 @@ def _tree(rng: np.random.Generator) -> list[_Part]:
     """Trunk and a broadleaf canopy (one to three ellipsoids) or a conifer."""
     trunk, radius = rng.uniform(2.0, 4.5), rng.uniform(0.1, 0.28)
     if rng.random() < 0.2:  # conifer
-        radii = (rng.uniform(1.0, 1.7), rng.uniform(1.0, 1.7), rng.uniform(2.5, 4.0))
-        top = 0.5 * trunk + radii[2]
+        cone = (rng.uniform(1.0, 1.7), rng.uniform(1.0, 1.7), rng.uniform(2.5, 4.0))
+        top = 0.5 * trunk + cone[2]
         return [_cyl_part((0, 0, top / 2), radius, top, semantic=TRUNK),
-                _ell_part((0, 0, top), radii, _rot_z(rng.uniform(0, np.pi)), semantic=VEGETATION)]
+                _ell_part((0, 0, top), cone, _rot_z(rng.uniform(0, np.pi)), semantic=VEGETATION)]
     radii = np.array([rng.uniform(1.5, 3.2), rng.uniform(1.5, 3.2), rng.uniform(1.3, 2.6)])
     centre = trunk + 0.7 * radii[2]
     parts = [_cyl_part(((0, 0, (trunk + radii[2]) / 2)), radius, trunk + radii[2], semantic=TRUNK),
