@@ -57,7 +57,7 @@ class StepPairs(Dataset):
         index = int(rng.integers(len(self.pairs)))
         # Seeds the sampling and augmentation of this item; per rank, so two ranks that draw
         # the same scan still train on different samples of it (rank 0: i, as one process).
-        self.pairs.epoch = i + self.rank * 2**62
+        self.pairs.set_epoch(i + self.rank * 2**62)
         item = self.pairs[index]
         return {"partial": item["partial"], "full": item["full"]}
 
@@ -98,6 +98,8 @@ def _collate(items: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
 
 
 class _Base(L.LightningModule):
+    model: CompletionModel  # set by each kind of run
+
     def __init__(self, config: RunConfig):
         super().__init__()
         self.config = config
@@ -164,7 +166,8 @@ class _Base(L.LightningModule):
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=batch_size)
 
     def export(self, directory: str | os.PathLike) -> Path:
-        raise NotImplementedError
+        """The trained model as a project checkpoint (what the node, the CLI and evaluation load)."""
+        return save_model(self.model, directory)
 
 
 class TeacherModule(_Base):
@@ -204,10 +207,6 @@ class TeacherModule(_Base):
 
     def configure_optimizers(self):
         return self._scheduled(torch.optim.Adam(self.model.parameters(), lr=self.config.trainer.lr))
-
-    def export(self, directory: str | os.PathLike) -> Path:
-        return save_model(self.model, directory)
-
 
 class DistillationModule(_Base):
     """Distillation-DPO (``mode: dpo``) or plain score distillation (``mode: sd``).
@@ -297,10 +296,6 @@ class DistillationModule(_Base):
             make(self.model.denoiser.parameters(), lr=trainer.lr),
         ]
 
-    def export(self, directory: str | os.PathLike) -> Path:
-        return save_model(self.model, directory)
-
-
 class RefineModule(_Base):
     """Trains a refinement net (x6 offsets, Chamfer loss) onto an exported teacher/student;
     the export is that model with its ``refiner`` added. A base that already has a refiner of
@@ -348,10 +343,6 @@ class RefineModule(_Base):
 
     def configure_optimizers(self):
         return self._scheduled(torch.optim.Adam(self.model.refiner.parameters(), lr=self.config.trainer.lr))
-
-    def export(self, directory: str | os.PathLike) -> Path:
-        return save_model(self.model, directory)
-
 
 class AtomicCheckpoint(L.Callback):
     """``last.ckpt`` every N steps, written to a temporary file and renamed into place, so a

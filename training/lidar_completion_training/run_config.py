@@ -247,10 +247,6 @@ class RunConfig:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
-    def override(self, dotted: dict[str, Any]) -> "RunConfig":
-        """Copy with ``section.key=value`` overrides (values parsed as YAML scalars)."""
-        return RunConfig.from_dict(_with_overrides(self.to_dict(), dotted))
-
 
 def _with_overrides(values: dict[str, Any], dotted: dict[str, Any]) -> dict[str, Any]:
     """``values`` (raw sections) with ``section.key`` overrides applied, before validation,
