@@ -116,26 +116,27 @@ def _nearest_rows_bruteforce(query: torch.Tensor, ref: torch.Tensor, chunk: int 
     return out
 
 
-def _nearest_rows_kdtree(query: torch.Tensor, ref: torch.Tensor, k: int = 8) -> torch.Tensor:
-    """Same result as the brute force, via scipy's KD-tree (CPU): k candidates per query,
-    exact integer distances among them, and a brute-force fallback for rows whose k-th
-    candidate still ties the minimum (where a tied row might have been left out)."""
+def _nearest_rows_kdtree(query: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Same result as the brute force, via one k=1 query of scipy's KD-tree (CPU).
+
+    Ties are broken by a fourth coordinate: ref row j is lifted to ``sqrt(j / 2m)`` (m rows),
+    the queries stay at 0, so the tree ranks ``d^2 + j / 2m``. Squared distances between
+    integer voxels are integers and ``j / 2m < 1/2``, so that ranks by ``d^2`` first and by
+    row second, with a gap of at least ``1 / 2m`` between any two ranks; float64 sums are
+    exact to far less than that while every squared distance stays under ``2^45 / 2m``
+    (coordinates spanning ~10^5 voxels), else the brute force answers.
+    """
     from scipy.spatial import cKDTree
 
-    k = min(k, ref.shape[0])
-    ref_np, query_np = ref.numpy(), query.numpy()
-    _, cand = cKDTree(ref_np).query(query_np, k=k)
-    cand = cand.reshape(len(query_np), k)
-    diff = ref_np[cand] - query_np[:, None, :]
-    dist = (diff * diff).sum(-1)  # exact int64
-    best = dist.min(axis=1, keepdims=True)
-    tied = dist == best
-    # Among tied candidates, the smallest row index is the lexicographically smallest voxel.
-    rows = torch.from_numpy(np.where(tied, cand, np.iinfo(np.int64).max).min(axis=1))
-    unsure = torch.from_numpy(np.nonzero(tied[:, -1] & (k < ref.shape[0]))[0])
-    if unsure.numel():
-        rows[unsure] = _nearest_rows_bruteforce(query[unsure], ref)
-    return rows
+    m = ref.shape[0]
+    both = torch.cat([query, ref])
+    span = (both.max(0).values - both.min(0).values).double()
+    if float((span * span).sum()) >= 2.0**45 / (2 * m):
+        return _nearest_rows_bruteforce(query, ref)
+    lift = np.sqrt(np.arange(m, dtype=np.float64) / (2 * m))
+    tree = cKDTree(np.column_stack([ref.numpy().astype(np.float64), lift]))
+    _, rows = tree.query(np.column_stack([query.numpy().astype(np.float64), np.zeros(len(query))]), k=1)
+    return torch.from_numpy(np.asarray(rows, dtype=np.int64).reshape(-1))
 
 
 def nearest_encoder_rows(x: SparseTensor, encoded: SparseTensor) -> torch.Tensor:

@@ -20,6 +20,8 @@ entry in :mod:`lidar_completion.backends` (MinkowskiEngine's is :mod:`lidar_comp
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -105,23 +107,168 @@ def kernel_offsets(kernel_size: int, device: torch.device | None = None) -> torc
     return torch.stack([dx.flatten(), dy.flatten(), dz.flatten()], dim=1)
 
 
-@dataclass
 class KernelMap:
-    """For each kernel offset k: (input rows, output rows) that offset connects.
+    """Every (input row, output row) pair a kernel connects, flat and grouped by offset:
+    ``src[starts[k]:starts[k+1]]`` / ``dst[...]`` are offset k's pairs (``counts[k]`` of
+    them, each output row at most once per offset). The offset ``identity`` (a
+    submanifold map's centre tap, every row to itself) is left out of the flat arrays: it
+    is one dense GEMM. ``dst_once``: every output row has exactly one pair (a transposed
+    stride-2 map), so outputs are written, not summed.
 
-    Submanifold maps also keep the neighbour table [num_out, K]: the input row each output
-    reads through each offset, ``num_in`` (a zero row) where there is none.
+    A map is built once per coordinate set and stride (:class:`CoordinateManager` caches
+    it) and serves every layer on those coordinates; what layers derive from it (the
+    neighbour table, the offset groups of :meth:`groups`) is cached on it too.
     """
 
-    pairs: list[tuple[torch.Tensor, torch.Tensor]]
-    num_out: int
-    table: torch.Tensor | None = None
+    def __init__(self, src: torch.Tensor, dst: torch.Tensor, counts: list[int], num_in: int, num_out: int,
+                 identity: int | None = None, dst_once: bool = False):
+        self.src, self.dst, self.counts = src, dst, counts
+        self.num_in, self.num_out, self.identity, self.dst_once = num_in, num_out, identity, dst_once
+        self._table: torch.Tensor | None = None
+        self._groups: dict[int, list] = {}
+        self._transposed: KernelMap | None = None
+
+    @property
+    def starts(self) -> list[int]:
+        return [0, *itertools.accumulate(self.counts)]
+
+    @property
+    def pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(input rows, output rows) per offset, the centre tap's included (for inspection)."""
+        out, starts = [], self.starts
+        for k in range(len(self.counts)):
+            if k == self.identity:
+                rows = torch.arange(self.num_out, device=self.src.device)
+                out.append((rows, rows))
+            else:
+                out.append((self.src[starts[k] : starts[k + 1]], self.dst[starts[k] : starts[k + 1]]))
+        return out
+
+    @property
+    def num_pairs(self) -> int:
+        """Pairs in the flat arrays plus the centre tap's."""
+        return self.src.numel() + (self.num_out if self.identity is not None else 0)
+
+    @property
+    def table(self) -> torch.Tensor:
+        """Neighbour table [num_out, K]: the input row each output reads through each offset,
+        ``num_in`` (a zero row) where there is none (built on first use)."""
+        if self._table is None:
+            volume, device = len(self.counts), self.src.device
+            offset = torch.repeat_interleave(torch.arange(volume, device=device),
+                                             torch.tensor(self.counts, device=device), output_size=self.src.numel())
+            table = torch.full((self.num_out * volume,), self.num_in, dtype=torch.long, device=device)
+            table[self.dst * volume + offset] = self.src
+            table = table.view(self.num_out, volume)
+            if self.identity is not None:
+                table[:, self.identity] = torch.arange(self.num_out, device=device)
+            self._table = table
+        return self._table
+
+    def transposed(self) -> "KernelMap":
+        """The same pairs read the other way (the transposed convolution's map)."""
+        if self._transposed is None:
+            once = self.identity is None and self.src.numel() == self.num_in > 0
+            self._transposed = KernelMap(self.dst, self.src, self.counts, self.num_out, self.num_in,
+                                         self.identity, dst_once=once)
+        return self._transposed
+
+    def groups(self, row_bytes: int) -> list["OffsetGroup"]:
+        """The offsets (the identity left out) in groups for batched GEMMs: each group's pairs
+        padded to its longest offset (input row 0, output row ``num_out``: a scratch row),
+        at most about :data:`_GROUP_BYTES` of gathered rows of ``row_bytes`` each. One
+        gather, one ``bmm`` and one scatter per group instead of per offset (their fixed
+        cost dominates narrow layers); wide layers stay bounded in memory. Cached per size."""
+        limit = max(1, _GROUP_BYTES // max(1, row_bytes))
+        if limit not in self._groups:
+            starts, groups, members = self.starts, [], []
+            for k in sorted((k for k, c in enumerate(self.counts) if c and k != self.identity),
+                            key=lambda k: -self.counts[k]):  # similar lengths together: less padding
+                if members and (len(members) + 1) * self.counts[members[0]] > limit:
+                    groups.append(members)
+                    members = []
+                members.append(k)
+            if members:
+                groups.append(members)
+            self._groups[limit] = [OffsetGroup.pad(self, g, starts) for g in groups]
+        return self._groups[limit]
+
+
+@dataclass
+class OffsetGroup:
+    """Kernel offsets whose pairs run as one batched GEMM: ``src`` / ``dst`` [G * L], offset
+    ``offsets[g]``'s pairs at ``g * L``, padded to L with input row 0 -> scratch row ``num_out``."""
+
+    offsets: torch.Tensor
+    src: torch.Tensor
+    dst: torch.Tensor
+    length: int
+
+    @classmethod
+    def pad(cls, kmap: KernelMap, members: list[int], starts: list[int]) -> "OffsetGroup":
+        length, device = kmap.counts[members[0]], kmap.src.device
+        src = torch.zeros(len(members), length, dtype=torch.long, device=device)
+        dst = torch.full((len(members), length), kmap.num_out, dtype=torch.long, device=device)
+        for g, k in enumerate(members):
+            count = kmap.counts[k]
+            src[g, :count] = kmap.src[starts[k] : starts[k] + count]
+            dst[g, :count] = kmap.dst[starts[k] : starts[k] + count]
+        return cls(torch.tensor(members, device=device), src.reshape(-1), dst.reshape(-1), length)
 
 
 def _packed_shifts(offsets: torch.Tensor) -> torch.Tensor:
     """Key differences of xyz shifts: ``pack(c + o) == pack(c) + shift(o)`` as long as every
     shifted coordinate stays in the packed range (no carry between fields)."""
     return (offsets[:, 0] << (2 * _COORD_BITS)) + (offsets[:, 1] << _COORD_BITS) + offsets[:, 2]
+
+
+# The k=3 offsets whose neighbours are searched: the (dx, dy) columns (1, -1), (1, 0), (1, 1),
+# (0, 1) at dz = -1, 0, 1 (MinkowskiEngine index (dx+1) + 3(dy+1) + 9(dz+1)). The other
+# columns are their mirrors, and the (0, 0) column needs no search.
+_SEARCHED_COLUMNS = ((1, -1), (1, 0), (1, 1), (0, 1))
+_SEARCHED = [9 * dz + 3 * (dy + 1) + dx + 1 for dz in range(3) for dx, dy in _SEARCHED_COLUMNS]
+_CENTRE = 13
+
+
+def submanifold_pairs(keys: torch.Tensor, stride: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Every (input row, output row) pair of a k=3 submanifold map of sorted packed ``keys``
+    at tensor stride ``stride``: flat ``src``, ``dst`` grouped by offset (MinkowskiEngine
+    order) and the count per offset, the centre tap left out.
+
+    Four ``searchsorted`` of N queries, not 26: (1) neighbours are symmetric, so the pairs of
+    offset -o are those of o swapped, and only half the offsets are searched; (2) keys sort
+    z fastest and a stride-s set has no key strictly between ``q`` and ``q + s`` (z is a
+    multiple of s), so once ``q``'s place ``pos`` is known its z-neighbours can only be at
+    ``pos - 1`` and at ``pos`` or ``pos + 1``: one search per (dx, dy) column; (3) the (0, 0)
+    column's z-neighbours are adjacent rows.
+    """
+    n, device = keys.numel(), keys.device
+    sentinel = keys.new_full((1,), -1)  # keys are positive: never a match
+    ext = torch.cat([sentinel, keys, sentinel])  # ext[i + 1] == keys[i]
+    columns = torch.tensor(_SEARCHED_COLUMNS, device=device) * stride
+    query = keys[None, :] + ((columns[:, 0] << (2 * _COORD_BITS)) + (columns[:, 1] << _COORD_BITS))[:, None]  # [4, N]
+    pos = torch.searchsorted(keys, query)
+    at = ext[pos + 1] == query
+    above = pos + at  # where q + s sits if present
+    found = torch.cat([
+        torch.where(ext[pos] == query - stride, pos - 1, -1),
+        torch.where(at, pos, -1),
+        torch.where(ext[above + 1] == query + stride, above, -1),
+    ])  # [12, N]: the row read through offset _SEARCHED[j], -1 where absent
+    hit = found >= 0
+    src = found[hit]
+    which, dst = hit.nonzero().unbind(1)  # row-major, like src
+    counts = torch.bincount(which, minlength=len(_SEARCHED)).tolist()
+    rows = torch.nonzero(ext[2:] == keys + stride).squeeze(1)  # row i + 1 is row i's z + s neighbour
+    segments = {9 * 2 + 4: (rows + 1, rows), 4: (rows, rows + 1)}  # offsets (0, 0, +1) and (0, 0, -1)
+    start = 0
+    for k, count in zip(_SEARCHED, counts):
+        pair = (src[start : start + count], dst[start : start + count])
+        segments[k], segments[26 - k] = pair, pair[::-1]
+        start += count
+    order = [k for k in range(27) if k != _CENTRE]
+    return (torch.cat([segments[k][0] for k in order]), torch.cat([segments[k][1] for k in order]),
+            [0 if k == _CENTRE else segments[k][0].numel() for k in range(27)])
 
 
 @runtime_checkable
@@ -169,12 +316,11 @@ class CoordinateManager:
             return x.replace(x.feats @ kernel)
         if stride == 1:
             kmap = self.submanifold_map(x.stride, kernel_size)
-            gathered_bytes = kmap.table.numel() * x.feats.shape[1] * x.feats.element_size()
-            if gathered_bytes <= _TABLE_CONV_MAX_BYTES:
+            if _use_table(kmap, x.feats.shape[1], kernel.shape[-1]):
                 return x.replace(_convolve_table(x.feats, kmap.table, kernel))
-            return x.replace(_convolve(x.feats, kmap.pairs, kernel, kmap.num_out))
+            return x.replace(_convolve(x.feats, kmap, kernel))
         kmap = self.downsample_map(x.stride)
-        return SparseTensor(_convolve(x.feats, kmap.pairs, kernel, kmap.num_out), 2 * x.stride, self)
+        return SparseTensor(_convolve(x.feats, kmap, kernel), 2 * x.stride, self)
 
     def convolve_transpose(self, x: "SparseTensor", kernel: torch.Tensor) -> "SparseTensor":
         """MinkowskiConvolutionTranspose k=2 s=2 onto the finer set that already exists."""
@@ -182,30 +328,20 @@ class CoordinateManager:
         fine = x.stride // 2
         if fine < 1 or fine not in self.keys:
             raise ValueError(f"no stride-{fine} coordinates to transpose onto")
-        kmap = self.downsample_map(fine)
-        swapped = [(dst, src) for src, dst in kmap.pairs]
-        return SparseTensor(_convolve(x.feats, swapped, kernel, self.keys[fine].numel()), fine, self)
+        kmap = self.downsample_map(fine).transposed()
+        return SparseTensor(_convolve(x.feats, kmap, kernel), fine, self)
 
     def submanifold_map(self, stride: int, kernel_size: int) -> KernelMap:
         """Neighbours within one coordinate set (stride-1 conv, output coords = input coords):
-        one ``searchsorted`` of every voxel's key shifted by every offset."""
+        :func:`submanifold_pairs`."""
+        if kernel_size != 3:
+            raise ValueError(f"submanifold maps are built for kernel_size 3, got {kernel_size}")
         cache_key = ("sub", stride, kernel_size)
         if cache_key not in self._maps:
             keys, coords = self.keys[stride], self.coords[stride]
-            offsets = kernel_offsets(kernel_size, keys.device) * stride
-            _check_coordinate_range(coords, margin=int(offsets.abs().max()))
-            query = keys[None, :] + _packed_shifts(offsets)[:, None]  # [K, N]
-            found = lookup(keys, query.reshape(-1)).reshape(query.shape)
-            rows = torch.arange(keys.numel(), device=keys.device)
-            pairs = []
-            for k, offset in enumerate(offsets):
-                if not bool(offset.any()):
-                    pairs.append((rows, rows))
-                    continue
-                hit = found[k] >= 0
-                pairs.append((found[k][hit], rows[hit]))
-            table = torch.where(found >= 0, found, keys.numel()).T.contiguous()
-            self._maps[cache_key] = KernelMap(pairs, keys.numel(), table)
+            _check_coordinate_range(coords, margin=stride)
+            src, dst, counts = submanifold_pairs(keys, stride)
+            self._maps[cache_key] = KernelMap(src, dst, counts, keys.numel(), keys.numel(), identity=_CENTRE)
         return self._maps[cache_key]
 
     def downsample_map(self, stride: int) -> KernelMap:
@@ -213,7 +349,7 @@ class CoordinateManager:
 
         Each fine voxel ``c`` feeds the coarse voxel ``floor(c / 2s) * 2s`` through the
         offset ``(c - parent) / s`` in {0,1}^3. The transposed conv uses the same pairs
-        with input and output swapped.
+        with input and output swapped (:meth:`KernelMap.transposed`).
         """
         cache_key = ("down", stride)
         if cache_key not in self._maps:
@@ -226,11 +362,9 @@ class CoordinateManager:
                 self.add(coarse, parent_keys)
             bits = (coords[:, 1:] - parent[:, 1:]) // stride
             offset_index = bits[:, 0] + 2 * bits[:, 1] + 4 * bits[:, 2]
-            rows = torch.arange(coords.shape[0], device=coords.device)
-            pairs = [
-                (rows[offset_index == k], inverse[offset_index == k]) for k in range(8)
-            ]
-            self._maps[cache_key] = KernelMap(pairs, parent_keys.numel())
+            order = torch.argsort(offset_index, stable=True)  # offset-major, fine rows ascending
+            counts = torch.bincount(offset_index, minlength=8).tolist()
+            self._maps[cache_key] = KernelMap(order, inverse[order], counts, coords.shape[0], parent_keys.numel())
         return self._maps[cache_key]
 
 
@@ -344,56 +478,119 @@ class TorchBackend:
 _GROUP_BYTES = 16 << 20
 
 
-def _convolve(
-    feats: torch.Tensor,
-    pairs: list[tuple[torch.Tensor, torch.Tensor]],
-    kernel: torch.Tensor,
-    num_out: int,
-) -> torch.Tensor:
-    """out[o] = sum over (i, o) pairs of offset k: feats[i] @ kernel[k] (gather-GEMM-scatter)."""
-    out = feats.new_zeros(num_out, kernel.shape[-1])
-    row_bytes = (feats.shape[1] + kernel.shape[-1]) * feats.element_size()
-    group: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+def _no_autocast(device: torch.device):
+    """A context with autocast off when it is on (the convolution's inputs are already cast)."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
-    def flush() -> None:
-        src = torch.cat([s for _, s, _ in group]) if len(group) > 1 else group[0][1]
-        dst = torch.cat([d for _, _, d in group]) if len(group) > 1 else group[0][2]
+
+def _pairs_forward(feats: torch.Tensor, kmap: KernelMap, kernel: torch.Tensor) -> torch.Tensor:
+    num_out, cout = kmap.num_out, kernel.shape[-1]
+    out = feats.new_empty(num_out + 1, cout)  # the last row takes the padding's products
+    if kmap.identity is not None:
+        torch.mm(feats, kernel[kmap.identity], out=out[:num_out])
+    elif not kmap.dst_once:
+        out.zero_()
+    for group in kmap.groups((feats.shape[1] + cout) * feats.element_size()):
         # index_select, not feats[src]: the same gather, several times faster on CPU.
-        gathered, products, start = feats.index_select(0, src), [], 0
-        for k, s, _ in group:
-            products.append(gathered[start : start + s.numel()].mm(kernel[k]))
-            start += s.numel()
-        out.index_add_(0, dst, torch.cat(products) if len(products) > 1 else products[0])
-        group.clear()
-
-    rows = 0
-    for k, (src, dst) in enumerate(pairs):
-        if src.numel() == 0:
-            continue
-        if src is dst and src.numel() == num_out == feats.shape[0]:  # centre tap: identity map
-            out.addmm_(feats, kernel[k])
-            continue
-        if group and (rows + src.numel()) * row_bytes > _GROUP_BYTES:
-            flush()
-            rows = 0
-        group.append((k, src, dst))
-        rows += src.numel()
-    if group:
-        flush()
-    return out
+        gathered = feats.index_select(0, group.src).view(len(group.offsets), group.length, -1)
+        products = torch.bmm(gathered, kernel.index_select(0, group.offsets)).view(-1, cout)
+        if kmap.dst_once:
+            out.index_copy_(0, group.dst, products)
+        else:
+            out.index_add_(0, group.dst, products)
+    return out[:num_out]
 
 
-# Below this many bytes of gathered neighbour features, one gathered GEMM beats K
-# gather-GEMM-scatter calls (their fixed cost dominates); above it the zeros it multiplies
-# for absent neighbours cost more. Measured per layer on the real scan, 2 CPU threads.
-_TABLE_CONV_MAX_BYTES = 8 << 20
+def _pairs_backward(grad_out: torch.Tensor, feats: torch.Tensor, kmap: KernelMap, kernel: torch.Tensor,
+                    need_feats: bool, need_kernel: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of :func:`_pairs_forward`: the same pairs read backwards (input rows
+    receive ``grad_out[dst] @ W_k^T``), and ``W_k`` gets ``feats[src]^T @ grad_out[dst]``;
+    the padding reads a zero gradient row."""
+    grad_feats = grad_kernel = None
+    if need_feats:
+        if kmap.identity is not None:
+            grad_feats = grad_out.mm(kernel[kmap.identity].T)
+        else:
+            grad_feats = grad_out.new_zeros(kmap.num_in, feats.shape[1])
+    if need_kernel:
+        grad_kernel = torch.zeros_like(kernel)
+        if kmap.identity is not None:
+            torch.mm(feats.T, grad_out, out=grad_kernel[kmap.identity])
+    padded = torch.cat([grad_out, grad_out.new_zeros(1, grad_out.shape[1])])
+    for group in kmap.groups((feats.shape[1] + grad_out.shape[1]) * feats.element_size()):
+        shape = (len(group.offsets), group.length, -1)
+        grad_rows = padded.index_select(0, group.dst).view(shape)
+        if need_feats:
+            weights = kernel.index_select(0, group.offsets).transpose(1, 2)
+            grad_feats.index_add_(0, group.src, torch.bmm(grad_rows, weights).view(-1, feats.shape[1]))
+        if need_kernel:
+            gathered = feats.index_select(0, group.src).view(shape)
+            grad_kernel.index_add_(0, group.offsets, torch.bmm(gathered.transpose(1, 2), grad_rows))
+    return grad_feats, grad_kernel
+
+
+class _PairsConvolution(torch.autograd.Function):
+    """Gather-GEMM-scatter over a :class:`KernelMap` with its own backward (the same pairs,
+    no graph of hundreds of small ops, nothing kept but the inputs)."""
+
+    @staticmethod
+    def forward(ctx, feats: torch.Tensor, kernel: torch.Tensor, kmap: KernelMap) -> torch.Tensor:
+        ctx.kmap = kmap
+        ctx.save_for_backward(feats, kernel)
+        with _no_autocast(feats.device):
+            return _pairs_forward(feats, kmap, kernel)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        feats, kernel = ctx.saved_tensors
+        with _no_autocast(feats.device):
+            grad_feats, grad_kernel = _pairs_backward(grad_out.contiguous(), feats, ctx.kmap, kernel,
+                                                      ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return grad_feats, grad_kernel, None
+
+
+def _convolve(feats: torch.Tensor, kmap: KernelMap, kernel: torch.Tensor) -> torch.Tensor:
+    """out[o] = sum over (i, o) pairs of offset k: feats[i] @ kernel[k] (gather-GEMM-scatter)."""
+    if feats.shape[0] != kmap.num_in:
+        raise ValueError(f"features have {feats.shape[0]} rows, the kernel map {kmap.num_in}")
+    if torch.is_grad_enabled() and (feats.requires_grad or kernel.requires_grad):
+        return _PairsConvolution.apply(feats, kernel, kmap)
+    with _no_autocast(feats.device):
+        return _pairs_forward(feats, kmap, kernel)
+
+
+def _use_table(kmap: KernelMap, cin: int, cout: int) -> bool:
+    """Whether the output-stationary GEMM (:func:`_convolve_table`) is expected to beat
+    gather-GEMM-scatter for this map and width: it multiplies zeros for absent neighbours
+    but does one GEMM and no scatter. Cost model fitted per layer on the real scan (2 CPU
+    threads, ``benchmarks/bench_backends.py --layers``): a table row costs its
+    ``K * cin * (cout + _TABLE_GATHER)`` multiply-adds and gathers, a pair
+    ``cin * cout + _PAIR_MOVE * (cin + cout)``, plus a fixed cost per offset."""
+    if kmap.identity is None:  # only submanifold maps
+        return False
+    volume = len(kmap.counts)
+    if kmap.num_out * volume * cin * 4 > _TABLE_CONV_MAX_BYTES:
+        return False
+    table_cost = kmap.num_out * volume * cin * (cout + _TABLE_GATHER)
+    pair_cost = kmap.src.numel() * (cin * cout + _PAIR_MOVE * (cin + cout)) + _PER_OFFSET * volume
+    return table_cost <= pair_cost
+
+
+# Cost-model constants of _use_table (multiply-add equivalents), and the largest gathered
+# neighbour matrix the table path builds.
+_TABLE_GATHER = 8
+_PAIR_MOVE = 16
+_PER_OFFSET = 400_000
+_TABLE_CONV_MAX_BYTES = 16 << 20
 
 
 def _convolve_table(feats: torch.Tensor, table: torch.Tensor, kernel: torch.Tensor, chunk_bytes: int = 1 << 25) -> torch.Tensor:
-    """The same sum as :func:`_convolve`, output-stationary: gather each output's K
-    neighbours (a zero row where absent) into one [rows, K * in] matrix and do one GEMM.
-    No scatter, one large GEMM instead of K small ones; it multiplies zeros for absent
-    neighbours, so it pays off for dense neighbourhoods and narrow layers. Rows go in
+    """The same sum as :func:`_convolve`, output-stationary (an implicit GEMM): gather each
+    output's K neighbours (a zero row where absent) into one [rows, K * in] matrix and do
+    one GEMM. No scatter, one large GEMM instead of K small ones; it multiplies zeros for
+    absent neighbours, so it pays off for dense neighbourhoods and narrow layers. Rows go in
     chunks of at most ``chunk_bytes`` of gathered features."""
     num_out, volume = table.shape
     cin = feats.shape[1]
