@@ -111,6 +111,12 @@ def test_only_minkowski_py_imports_minkowski_engine() -> None:
     assert importers == ["src/lidar_completion/minkowski.py"]
 
 
+def test_only_spconv_backend_py_imports_spconv() -> None:
+    importers = sorted(str(path.relative_to(REPO)) for path in _project_sources()
+                       if any(name.split(".")[0] in ("spconv", "cumm") for name in _imports(path)))
+    assert importers == ["src/lidar_completion/spconv_backend.py"]
+
+
 def test_backend_names_are_checked_in_one_place() -> None:
     """No comparison with a backend's name outside lidar_completion.backends: every setting
     that takes one calls ``check_backend``, the model asks ``get_backend``."""

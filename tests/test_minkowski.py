@@ -24,18 +24,18 @@ needs_me = pytest.mark.skipif(not minkowski.available(), reason="MinkowskiEngine
 
 def test_unknown_backend_is_a_config_error():
     with pytest.raises(ValueError, match="backend: must be one of"):
-        CompletionConfig(backend="spconv")
+        CompletionConfig(backend="torchsparse")
     with pytest.raises(ValueError, match="backend: must be one of"):
-        voxelize(torch.zeros(3, 3), None, 0.1, backend="spconv")
+        voxelize(torch.zeros(3, 3), None, 0.1, backend="torchsparse")
     with pytest.raises(ValueError, match="backend: must be one of"):
-        CompletionModel(ModelConfig(channel_ratio=0.125)).use_backend("spconv")
+        CompletionModel(ModelConfig(channel_ratio=0.125)).use_backend("torchsparse")
 
 
 def test_both_backends_keep_the_typed_contract():
     """Registered by name, they satisfy the Protocols without importing MinkowskiEngine."""
     from lidar_completion.backends import BACKENDS, SparseBackend, get_backend
 
-    assert BACKENDS == ("torch", "minkowski")
+    assert BACKENDS == ("torch", "minkowski", "spconv")
     assert isinstance(get_backend("torch"), SparseBackend) and get_backend("torch").name == "torch"
     assert isinstance(minkowski.MinkowskiBackend(), SparseBackend) and minkowski.MinkowskiBackend().name == "minkowski"
     assert isinstance(sp.CoordinateManager(), sp.Coordinates)

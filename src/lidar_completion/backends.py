@@ -7,7 +7,9 @@ any of them:
 
 * ``torch``: :class:`lidar_completion.sparse.TorchBackend`, built in, plain tensor ops;
 * ``minkowski``: :class:`lidar_completion.minkowski.MinkowskiBackend`, MinkowskiEngine 0.5.4
-  when installed (``scripts/install_minkowski.sh``); the only module that imports it.
+  when installed (``scripts/install_minkowski.sh``); the only module that imports it;
+* ``spconv``: :class:`lidar_completion.spconv_backend.SpconvBackend`, spconv 2.3 when
+  installed (``scripts/install_spconv.sh``); the only module that imports it.
 
 Every place that takes a backend name (the completion config, the training config, the ROS
 parameter, the CLI, the model) validates it here, with :func:`check_backend`. This module
@@ -56,8 +58,14 @@ def _minkowski() -> SparseBackend:
     return MinkowskiBackend()
 
 
+def _spconv() -> SparseBackend:
+    from .spconv_backend import SpconvBackend
+
+    return SpconvBackend()
+
+
 # name -> factory: the registry (a factory imports its module only when the backend is asked for)
-_REGISTRY: dict[str, Callable[[], SparseBackend]] = {"torch": _torch, "minkowski": _minkowski}
+_REGISTRY: dict[str, Callable[[], SparseBackend]] = {"torch": _torch, "minkowski": _minkowski, "spconv": _spconv}
 BACKENDS: tuple[str, ...] = tuple(_REGISTRY)
 
 
