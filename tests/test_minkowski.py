@@ -35,7 +35,7 @@ def test_both_backends_keep_the_typed_contract():
     """Registered by name, they satisfy the Protocols without importing MinkowskiEngine."""
     from lidar_completion.backends import BACKENDS, SparseBackend, get_backend
 
-    assert BACKENDS == ("torch", "minkowski", "spconv")
+    assert BACKENDS == ("torch", "torch-bf16", "minkowski", "spconv")
     assert isinstance(get_backend("torch"), SparseBackend) and get_backend("torch").name == "torch"
     assert isinstance(minkowski.MinkowskiBackend(), SparseBackend) and minkowski.MinkowskiBackend().name == "minkowski"
     assert isinstance(sp.CoordinateManager(), sp.Coordinates)

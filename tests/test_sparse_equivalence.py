@@ -116,7 +116,7 @@ def tensor(keys: torch.Tensor, stride: int, channels: int, seed: int, grad: bool
 @pytest.mark.parametrize("n,extent,stride,batches", CASES)
 @pytest.mark.parametrize("cin,cout", [(3, 8), (16, 32), (64, 64)])
 def test_submanifold_conv_and_gradients_equal_reference(monkeypatch, path, n, extent, stride, batches, cin, cout):
-    monkeypatch.setattr(sp, "_use_table", lambda kmap, cin, cout: path == "table")
+    monkeypatch.setattr(sp, "_use_table", lambda *args: path == "table")
     keys = random_set(n, extent, stride, batches, seed=n + 2)
     x = tensor(keys, stride, cin, seed=3, grad=True)
     conv = SparseConv(cin, cout, 3)
@@ -224,3 +224,40 @@ def test_nearest_encoder_rows_kdtree_equals_bruteforce_with_ties(stride):
     far = torch.tensor([[0, 0, 0], [100000, 0, 0], [-100000, 5, 5]])  # too far apart for the lift: brute force
     query = torch.tensor([[50000, 0, 0], [-50000, 2, 2], [1, 1, 1]])
     assert torch.equal(_nearest_rows_kdtree(query, far), _nearest_rows_bruteforce(query, far))
+
+
+bf16_cpu = pytest.mark.skipif(not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()),
+                              reason="no bfloat16 instructions on this CPU")
+
+
+@bf16_cpu
+@torch.no_grad()
+def test_bf16_backend_stays_close_to_float32(real_scan_path):
+    """``torch-bf16``: the same maps, GEMMs in bfloat16, float32 in and out; a whole
+    student-sized denoiser stays within ~1% of the float32 backend."""
+    from lidar_completion.backends import get_backend
+    from lidar_completion.io import read_points
+
+    torch.manual_seed(0)
+    scan = torch.from_numpy(read_points(real_scan_path)).float()
+    scan = scan[(scan.norm(dim=1) > 3.5) & (scan.norm(dim=1) < 10)]
+    part = scan[torch.randperm(len(scan), generator=torch.Generator().manual_seed(0))[:500]]
+    noisy = part.repeat(10, 1) + 0.5 * torch.randn(5000, 3, generator=torch.Generator().manual_seed(1))
+    encoder, denoiser = ScanEncoder(0.25).eval(), Denoiser(0.25).eval()
+    outs = []
+    for name in ("torch", "torch-bf16"):
+        backend = get_backend(name, "cpu")
+        out = denoiser(backend.voxelize(noisy, None, 0.05), encoder(backend.voxelize(part, None, 0.05)), torch.tensor([300]))
+        assert out.dtype == torch.float32
+        outs.append(out)
+    assert close(outs[1], outs[0], 2e-2) and not torch.equal(outs[1], outs[0])
+
+
+def test_bf16_backend_refuses_a_cpu_without_bfloat16(monkeypatch):
+    from lidar_completion.backends import get_backend
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    with pytest.raises(RuntimeError, match="no bfloat16 instructions"):
+        get_backend("torch-bf16", "cpu")
+    get_backend("torch", "cpu")  # float32 runs anywhere
