@@ -61,11 +61,11 @@ class VoxelMean:
         """(M, 3) float32 voxel means, each inside its own voxel.
 
         The means are summed in float64; rounding one to float32 can carry it across its
-        voxel's face when it lies within a float32 step of it (a step is 0.24 mm at 3 km from
-        the first scan), which put about one map point in 1,500 into a neighbouring, possibly
-        occupied voxel on a kilometre-long drive. Such a coordinate is moved back by whole
-        float32 steps, so ``voxel_keys`` of the result gives each point its own voxel whether
-        it is evaluated in float32 or float64."""
+        voxel's face when it lies within a float32 step of it (0.24 mm 2-4 km from the first
+        scan): on a generated 4,500-scan drive reaching 2.6 km, 2,063 of 18.3 million means
+        landed in a neighbouring voxel and 1,460 voxels held two points. Such a coordinate is
+        moved back by whole float32 steps, so ``voxel_keys`` of the result gives each point its
+        own voxel whether it is evaluated in float32 or float64."""
         self._flush()
         means = (self._sums / self._counts[:, None]).astype(np.float32)
         return _into_cells(means, _unpack_cells(self._keys), self.voxel)
