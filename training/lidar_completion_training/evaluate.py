@@ -89,6 +89,7 @@ class ScanScorer:
 
     def _completer_for(self, setting: Setting, scoring: Scoring) -> Any:
         key = (dataclasses.replace(setting, name="", input_points=None), scoring)
+        assert setting.checkpoint is not None
         if key != self._key:
             from lidar_completion.completer import SceneCompleter
             from lidar_completion.config import load_config
@@ -130,6 +131,7 @@ class ScanScorer:
         unreadable one is skipped with a message."""
         from lidar_completion.io import PointFileError, read_points
 
+        assert setting.completed is not None
         sequence, i = self.dataset.locate(index)
         matches = sorted((Path(setting.completed) / sequence.name).glob(f"{i:06d}.*"))
         if not matches:
@@ -258,8 +260,9 @@ def evaluate_setting(
                 keep[index] = pred
             bar.update()
     for index in wanted - set(todo):  # scored by an earlier run: only their rows were kept
-        if keep is not None and index in rows:
-            keep[index] = local.score(setting, scoring, index, True)[2]
+        pred = local.score(setting, scoring, index, True)[2] if keep is not None and index in rows else None
+        if keep is not None and pred is not None:
+            keep[index] = pred
     return [rows[i] for i in indices if i in rows]
 
 

@@ -60,7 +60,9 @@ def _read(path: Path) -> tuple[dict[str, Any] | None, dict[str, dict[int, dict[s
     finished, bytes up to the last whole row). A last line without its newline (a write cut
     short by a kill) is not counted."""
     data = path.read_bytes()
-    settings, rows, finished, end = None, {}, False, 0
+    settings: dict[str, Any] | None = None
+    rows: dict[str, dict[int, dict[str, Any]]] = {}
+    finished, end = False, 0
     offset = 0
     for number, line in enumerate(data.split(b"\n"), start=1):
         offset += len(line) + 1
