@@ -272,31 +272,35 @@ class Denoiser(SparseUNet):
     def condition(self, level: int, x: SparseTensor, context: object) -> SparseTensor:
         """Gate ``latemp(cat(latent(nearest scan feature), temp(t)))`` per voxel.
 
-        The MLPs act row-wise, so ``latent`` and the scan half of ``latemp``'s first layer
-        are evaluated once per *encoder* voxel (hundreds) and gathered, and the timestep
-        half once per batch entry, instead of once per voxel (up to 10^5): same result,
-        a fraction of the work.
+        Every voxel of batch entry b reads an encoder voxel of b (or none), and the MLPs act
+        row-wise, so the whole gate is a function of the encoder row alone: it is evaluated
+        once per encoder voxel (hundreds), plus once per batch entry for "no scan voxel", and
+        gathered per voxel, instead of evaluated per voxel (up to 10^5): same result, a
+        fraction of the work.
         """
         scan, temb, nearest = context
         name = self._level_names[level]
         latemp = getattr(self, f"latemp_{name}")
         first, second = latemp[0], latemp[2]
-        # A last all-zero row stands for "no scan voxel in this batch entry" (row -1).
-        encoded = torch.cat([scan.feats, scan.feats.new_zeros(1, scan.feats.shape[1])])
+        time_feat = getattr(self, f"{name}_temp")(temb)  # [B, width]
+        batches = time_feat.shape[0]
+        # One row per encoder voxel, then an all-zero row per batch entry: "no scan voxel there".
+        encoded = torch.cat([scan.feats, scan.feats.new_zeros(batches, scan.feats.shape[1])])
+        owner = torch.cat([scan.batch, torch.arange(batches, device=scan.batch.device)])  # each row's batch entry
         scan_feat = getattr(self, f"latent_{name}")(encoded)
-        time_feat = getattr(self, f"{name}_temp")(temb)
         width = scan_feat.shape[1]
         w_time, w_scan = first.weight[:, :width], first.weight[:, width:]
         if name != "up1":  # published order is (scan, time) except at up1
             w_scan, w_time = w_time, w_scan
+        hidden = scan_feat @ w_scan.T + (time_feat @ w_time.T + first.bias).index_select(0, owner)
+        gates = second(latemp[1](hidden))  # [encoder rows + B, gated width]
         # Encoder and decoder levels of one stride share coordinates: one search per stride.
         key = (id(x.manager), x.stride)
         if key not in nearest:
             rows = nearest_encoder_rows(x, scan)
-            nearest[key] = (x.manager, torch.where(rows >= 0, rows, encoded.shape[0] - 1))  # -1 -> the zero row
-        rows = nearest[key][1]
-        hidden = (scan_feat @ w_scan.T).index_select(0, rows) + (time_feat @ w_time.T + first.bias).index_select(0, x.batch)
-        return x * second(latemp[1](hidden))
+            none = scan.feats.shape[0] + x.batch  # -1 -> the batch entry's zero row
+            nearest[key] = (x.manager, torch.where(rows >= 0, rows, none))
+        return x * gates.index_select(0, nearest[key][1])
 
     def forward(self, field: PointField, scan: SparseTensor, t: torch.Tensor) -> torch.Tensor:
         """Noise prediction per point of ``field``; ``t`` holds one timestep per batch entry."""

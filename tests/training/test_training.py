@@ -240,7 +240,7 @@ def test_distillation_run_exports_a_student_with_the_teachers_encoder(tiny_datas
         ({"refine": {"accuracy_weight": 0}}, "refine.accuracy_weight"),
         ({"kind": "distill"}, "distill.teacher"),
         ({"trainer": {"bogus": 1}}, "trainer.bogus"),
-        ({"trainer": {"backend": "spconv"}}, "trainer.backend"),
+        ({"trainer": {"backend": "torchsparse"}}, "trainer.backend"),
         ({"trainer": {"lr": "fast"}}, "trainer.lr: must be a number"),
         ({"trainer": {"max_steps": 1.5}}, "trainer.max_steps: must be an integer"),
         ({"trainer": {"lr_decay": 0}}, "trainer.lr_decay"),
