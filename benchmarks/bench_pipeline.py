@@ -4,6 +4,7 @@ vs student (8/4/2/1 steps), at the shipped model's own point budget, 2 CPU threa
     python benchmarks/bench_pipeline.py                              # the models' own budget, CPU, 2 threads
     python benchmarks/bench_pipeline.py --teacher 0 0 --student-steps 1 --repeats 5   # the node's setting
     python benchmarks/bench_pipeline.py --device cuda --preset full  # published scale on a GPU
+    python benchmarks/bench_pipeline.py --teacher 0 0 --student-steps 2 --backend torch-bf16   # bfloat16 GEMMs
 
 Every row completes the same input (the real SemanticKITTI scan in ``shared/data``) through
 :class:`~lidar_completion.completer.SceneCompleter`, after one warm-up completion per model;
@@ -32,7 +33,7 @@ from lidar_completion.checkpoints import load_model
 from lidar_completion.model import CompletionModel, ModelConfig
 from lidar_completion.completer import SceneCompleter, resolve_device
 from lidar_completion.points import farthest_point_sample
-from lidar_completion.config import MODEL_PRESET, PRESETS, load_config
+from lidar_completion.config import BACKENDS, MODEL_PRESET, PRESETS, load_config
 from lidar_completion.io import read_points
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,11 +55,12 @@ def get_model(kind: str, preset: str, ratio: float, seed: int) -> tuple[Completi
     return model, f"RANDOM INIT (no {' or '.join(names)} shipped), channel ratio {ratio}"
 
 
-def make_completer(model, preset: str, device: str, steps: int, guidance: float, refine: bool) -> SceneCompleter:
+def make_completer(model, preset: str, device: str, steps: int, guidance: float, refine: bool,
+                   backend: str = "torch") -> SceneCompleter:
     """``preset`` "model": the model's own ``n_part`` and ``max_range`` (its config); else a
     fixed budget. The range is always capped at the model's radius by the completer."""
     overrides = {"data.preset": preset, "device": device, "sampling.steps": steps, "sampling.guidance": guidance,
-                 "refine": refine and model.refiner is not None}
+                 "refine": refine and model.refiner is not None, "backend": backend}
     if preset != MODEL_PRESET:
         overrides["data.n_part"] = PRESETS[preset]["n_part"]
     if model.config.max_range:
@@ -66,8 +68,9 @@ def make_completer(model, preset: str, device: str, steps: int, guidance: float,
     return SceneCompleter(model, load_config(**overrides))
 
 
-def time_row(model, preset, device, steps, guidance, scan, repeats, refine=False) -> tuple[dict[str, float], int, int]:
-    completer = make_completer(model, preset, device, steps, guidance, refine)
+def time_row(model, preset, device, steps, guidance, scan, repeats, refine=False,
+             backend="torch") -> tuple[dict[str, float], int, int]:
+    completer = make_completer(model, preset, device, steps, guidance, refine, backend)
     runs = [completer.complete(scan) for _ in range(repeats)]
     medians = {s: statistics.median(r.timings_ms.get(s, 0.0) for r in runs) for s in STAGES}
     return medians, runs[-1].nfe, len(runs[-1].points)
@@ -81,6 +84,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed completions per row (median)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2; 0: torch's)")
     parser.add_argument("--refine", action="store_true", help="run the x6 refinement net (when the model has one)")
+    parser.add_argument("--backend", choices=BACKENDS, default="torch",
+                        help="sparse convolutions (torch-bf16: GEMMs in bfloat16; spconv, minkowski: if installed)")
     parser.add_argument("--ratio", type=float, default=0.25, help="channel ratio of random-init models")
     parser.add_argument("--scan", type=Path, default=SCAN)
     parser.add_argument("--teacher", type=float, nargs=2, default=(50, 6.0), metavar=("STEPS", "GUIDANCE"),
@@ -101,11 +106,11 @@ def main() -> None:
     scan = read_points(args.scan)
     kinds = dict.fromkeys(kind for kind, _, _ in settings)
     models = {kind: get_model(kind, args.preset, args.ratio, seed=kind == "student") for kind in kinds}
-    print(f"input: {args.scan.name}, {len(scan):,} points; preset {args.preset}; device {args.device}; "
+    print(f"input: {args.scan.name}, {len(scan):,} points; preset {args.preset}; device {args.device}; backend {args.backend}; "
           f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads; median of {args.repeats}")
     budgets = {}
     for kind, (model, origin) in models.items():
-        completer = make_completer(model, args.preset, args.device, 1, 0.0, args.refine)
+        completer = make_completer(model, args.preset, args.device, 1, 0.0, args.refine, args.backend)
         budgets[kind] = completer.n_part
         refine = ("on" if args.refine else "off (--refine)") if model.refiner is not None else "off (none in checkpoint)"
         print(f"{kind}: {origin}; channel ratio {model.config.channel_ratio:g}; {completer.n_part:,} scan points x "
@@ -120,7 +125,7 @@ def main() -> None:
     reference = None  # speed-up is relative to the first row (the teacher unless left out)
     for kind, steps, guidance in settings:
         ms, nfe, count = time_row(models[kind][0], args.preset, args.device, steps, guidance, scan, args.repeats,
-                                  args.refine)
+                                  args.refine, args.backend)
         reference = reference or ms["total"]
         label = f"{kind} {steps} step{'s' * (steps > 1)}" + (f" w={guidance:g}" if guidance else "")
         print(f"{label:<22}{nfe:>5}" + "".join(f"{ms[s]:>13.1f}" for s in STAGES)

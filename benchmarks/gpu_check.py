@@ -4,9 +4,10 @@ measured here and now.
     python benchmarks/gpu_check.py [--device cuda:0] [--repeats 5] [--node-scans 10] [--train-seconds 60]
 
 Rows: the full-scale denoiser forward (encoder included, 180k points, channel ratio 1) in
-fp32 and under bf16 / fp16 autocast with its peak GPU memory (``bench_denoiser.measure``,
-one fresh process each); the 1-step student end to end per frame (``SceneCompleter``, as
-``bench_pipeline``) at full scale (channel ratio 1, 18,000 scan points -> 180,000, 50 m;
+fp32, under bf16 / fp16 autocast and on the ``torch-bf16`` backend (bfloat16 GEMMs, float32
+elsewhere) with its peak GPU memory (``bench_denoiser.measure``, one fresh process each); the
+1-step student end to end per frame (``SceneCompleter``, as ``bench_pipeline``; backends
+``torch`` and ``torch-bf16``) at full scale (channel ratio 1, 18,000 scan points -> 180,000, 50 m;
 random weights: no full-scale model is shipped, and weights do not change the time) and at
 the shipped preset (the shipped student at its own budget, read from its config); the ROS
 node's own overhead per scan with the model on the GPU (``bench_node``); then two training
@@ -172,13 +173,13 @@ def burst_row(kind: str, root: Path, seconds: float, device: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def student_frame(model, device: str, repeats: int, scan) -> dict:
+def student_frame(model, device: str, repeats: int, scan, backend: str = "torch") -> dict:
     """Median wall ms per frame of the 1-step student (CUDA synchronised), its stages, peak GPU MiB."""
     import torch
 
     from bench_pipeline import make_completer
 
-    completer = make_completer(model, "model", device, 1, 0.0, False)
+    completer = make_completer(model, "model", device, 1, 0.0, False, backend)
     completer.complete(scan)  # warm-up (allocator, kernels)
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
@@ -233,10 +234,11 @@ def main() -> int:
         rows.append((what, "-" if ms is None else f"{ms:.1f}", "-" if mib is None else f"{mib:.0f}", note))
         print(f"  {what}: {rows[-1][1]} ms, {rows[-1][2]} MiB  {note}", flush=True)
 
-    for autocast in ("none", "bf16", "fp16"):
+    for backend, autocast in (("torch", "none"), ("torch", "bf16"), ("torch", "fp16"), ("torch-bf16", "none")):
         what = f"denoiser forward, 180k points, ratio 1, {'fp32' if autocast == 'none' else autocast + ' autocast'}"
+        what += ", backend torch-bf16 (bfloat16 GEMMs)" if backend != "torch" else ""
         try:
-            r = measure("torch", 1.0, 180_000, repeats=args.repeats, device=str(device), autocast=autocast, timeout=600)
+            r = measure(backend, 1.0, 180_000, repeats=args.repeats, device=str(device), autocast=autocast, timeout=600)
             row(what, 1000 * r["seconds"], r["peak_rss_mib"], f"best of {args.repeats}, encoder included")
         except Exception as err:  # noqa: BLE001 - the table says what failed and goes on
             row(what, None, None, f"failed: {_short(err)}")
@@ -245,10 +247,13 @@ def main() -> int:
     torch.manual_seed(0)
     full = CompletionModel(ModelConfig(kind="student", default_steps=1, default_guidance=1.0, **FULL))
     shipped = MODELS / "student_lite"
-    for what, make in (("student 1 step end to end, full scale (ratio 1, random weights)", lambda: full),
-                       (f"student 1 step end to end, shipped preset ({shipped.name})", lambda: load_model(shipped))):
+    for what, make, backend in (
+            ("student 1 step end to end, full scale (ratio 1, random weights)", lambda: full, "torch"),
+            ("student 1 step end to end, full scale (ratio 1, random weights), torch-bf16", lambda: full, "torch-bf16"),
+            (f"student 1 step end to end, shipped preset ({shipped.name})", lambda: load_model(shipped), "torch"),
+            (f"student 1 step end to end, shipped preset ({shipped.name}), torch-bf16", lambda: load_model(shipped), "torch-bf16")):
         try:
-            r = student_frame(make(), str(device), args.repeats, scan)
+            r = student_frame(make(), str(device), args.repeats, scan, backend)
             row(what, r["ms"], r["mib"], f"median of {args.repeats}; {r['note']}")
         except Exception as err:  # noqa: BLE001
             row(what, None, None, f"failed: {_short(err)}")

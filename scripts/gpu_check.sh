@@ -6,7 +6,7 @@
 #    time, seconds after;
 # 2. runs the CUDA parity tests (tests/test_networks.py, the cuda-parametrised fixtures);
 # 3. prints the table of benchmarks/gpu_check.py: full-scale denoiser forward (180k points,
-#    channel ratio 1) fp32 / bf16 / fp16 autocast with peak GPU memory, the 1-step student
+#    channel ratio 1) fp32 / bf16 / fp16 autocast / the torch-bf16 backend with peak GPU memory, the 1-step student
 #    end to end per frame at full scale and at the shipped preset, the node's overhead, and two
 #    one-minute training bursts at full scale (issue 27: config/training/teacher_semantickitti.yaml
 #    and distill_dpo_semantickitti.yaml on one GPU, generated HDL-64 scans): ms per step,

@@ -135,7 +135,8 @@ def _nearest_rows_kdtree(query: torch.Tensor, ref: torch.Tensor) -> torch.Tensor
         return _nearest_rows_bruteforce(query, ref)
     lift = np.sqrt(np.arange(m, dtype=np.float64) / (2 * m))
     tree = cKDTree(np.column_stack([ref.numpy().astype(np.float64), lift]))
-    _, rows = tree.query(np.column_stack([query.numpy().astype(np.float64), np.zeros(len(query))]), k=1)
+    _, rows = tree.query(np.column_stack([query.numpy().astype(np.float64), np.zeros(len(query))]), k=1,
+                         workers=torch.get_num_threads())
     return torch.from_numpy(np.asarray(rows, dtype=np.int64).reshape(-1))
 
 
