@@ -344,3 +344,42 @@ def test_stray_completed_points_are_not_added(model):
     expected = candidates[supported(candidates, 0.6, 3)]
     np.testing.assert_array_equal(composed.points[~composed.measured], expected)
     assert len(expected) < len(candidates)
+
+
+# ---------------------------------------------------------------- from_checkpoint
+
+
+def test_from_checkpoint_takes_a_shipped_name_or_a_path(model, tmp_path):
+    from lidar_completion.checkpoints import SHIPPED_MODELS, save_model
+
+    config = CompletionConfig(device="cpu")
+    shipped = SceneCompleter.from_checkpoint("student_lite", config)
+    assert shipped.checkpoint == SHIPPED_MODELS / "student_lite" and shipped.refine_checkpoint is None
+    saved = save_model(model, tmp_path / "tiny")
+    completer = SceneCompleter.from_checkpoint(tmp_path / "tiny", config.replace(refine=True))
+    assert completer.checkpoint == tmp_path / "tiny" and completer.config.refine
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(completer.model.state_dict()[name], value)
+    assert saved.exists()
+
+
+def test_from_checkpoint_refuses_a_missing_checkpoint_or_refiner(model, tmp_path):
+    from lidar_completion.checkpoints import CheckpointError, RefinerError, save_model
+
+    with pytest.raises(CheckpointError, match=r"checkpoint not found: no_such_model \(.*shipped models: .*student_lite"):
+        SceneCompleter.from_checkpoint("no_such_model")
+    with pytest.raises(CheckpointError, match="checkpoint not found: .*missing"):
+        SceneCompleter.from_checkpoint(tmp_path / "missing")
+    save_model(model, tmp_path / "tiny")
+    with pytest.raises(RefinerError, match="refinement checkpoint not found"):
+        SceneCompleter.from_checkpoint(tmp_path / "tiny", CompletionConfig(device="cpu"), tmp_path / "nope.ckpt")
+
+
+def test_from_checkpoint_checks_the_config_against_the_model(tmp_path):
+    from lidar_completion.checkpoints import save_model
+
+    plain = save_model(CompletionModel(ModelConfig(channel_ratio=0.25, max_range=20.0)), tmp_path / "plain")
+    with pytest.raises(ValueError, match="refine is on but the checkpoint has no refinement net"):
+        SceneCompleter.from_checkpoint(plain, CompletionConfig(device="cpu", refine=True))
+    with pytest.raises(ValueError, match="data.min_range: 30 m leaves no range band: the model completes up to 20 m"):
+        SceneCompleter.from_checkpoint(plain, CompletionConfig.from_dict({"device": "cpu", "data.min_range": 30.0}))

@@ -276,13 +276,14 @@ def test_a_batch_with_an_unusable_scan_still_completes_the_others(tmp_path) -> N
 
     from lidar_completion.model import CompletionModel, ModelConfig
     from lidar_completion_ros.parameters import completion_config
-    from lidar_completion_ros.pipeline import Scan, complete_scans, make_completer
+    from lidar_completion.completer import SceneCompleter
+    from lidar_completion_ros.pipeline import Scan, complete_scans
 
     torch.manual_seed(0)
     model = CompletionModel(ModelConfig(channel_ratio=0.25))
     config = completion_config({**defaults(), "device": "cpu", "sampling.steps": 1, "sampling.guidance": 1.0,
                                 "data.n_part": 128, "data.repeat": 2})
-    completer = make_completer(model, config)
+    completer = SceneCompleter(model, config)
     rng = np.random.default_rng(2)
     good = rng.uniform(-20, 20, (600, 3)).astype(np.float32)
     direction = rng.normal(size=(600, 3))

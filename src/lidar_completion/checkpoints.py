@@ -28,6 +28,7 @@ from .networks import BASE_CHANNELS
 # CompletionModel and ModelConfig live in .model; importing them from here still works.
 __all__ = [
     "CheckpointError",
+    "RefinerError",
     "load_model",
     "save_model",
     "load_published",
@@ -36,6 +37,7 @@ __all__ = [
     "PUBLISHED_PREFIXES",
     "SHIPPED_MODELS",
     "find_checkpoint",
+    "locate_checkpoint",
     "shipped_models",
     "read_weights_only",
 ]
@@ -75,6 +77,22 @@ def find_checkpoint(name_or_path: str | os.PathLike) -> Path | None:
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the file and the problem."""
+
+
+class RefinerError(CheckpointError):
+    """A separate refinement checkpoint (``refine_checkpoint``) that cannot be used."""
+
+
+def locate_checkpoint(name_or_path: str | os.PathLike, what: str = "checkpoint") -> Path:
+    """:func:`find_checkpoint`, or :class:`CheckpointError`: for a bare name that is neither a
+    file nor a shipped model, one line that lists the shipped models; for a path, the path
+    itself (the loader then says it is missing). ``what`` names the file in that line."""
+    found = find_checkpoint(name_or_path)
+    path = Path(name_or_path)
+    if found is None and len(path.parts) == 1:
+        raise CheckpointError(f"{what} not found: {path} (no such file or directory, and no shipped model of that "
+                              f"name; shipped models: {', '.join(shipped_models()) or 'none'})")
+    return found or path
 
 
 def _atomic_write(path: Path, write) -> None:

@@ -55,20 +55,15 @@ def default_checkpoint() -> Path:
     return SHIPPED_MODELS / "student_lite"
 
 
-def resolve_checkpoint(given: Path | None) -> Path:
-    """A path, or the name of a model shipped in ``lidar_completion/models`` (as the ROS node)."""
-    from .checkpoints import find_checkpoint, shipped_models
-
-    if given is None:
-        path = default_checkpoint()
-        if not path.exists():
-            raise UsageError(f"no shipped model at {path}; pass --checkpoint PATH")
-        return path
-    found = find_checkpoint(given)
-    if found is None and len(given.parts) == 1:
-        raise UsageError(f"checkpoint not found: {given} (no such file or directory, and no shipped model of that "
-                         f"name; shipped models: {', '.join(shipped_models()) or 'none'})")
-    return found or given
+def checkpoint_argument(given: Path | None) -> Path:
+    """``--checkpoint`` as given, else the shipped lite student (UsageError when it is not
+    there); :meth:`SceneCompleter.from_checkpoint` resolves a shipped model's name."""
+    if given is not None:
+        return given
+    path = default_checkpoint()
+    if not path.exists():
+        raise UsageError(f"no shipped model at {path}; pass --checkpoint PATH")
+    return path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="x6 refinement net (default: config; off when the checkpoint has none)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: config (auto)")
     parser.add_argument("--backend", choices=BACKENDS,
-                        help="sparse convolutions: torch (built in, default) or minkowski (if installed)")
+                        help="sparse convolutions: torch (built in, default), torch-bf16 (GEMMs in bfloat16), "
+                        "minkowski or spconv (if installed)")
     parser.add_argument("--seed", type=int, help="sampling seed (default: config, 0)")
     parser.add_argument("--threads", type=int, help="torch CPU threads, 1 or more (default: torch's, one per core)")
     parser.add_argument("--preset", choices=("lite", "full"), help="point budget: lite 2000 (CPU), full 18000 (GPU)")
@@ -184,9 +180,9 @@ def check_outputs(outputs: list[Path], out_dir: Path | None, render: Path | None
 
 def load_completer(args: argparse.Namespace):
     """Config (defaults < YAML < flags), checkpoint and the completer; UsageError on any problem."""
-    from .checkpoints import CheckpointError, find_checkpoint, load_model, with_refiner
+    from .checkpoints import CheckpointError
     from .completer import SceneCompleter
-    from .config import PRESETS, effective_range, load_config
+    from .config import PRESETS, load_config
 
     refine = args.refine
     if refine is None and args.refine_checkpoint is not None:
@@ -209,23 +205,23 @@ def load_completer(args: argparse.Namespace):
     except (ValueError, OSError) as err:
         raise UsageError(str(err)) from None
 
-    checkpoint = resolve_checkpoint(args.checkpoint)
+    # refine from the YAML (no --refine) is turned off, with a note, for a model without a refiner.
+    soft_refine = config.refine and args.refine is None and args.refine_checkpoint is None
     try:
-        model = load_model(checkpoint)
-        if args.refine_checkpoint is not None:
-            model = with_refiner(model, find_checkpoint(args.refine_checkpoint) or args.refine_checkpoint)
+        completer = SceneCompleter.from_checkpoint(checkpoint_argument(args.checkpoint),
+                                                   config.replace(refine=False) if soft_refine else config,
+                                                   args.refine_checkpoint)
+        checkpoint, note = completer.checkpoint, None
+        if soft_refine:
+            if completer.model.refiner is not None:
+                completer = SceneCompleter(completer.model, config)
+                completer.checkpoint = checkpoint
+            else:
+                note = f"note: {checkpoint} has no refinement net; completing without refinement"
+        return completer, checkpoint, note
     except CheckpointError as err:
         raise UsageError(str(err)) from None
-    note = None
-    if config.refine and model.refiner is None:
-        if args.refine:
-            raise UsageError(f"--refine: {checkpoint} has no refinement net")
-        config = config.replace(refine=False)
-        note = f"note: {checkpoint} has no refinement net; completing without refinement"
-    try:
-        effective_range(config.data, model.config.max_range)
-        return SceneCompleter(model, config), checkpoint, note
-    except (ValueError, RuntimeError) as err:
+    except (ValueError, RuntimeError) as err:  # the config does not fit the model, or no such device
         raise UsageError(str(err)) from None
 
 

@@ -34,10 +34,10 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .checkpoints import load_model
+from .checkpoints import CheckpointError, RefinerError, load_model, locate_checkpoint, with_refiner
 from .model import CompletionModel
 from .points import density_matched_count, farthest_point_sample, in_range, near_measured, seen_through, supported
-from .config import CompletionConfig, completion_radius
+from .config import CompletionConfig, effective_range
 from . import diffusion
 from .diffusion import Cancelled
 from .networks import Denoiser
@@ -173,7 +173,13 @@ class SceneCompleter:
     """Completes LiDAR scans with a diffusion model; ``complete(points)`` is the whole API."""
 
     def __init__(self, model: CompletionModel, config: CompletionConfig | None = None):
+        """``ValueError`` naming the key when ``config`` does not fit ``model`` (refine without
+        a refinement net, no range band left under the model's radius, t0 or steps beyond its
+        timesteps); ``RuntimeError`` for a device or backend that is not there."""
         self.config = config or CompletionConfig()
+        # Where the weights came from (set by from_checkpoint; None for a model built in memory).
+        self.checkpoint: Path | None = None
+        self.refine_checkpoint: Path | None = None
         self.device = resolve_device(self.config.device)
         model.use_backend(self.config.backend, self.device)  # fails here, not mid-frame
         self.model = model.to(self.device).eval()
@@ -184,8 +190,8 @@ class SceneCompleter:
         self.t0 = sampling.t0 if sampling.t0 is not None else mc.t0
         self.n_part = self.config.data.resolve_n_part(mc.n_part)
         # A model trained on a smaller radius cannot complete beyond it: cap (documented);
-        # data.max_range unset: the model's radius.
-        self.max_range = completion_radius(self.config.data.max_range, mc.max_range)
+        # data.max_range unset: the model's radius. No band left under it: ValueError.
+        _, self.max_range = effective_range(self.config.data, mc.max_range)
         self.sample_bound = 4.0 * self.max_range
         self.guidance = mc.default_guidance if self.config.sampling.guidance is None else self.config.sampling.guidance
         if self.config.refine and model.refiner is None:
@@ -196,8 +202,28 @@ class SceneCompleter:
             raise ValueError(f"sampling.steps={self.steps} exceeds the timesteps available from t0 ({self.t0 or mc.num_train_timesteps - 1})")
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, config: CompletionConfig | None = None) -> "SceneCompleter":
-        return cls(load_model(path), config)
+    def from_checkpoint(cls, name_or_path: str | Path, config: CompletionConfig | None = None,
+                        refine_checkpoint: str | Path | None = None) -> "SceneCompleter":
+        """The completer of a checkpoint: a path (directory, ``.safetensors``, published
+        ``.ckpt``) or the name of a shipped model (``student_lite``); ``refine_checkpoint``
+        (path or name) replaces its refinement net. The one way every front end (CLI, node,
+        evaluation, benchmarks) goes from a checkpoint to a completer.
+
+        :class:`~lidar_completion.checkpoints.CheckpointError` when the checkpoint is missing
+        or refused (:class:`~lidar_completion.checkpoints.RefinerError` for the refinement
+        checkpoint), then the constructor's ``ValueError`` when ``config`` does not fit it."""
+        path = locate_checkpoint(name_or_path)
+        model = load_model(path)
+        refine_path = None
+        if refine_checkpoint is not None:
+            try:
+                refine_path = locate_checkpoint(refine_checkpoint, "refinement checkpoint")
+                model = with_refiner(model, refine_path)
+            except CheckpointError as err:
+                raise RefinerError(str(err)) from None
+        completer = cls(model, config)
+        completer.checkpoint, completer.refine_checkpoint = path, refine_path
+        return completer
 
     @property
     def guided(self) -> bool:

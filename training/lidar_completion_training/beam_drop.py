@@ -486,14 +486,16 @@ def plot_rings(points: np.ndarray, rings: RingEstimate, path: Path) -> Path:
 def _build_completers(checkpoint: str | None, device: str, seed: int, completion_only: bool) -> tuple[dict[str, "SceneCompleter"], Path]:
     """The pipeline as configured (``OUTPUT_ROW``) and, when asked and the config knows it, the
     same with ``data.completion_only`` (``COMPLETION_ONLY_ROW``)."""
-    from lidar_completion.checkpoints import SHIPPED_MODELS, find_checkpoint, load_model
+    from lidar_completion.checkpoints import SHIPPED_MODELS
     from lidar_completion.completer import SceneCompleter
     from lidar_completion.config import load_config
 
-    path = SHIPPED_MODELS / "student_lite" if checkpoint is None else (find_checkpoint(checkpoint) or Path(checkpoint))
-    model = load_model(path)
     overrides: dict[str, Any] = {"data.preset": "model", "sampling.seed": seed, "device": device}
-    completers = {OUTPUT_ROW: SceneCompleter(model, load_config(**overrides))}
+    output = SceneCompleter.from_checkpoint(SHIPPED_MODELS / "student_lite" if checkpoint is None else checkpoint,
+                                            load_config(**overrides))
+    model, path = output.model, output.checkpoint
+    assert path is not None
+    completers = {OUTPUT_ROW: output}
     if completion_only:
         try:
             config = load_config(**(overrides | {"data.completion_only": True}))

@@ -30,7 +30,7 @@ from .parameters import (COMPLETION_KEYS, StartupError, check_values, completion
 from .timings import ScanTimings
 
 __all__ = ["Cancelled", "InFlight", "Mailbox", "Rejected", "Scan", "Setup", "apply_changes", "describe", "free_device",
-           "log_range", "set_up", "complete_scans", "load_model", "make_completer", "output_arrays", "read_scan",
+           "log_range", "set_up", "complete_scans", "load_completer", "output_arrays", "read_scan",
            "synthetic_scan", "warm_up"]
 
 
@@ -223,10 +223,13 @@ def synthetic_scan(config: Any, n: int, seed: int = 0, max_range: float | None =
     return np.column_stack([r * np.cos(angle), r * np.sin(angle), z]).astype(np.float32)
 
 
-def load_model(values: dict[str, Any]) -> tuple[Any, Path, Path | None]:
-    """The model of the ``checkpoint`` (and ``refine_checkpoint``) parameters, its path and
-    the refiner's; ``StartupError`` with one line when a file is missing or refused."""
-    from lidar_completion.checkpoints import CheckpointError, load_model as load, with_refiner
+def load_completer(values: dict[str, Any], config: Any) -> Any:
+    """The completer of the ``checkpoint`` (and ``refine_checkpoint``) parameters with
+    ``config`` (:meth:`SceneCompleter.from_checkpoint`; its ``checkpoint`` and
+    ``refine_checkpoint`` say which files); ``StartupError`` with one line when a file is
+    missing or refused, or the parameters do not fit the model."""
+    from lidar_completion.checkpoints import CheckpointError, RefinerError
+    from lidar_completion.completer import SceneCompleter
 
     try:
         path = resolve_checkpoint(values["checkpoint"])
@@ -235,25 +238,13 @@ def load_model(values: dict[str, Any]) -> tuple[Any, Path, Path | None]:
     except FileNotFoundError as err:
         raise StartupError(str(err)) from None
     try:
-        model = load(path)
-    except (CheckpointError, OSError, ValueError) as err:
+        return SceneCompleter.from_checkpoint(path, config, refine_path)
+    except RefinerError as err:
+        raise StartupError(f"cannot load refine_checkpoint '{refine_path}': {err}") from None
+    except (CheckpointError, OSError) as err:
         raise StartupError(f"cannot load checkpoint '{path}': {err}") from None
-    if refine_path is not None:
-        try:
-            model = with_refiner(model, refine_path)
-        except (CheckpointError, OSError, ValueError) as err:
-            raise StartupError(f"cannot load refine_checkpoint '{refine_path}': {err}") from None
-    return model, path, refine_path
-
-
-def make_completer(model: Any, config: Any) -> Any:
-    """A completer on ``model``; ``ValueError`` when ``config`` does not fit the model (e.g.
-    ``data.min_range`` beyond the radius the model completes)."""
-    from lidar_completion.completer import SceneCompleter
-    from lidar_completion.config import effective_range
-
-    effective_range(config.data, model.config.max_range)
-    return SceneCompleter(model, config)
+    except (ValueError, RuntimeError) as err:
+        raise StartupError(f"cannot run '{path}' with these parameters: {err}") from None
 
 
 def warm_up(completer: Any, log: Any) -> None:
@@ -296,6 +287,8 @@ def apply_changes(values: dict[str, Any], changes: dict[str, Any], model: Any, c
     """``(values, completer, touched)`` after a run-time parameter change, validated by
     building the core config (and a completer on the loaded ``model``); ``ValueError`` with
     the reason when it does not build."""
+    from lidar_completion.completer import SceneCompleter
+
     values = dict(values)
     for name, value in changes.items():
         if name in values:
@@ -305,7 +298,7 @@ def apply_changes(values: dict[str, Any], changes: dict[str, Any], model: Any, c
     check_values(values)
     if touched & set(COMPLETION_KEYS):
         config = completion_config(values)
-        completer = make_completer(model, config) if model is not None else None
+        completer = SceneCompleter(model, config) if model is not None else None
     return values, completer, touched
 
 
@@ -329,11 +322,8 @@ def set_up(values: dict[str, Any], info: Any, warning: Any) -> Setup:
         poses = sensor_poses_of(values)
     except ValueError as err:
         raise StartupError(f"invalid parameter {err}") from None
-    model, path, refine_path = load_model(values)
-    try:
-        completer = make_completer(model, config)
-    except (ValueError, RuntimeError) as err:
-        raise StartupError(f"cannot run '{path}' with these parameters: {err}") from None
+    completer = load_completer(values, config)
+    model, path, refine_path = completer.model, completer.checkpoint, completer.refine_checkpoint
     c, mc = completer, model.config
     info(f"loaded {path} ({mc.kind}{': ' + mc.description if mc.description else ''}) on {c.device}: "
          f"steps={c.steps} guidance={c.guidance:g} n_part={c.n_part} refine={'on' if config.refine else 'off'}"
