@@ -194,7 +194,7 @@ class CompletionConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     refine: bool = False  # published students ship without a refinement net
     device: str = "auto"
-    backend: str = "torch"  # sparse convolutions: "torch" (built in) or "minkowski" (optional)
+    backend: str = "torch"  # sparse convolutions: "torch", "torch-bf16" (built in) or "minkowski", "spconv" (optional)
 
     def __post_init__(self) -> None:
         check_backend(self.backend, "backend")

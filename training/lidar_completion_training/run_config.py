@@ -89,7 +89,7 @@ class TrainerSection:
     num_nodes: int = 1
     strategy: str = "auto"
     precision: str = "32-true"
-    backend: str = "torch"  # sparse convolutions: torch, or minkowski (MinkowskiEngine, if installed)
+    backend: str = "torch"  # sparse convolutions: torch, torch-bf16, or minkowski / spconv (if installed)
     diagnose_every: int = 0  # steps between learnability diagnostics on data.val_sequences; 0: off
     # Step decay of the learning rate: lr * lr_decay ** (step // lr_decay_every) (LiDiff's
     # teacher halves it every 5 epochs); lr_decay_every 0: constant. Teacher and refinement runs.

@@ -152,7 +152,8 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ),
     ParamSpec(
         "backend", "torch",
-        "Sparse convolutions: torch (built in) or minkowski (MinkowskiEngine 0.5.4, when installed).",
+        "Sparse convolutions: torch (built in), torch-bf16 (the same, GEMMs in bfloat16: faster on CPUs with "
+        "AVX512-BF16/AMX), minkowski (MinkowskiEngine 0.5.4) or spconv (2.3), when installed.",
         choices=BACKENDS, read_only=True,
     ),
     ParamSpec("refine", False, "Run the x6 refinement net after sampling (the checkpoint, or refine_checkpoint, "
