@@ -51,6 +51,23 @@ def test_free_space_margin_is_a_distance_or_null():
         CompletionConfig().with_free_space_margin(-0.5)
 
 
+def test_stage_off_has_one_spelling_per_layer_and_one_conversion():
+    """None in the core config; -1 (STAGE_OFF) in the ROS parameter and lidar-evaluate's flag,
+    both converted by config.free_space_margin; another negative is refused, not "off"."""
+    from lidar_completion.config import STAGE_OFF, free_space_margin
+
+    assert STAGE_OFF == -1.0 and free_space_margin(-1) is None and free_space_margin(None) is None
+    assert free_space_margin(0.0) == 0.0 and free_space_margin(0.5) == 0.5
+    with pytest.raises(ValueError, match="data.free_space_margin"):
+        CompletionConfig().with_free_space_margin(free_space_margin(-0.5))
+    parameters = pytest.importorskip("lidar_completion_ros.parameters")
+    for value, expected in ((-1.0, None), (-1, None), (0.5, 0.5), (0, 0.0)):
+        config = parameters.completion_config({**parameters.defaults(), "data.free_space_margin": value})
+        assert config.data.free_space_margin == expected
+    with pytest.raises(ValueError, match="data.free_space_margin"):
+        parameters.completion_config({**parameters.defaults(), "data.free_space_margin": -0.5})
+
+
 def test_max_range_unset_is_the_models_radius():
     """Issue 28, item 9: ``data.max_range`` defaults to the radius the model was trained on
     (the node's shipped YAML leaves it at 0 = unset), so no setting of ours is capped."""

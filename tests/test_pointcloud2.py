@@ -34,6 +34,7 @@ from lidar_completion.pointcloud2 import (
     build_cloud,
     cloud_to_xyz,
     finite_points,
+    finite_points_with,
     read_fields,
     read_points,
     xyz_to_cloud_fields,
@@ -248,6 +249,18 @@ def test_finite_points_counts_drops() -> None:
     strided = np.zeros((4, 6), np.float32)[:, ::2]
     strided[2, 1] = np.nan
     assert finite_points(strided)[1] == 1
+
+
+def test_finite_points_with_keeps_values_in_step() -> None:
+    xyz = rand_xyz(5)
+    xyz[3, 1] = np.nan
+    intensity = np.arange(5, dtype=np.float32)
+    kept, values, dropped = finite_points_with(xyz, intensity)
+    assert dropped == 1 and values.tolist() == [0, 1, 2, 4]
+    np.testing.assert_array_equal(kept, finite_points(xyz)[0])
+    assert finite_points_with(xyz, None)[1] is None
+    same, same_values, none = finite_points_with(kept, values)
+    assert none == 0 and same is kept and same_values is values
 
 
 # --- malformed messages ---------------------------------------------------------------

@@ -18,8 +18,8 @@ import yaml
 from .backends import BACKENDS, check_backend
 
 __all__ = ["DataConfig", "SamplingConfig", "CompletionConfig", "PRESETS", "MODEL_PRESET", "BACKENDS", "SAMPLERS", "PREDICTIONS",
-           "MAX_CHANNEL_RATIO", "UNRECORDED_RADIUS", "completion_radius", "effective_range", "load_config", "read_yaml",
-           "check_types"]
+           "MAX_CHANNEL_RATIO", "UNRECORDED_RADIUS", "STAGE_OFF", "completion_radius", "effective_range",
+           "free_space_margin", "load_config", "read_yaml", "check_types"]
 
 # Point budgets: "full" is the published setting (GPU); "lite" keeps a CPU frame in seconds;
 # "model" (the default) uses the budget the checkpoint was trained with, else "lite".
@@ -39,6 +39,10 @@ MAX_CHANNEL_RATIO = 4.0
 # data.max_range unset (None, the default) means the radius the model was trained on; a
 # checkpoint that records none (the published LiDiff files) gets the published 50 m.
 UNRECORDED_RADIUS = 50.0
+# The free-space stage off: None in this config (YAML null); a front end whose values are
+# numbers (a ROS parameter, lidar-evaluate --free-space-margin) spells it -1, and
+# free_space_margin() is the one conversion.
+STAGE_OFF = -1.0
 
 
 def check(condition: bool, key: str, message: str) -> None:
@@ -242,6 +246,13 @@ class CompletionConfig:
         values = flatten_keys(self.to_dict())
         values.update({k: v for k, v in dotted.items() if v is not None})
         return CompletionConfig.from_dict(values)
+
+
+def free_space_margin(value: float | None) -> float | None:
+    """``data.free_space_margin`` as a number-only front end spells it -> this config's value:
+    ``STAGE_OFF`` (-1) -> ``None`` (the free-space stage off); any other value as given, for
+    :class:`DataConfig` to check (so -0.5 is refused, not taken as "off")."""
+    return None if value is None or value == STAGE_OFF else value
 
 
 def completion_radius(max_range: float | None, model_max_range: float | None) -> float:

@@ -38,6 +38,7 @@ __all__ = [
     "cloud_dtype",
     "cloud_to_xyz",
     "finite_points",
+    "finite_points_with",
     "read_fields",
     "read_points",
     "xyz_to_cloud_fields",
@@ -231,19 +232,36 @@ def cloud_to_xyz(msg: PointCloud2Like) -> np.ndarray:
     return out.reshape(-1, 3)
 
 
-def finite_points(xyz: np.ndarray) -> tuple[np.ndarray, int]:
-    """Drop rows with NaN/inf; returns (points, number dropped). No copy if none dropped."""
+def _finite_rows(xyz: np.ndarray) -> tuple[np.ndarray, int]:
+    """Mask of the rows without NaN/inf, and how many rows it drops."""
     if xyz.ndim != 2 or xyz.shape[1] != 3:
         raise ValueError(f"expected (N, 3) points, got shape {xyz.shape}")
-    # Per-column tests and a row-as-void-bytes gather: ~20x faster than
-    # ``isfinite(xyz).all(axis=1)`` and ``xyz[mask]`` on (N, 3) arrays.
+    # Per-column tests: ~20x faster than ``isfinite(xyz).all(axis=1)`` on (N, 3) arrays.
     mask = np.isfinite(xyz[:, 0]) & np.isfinite(xyz[:, 1]) & np.isfinite(xyz[:, 2])
-    n_bad = int(mask.size - np.count_nonzero(mask))
-    if n_bad == 0:
-        return xyz, 0
+    return mask, int(mask.size - np.count_nonzero(mask))
+
+
+def _gather_rows(xyz: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``xyz[mask]`` as a row-as-void-bytes gather (several times faster on (N, 3) arrays)."""
     rows = np.ascontiguousarray(xyz)
     kept = rows.view(np.dtype((np.void, 3 * rows.itemsize))).reshape(-1)[mask]
-    return kept.view(rows.dtype).reshape(-1, 3), n_bad
+    return kept.view(rows.dtype).reshape(-1, 3)
+
+
+def finite_points(xyz: np.ndarray) -> tuple[np.ndarray, int]:
+    """Drop rows with NaN/inf; returns (points, number dropped). No copy if none dropped."""
+    mask, n_bad = _finite_rows(xyz)
+    return (xyz, 0) if n_bad == 0 else (_gather_rows(xyz, mask), n_bad)
+
+
+def finite_points_with(xyz: np.ndarray, values: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """:func:`finite_points` keeping a per-point array (e.g. intensity, [N]) in step with the
+    points: (points, their values, number dropped); ``values`` None stays None. No copy if
+    none dropped."""
+    mask, n_bad = _finite_rows(xyz)
+    if n_bad == 0:
+        return xyz, values, 0
+    return _gather_rows(xyz, mask), None if values is None else values[mask], n_bad
 
 
 @dataclass(frozen=True)

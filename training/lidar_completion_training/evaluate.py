@@ -74,7 +74,7 @@ class Scoring:
     device: str = "cpu"
     seed: int = 0
     with_emd: bool = True
-    free_space_margin: float | None = None  # the pipeline's; negative: the free-space stage off
+    free_space_margin: float | None = None  # None: the pipeline's; -1: the free-space stage off
 
 
 class ScanScorer:
@@ -92,7 +92,7 @@ class ScanScorer:
         assert setting.checkpoint is not None
         if key != self._key:
             from lidar_completion.completer import SceneCompleter
-            from lidar_completion.config import load_config
+            from lidar_completion.config import free_space_margin, load_config
 
             overrides = {"data.preset": scoring.preset, "data.n_part": scoring.n_part, "sampling.steps": setting.steps,
                          "sampling.guidance": setting.guidance, "sampling.seed": scoring.seed, "refine": setting.refine,
@@ -101,7 +101,7 @@ class ScanScorer:
             config = load_config(**overrides)
             margin = scoring.free_space_margin
             if margin is not None:
-                config = config.with_free_space_margin(margin if margin >= 0 else None)
+                config = config.with_free_space_margin(free_space_margin(margin))
             self._completer, self._key = SceneCompleter.from_checkpoint(setting.checkpoint, config), key
         return self._completer
 
@@ -234,7 +234,7 @@ def evaluate_setting(
 ) -> list[dict[str, float]]:
     """Per-scan metrics (plus ``nfe``, ``time_s``, ``points``, ``steps``) of one setting, in
     the order of ``indices`` (a skipped completed file has no row); ``free_space_margin``
-    overrides the pipeline's (negative: the free-space stage off).
+    overrides the pipeline's (-1: the free-space stage off).
 
     ``keep`` gets the scored points of ``keep_indices`` (default: every scan). ``log``: rows
     already in it are taken from it, each new one is added as it comes. ``workers``: the new
@@ -393,7 +393,7 @@ def _common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("out/eval"))
     parser.add_argument("--max-range", type=float, help="scene radius in m (default: the model's trained radius, else 50)")
     parser.add_argument("--free-space-margin", type=float, metavar="M",
-                        help="the pipeline's data.free_space_margin (m; default its own, 0.2); negative = stage off")
+                        help="the pipeline's data.free_space_margin (m; default its own, 0.2); -1 = stage off")
     parser.add_argument("--workers", type=int, default=1, metavar="N",
                         help="score scans in N processes (the same rows as 1; each process loads the model and the maps)")
     parser.add_argument("--resume", action="store_true",

@@ -13,7 +13,9 @@ stays the one place where their limits are enforced; the ranges below only descr
 be "unset", so ``None`` in the core config ("use the preset's / checkpoint's value") is
 spelled with a sentinel: ``0`` for ``data.n_part``, ``data.max_range`` (the model's radius),
 ``sampling.steps`` and ``sampling.t0``,
-``-1`` for ``sampling.guidance`` and ``sampling.seed``, ``""`` for ``sampling.sampler``.
+``-1`` for ``sampling.guidance`` and ``sampling.seed``, ``""`` for ``sampling.sampler``;
+``data.free_space_margin`` = -1 turns the free-space stage off, converted by the core's
+:func:`lidar_completion.config.free_space_margin` (the one conversion, also lidar-evaluate's).
 
 The node's own string parameters (QoS reliability, ...) are checked against their choices
 by :func:`check_values` before anything is loaded: rclpy itself only enforces ranges.
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from lidar_completion.backends import BACKENDS
+from lidar_completion.config import STAGE_OFF, free_space_margin
 
 __all__ = [
     "COMPLETION_KEYS",
@@ -181,7 +184,7 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("data.free_space_margin", 0.2,
               "Completed points more than this (m) in front of the scan's nearest return in their direction "
               "(space the sensor saw through) are dropped; -1 = keep every point.",
-              range=(-1.0, 10.0), none_value=-1.0, none_means="keep every point"),
+              range=(STAGE_OFF, 10.0), none_value=STAGE_OFF, none_means="keep every point"),
     ParamSpec("data.completion_only", False,
               "Publish the completed points alone (measured = 0). Default false: the whole input scan "
               "(every finite point, measured = 1, its intensity) plus the completed points that add to it."),
@@ -248,6 +251,8 @@ PARAMETERS: tuple[ParamSpec, ...] = (
 )
 
 _BY_NAME = {spec.name: spec for spec in PARAMETERS}
+# Keys whose sentinel the core converts itself (one conversion for every front end).
+_CORE_SPELLING = {"data.free_space_margin": free_space_margin}
 assert set(COMPLETION_KEYS) <= set(_BY_NAME), "every completion key needs a ParamSpec"
 
 
@@ -299,10 +304,12 @@ def completion_config(values: dict[str, Any]):
     for key in COMPLETION_KEYS:
         spec = _BY_NAME[key]
         value = values.get(key, spec.default)
-        if spec.none_value is not None and value == spec.none_value:
-            value = None
-        elif isinstance(spec.default, float) and isinstance(value, int) and not isinstance(value, bool):
+        if isinstance(spec.default, float) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
+        if key in _CORE_SPELLING:
+            value = _CORE_SPELLING[key](value)
+        elif spec.none_value is not None and value == spec.none_value:
+            value = None
         dotted[key] = value
     try:
         return CompletionConfig.from_dict(dotted)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from lidar_completion.diffusion import Cancelled
-from lidar_completion.pointcloud2 import CloudError, cloud_to_xyz, finite_points, read_fields
+from lidar_completion.pointcloud2 import CloudError, cloud_to_xyz, finite_points_with, read_fields
 
 from .frames import SensorPose
 from .parameters import (COMPLETION_KEYS, StartupError, check_values, completion_config, resolve_checkpoint,
@@ -107,12 +107,7 @@ def read_scan(msg: Any, index: int, pose: SensorPose, t_enter: float, *, min_poi
     except CloudError as err:
         raise Rejected("layout", str(err)) from None
     n_input = len(xyz)
-    if intensity is None:
-        xyz, n_bad = finite_points(xyz)
-    else:
-        finite = np.isfinite(xyz[:, 0]) & np.isfinite(xyz[:, 1]) & np.isfinite(xyz[:, 2])
-        n_bad = int(n_input - np.count_nonzero(finite))
-        xyz, intensity = (xyz[finite], intensity[finite]) if n_bad else (xyz, intensity)
+    xyz, intensity, n_bad = finite_points_with(xyz, intensity)
     if len(xyz) < min_points:
         # The whole cloud is dropped: its NaN/inf points are named here, not counted as repairs.
         bad = f" ({n_bad} NaN/inf of {n_input} dropped)" if n_bad else ""
