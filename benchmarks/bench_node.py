@@ -88,7 +88,7 @@ def bench_node_overhead(scans: int, domain: int, checkpoint: str = "student_lite
     channel-ratio-0.25 model (the node's cost without a trained model's budget)."""
     import torch
     from diagnostic_msgs.msg import DiagnosticArray
-    from lidar_completion_ros.children import ChildProcess
+    from lidar_completion.children import ChildProcess
     from lidar_completion_ros.messages import qos_profile, stamp_ns, time_from_ns
     from lidar_completion_ros.runtime import PrivateNode
     from sensor_msgs.msg import PointCloud2, PointField

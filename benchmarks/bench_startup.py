@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from lidar_completion_ros.children import ChildProcess
+from lidar_completion.children import ChildProcess
 
 REPO = Path(__file__).resolve().parents[1]
 SCAN = REPO.parent / "shared" / "data" / "semantickitti_08_000123.ply"

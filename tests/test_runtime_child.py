@@ -1,4 +1,4 @@
-"""lidar_completion_ros.children.ChildProcess without DDS: small ``python -c`` children that
+"""lidar_completion.children.ChildProcess without DDS: small ``python -c`` children that
 print, sleep, exit or handle SIGINT."""
 
 from __future__ import annotations
@@ -10,8 +10,7 @@ import time
 
 import pytest
 
-children = pytest.importorskip("lidar_completion_ros.children")
-ChildProcess = children.ChildProcess
+from lidar_completion.children import ChildProcess
 
 
 def child(body: str, **kwargs) -> ChildProcess:

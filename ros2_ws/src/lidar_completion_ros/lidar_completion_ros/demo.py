@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from lidar_completion_ros.children import ChildProcess
+from lidar_completion.children import ChildProcess
 from lidar_completion_ros.parameters import parameter_args
 
 REPO = Path(__file__).resolve().parents[4]

@@ -1,8 +1,9 @@
 """A child process whose merged stdout/stderr is collected line by line: the ROS executables
 as the demo, the benchmarks and the ROS tests start and watch them.
 
-Standard library only (no rclpy, unlike :mod:`lidar_completion_ros.runtime`), so a benchmark or a
-test that only starts processes imports it for nothing, and it works where ROS is not installed.
+Standard library only (no rclpy, unlike :mod:`lidar_completion_ros.runtime`), and in the core
+package, so a benchmark or a test that only starts processes imports it for nothing, without the
+ROS package, and it works where ROS is not installed.
 """
 
 from __future__ import annotations
