@@ -95,10 +95,43 @@ def test_report_has_every_row_with_standard_errors_and_the_steps_curve(tiny_data
     assert "+ refinement − input scan (all points in range)" in paired
     for key in ("cd", "jsd_bev", "fscore", "iou_0.5"):
         assert f"| {key}: a - b (paired, same scans) |" in paired, key
+    # Each row's key is in rows.json; a run written before rows had keys (no rows.json, merged
+    # with --merge) gets the same keys from its rows' text.
+    from lidar_completion_training.report import RowKey, legacy_key
+
+    keys = {name: RowKey(**fields) for name, fields in json.loads((out / "rows.json").read_text()).items()}
+    assert list(keys) == list(summary)
+    assert {name: legacy_key(name) for name in keys} == keys
+
+
+def test_renaming_a_row_keeps_it_in_the_paired_table(tmp_path):
+    """The report pairs rows by their keys, not their display text: rows worded as no version
+    ever worded them are all still paired, also when read back from a run's files (--merge)."""
+    from lidar_completion_training.report import (COMPLETION, INPUT, SD_STUDENT, STUDENT, TEACHER, RowKey, paired_tables,
+                                                  read_keys, report_pairs, summarise, write_outputs)
+
+    keys = {"the bare scan": RowKey(INPUT), "the scan at the student's count": RowKey(INPUT, budget=COMPLETION),
+            "big teacher, 50": RowKey(TEACHER, "ve", 50, 200, 1.0), "big teacher, 2 from 100": RowKey(TEACHER, "ve", 2, 100, 1.0),
+            "SD": RowKey(SD_STUDENT, steps=2, guidance=1.0), "DPO": RowKey(STUDENT, steps=2, guidance=1.0),
+            "DPO refined": RowKey(STUDENT, steps=2, guidance=1.0, refine=True)}
+    metrics = ("cd", "jsd_bev", "fscore", "iou_0.5", "iou_0.2", "time_s")
+    per_scan = {name: [{m: i + 0.1 * j for m in metrics} for j in range(3)] for i, name in enumerate(keys)}
+    expected = ["DPO − SD", "DPO − big teacher, 2 from 100", "SD − big teacher, 2 from 100", "DPO − big teacher, 50",
+                "DPO − the scan at the student's count", "DPO refined − the bare scan"]
+    pairs = report_pairs(keys, steps=2, teacher_steps=50, teacher_t0=200, student_t0=100)
+    table = paired_tables(per_scan, pairs)
+    for pair in expected:
+        assert f"| {pair} | " in table, pair
+    assert table.count(" − ") == 4 * len(expected)
+    write_outputs(tmp_path, {name: summarise(rows) for name, rows in per_scan.items()}, per_scan, keys)
+    assert read_keys(tmp_path, list(keys)) == keys
+    # The teacher from the student's start is paired only when it is not the teacher's own start.
+    assert "big teacher, 2 from 100" not in paired_tables(per_scan, report_pairs(
+        keys, steps=2, teacher_steps=50, teacher_t0=100, student_t0=100))
 
 
 def test_paired_differences_cancel_scene_difficulty():
-    from lidar_completion_training.evaluate import paired_differences
+    from lidar_completion_training.report import paired_differences
 
     # b is worse than a by 0.01 on every scan while the scans themselves differ by 1 m:
     # unpaired standard errors would hide the gap, the paired one is zero.

@@ -7,7 +7,10 @@
     lidar-evaluate beam-drop SCAN... [--keep-every 2 4] [--fov-deg 360 90] [--checkpoint MODEL]   # real scans (.beam_drop)
 
 Every model goes through :class:`~lidar_completion.completer.SceneCompleter` and every
-number through :mod:`.metrics`, so the table measures what the node and the CLI run.
+number through :mod:`.metrics`, so the table measures what the node and the CLI run. This
+module scores; :mod:`.report` writes the tables, files, plots and paired differences, and
+picks the rows it pairs by each row's :class:`~.report.RowKey` (role, sampler, steps, ...),
+never by its display text.
 
 Long runs (the published protocol: every scan of sequence 08): each scored scan is written
 to ``<out>/per_scan.jsonl`` as it comes (:mod:`.scan_log`), ``--resume`` continues an
@@ -18,7 +21,6 @@ seeded by the scan alone, so the rows are those of one process, in scan order).
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import hashlib
 import json
@@ -26,7 +28,7 @@ import os
 import signal
 import sys
 from collections.abc import Collection, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -36,16 +38,12 @@ from lidar_completion.config import SAMPLERS
 
 from .dataset import CompletionDataset, PairConfig
 from .metrics import evaluate_completion
+from .report import (BAG_BUDGET_ROW, COMPLETED, COMPLETION, INPUT, INPUT_ROW, MODEL, MODEL_INPUT, NOMINAL, OUTPUT,
+                     OUTPUT_BUDGET_ROW, SD_STUDENT, STUDENT, TEACHER, RowKey, find, paired_tables, plot_cd_vs_steps,
+                     plot_training_curves, read_keys, render_examples, report_pairs, summarise, write_outputs)
 from .scan_log import LOG_FILE, EvaluationError, ScanLog, normalised
 
 __all__ = ["Setting", "evaluate_setting", "score_completed_bag", "main"]
-
-COLUMNS = ("cd", "jsd_bev", "emd", "fscore", "iou_0.5", "iou_0.2", "iou_0.1", "nfe", "time_s")
-INPUT_ROW = "input scan (all points in range)"  # the line every completion has to beat
-BAG_BUDGET_ROW = "input scan, FPS to the completion's point count"  # the same line at the same budget
-OUTPUT_BUDGET_ROW = "input scan, FPS to the output's point count"  # (the whole scan when the output is larger)
-HEADERS = {"cd": "CD (m) ↓", "jsd_bev": "JSD-BEV ↓", "emd": "EMD ↓", "fscore": "F-score ↑", "iou_0.5": "IoU 0.5 ↑",
-           "iou_0.2": "IoU 0.2 ↑", "iou_0.1": "IoU 0.1 ↑", "nfe": "NFE", "time_s": "time/frame (s)"}
 
 
 @dataclass(frozen=True)
@@ -63,6 +61,9 @@ class Setting:
     t0: int | None = None
     completion_only: bool = False  # the model's completed points alone, not the scan + them
     completed: str | None = None  # score files completed elsewhere: <completed>/<sequence>/<NNNNNN>.<suffix>
+    # What the row measures, as fields (paired differences and plots pick rows by it); not part
+    # of the setting's identity, like ``name``'s wording is not to the numbers.
+    key: RowKey | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -266,121 +267,6 @@ def evaluate_setting(
     return [rows[i] for i in indices if i in rows]
 
 
-def _standard_error(values: np.ndarray) -> float:
-    """Standard error of the mean (0 for a single value)."""
-    return float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
-
-
-def summarise(rows: list[dict[str, float]]) -> dict[str, float]:
-    """Mean of every metric over the scans, plus ``<key>_se``: its standard error."""
-    summary = {}
-    for key in rows[0]:
-        values = np.array([row[key] for row in rows], dtype=np.float64)
-        summary[key] = float(values.mean())
-        summary[f"{key}_se"] = _standard_error(values)
-    return summary
-
-
-def markdown_table(summary: dict[str, dict[str, float]]) -> str:
-    """One row per setting, metrics as mean ± standard error over the scans."""
-    columns = [c for c in COLUMNS if all(c in s for s in summary.values())]
-    lines = ["| setting | points | " + " | ".join(HEADERS[c] for c in columns) + " |", "|" + "---|" * (len(columns) + 2)]
-    for name, s in summary.items():
-        cells = []
-        for c in columns:
-            if c == "nfe":
-                cells.append(f"{s[c]:.0f}")
-            elif c == "time_s":
-                cells.append(f"{s[c]:.2f}")
-            else:
-                cells.append(f"{s[c]:.3f} ± {s[c + '_se']:.3f}")
-        lines.append(f"| {name} | {s.get('points', 0):,.0f} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def paired_differences(per_scan: dict[str, list[dict[str, float]]], pairs: Sequence[tuple[str, str]], key: str = "cd") -> str:
-    """Per-scan differences ``a - b`` of ``key`` for rows computed on the same scans: mean ±
-    standard error of the difference (the paired comparison: scene difficulty cancels) and
-    how often ``a`` was lower. Pairs whose rows are missing are skipped."""
-    lines = [f"| {key}: a - b (paired, same scans) | mean ± SE | a lower on |", "|---|---|---|"]
-    for a, b in pairs:
-        if a not in per_scan or b not in per_scan or len(per_scan[a]) != len(per_scan[b]):
-            continue
-        diff = np.array([ra[key] - rb[key] for ra, rb in zip(per_scan[a], per_scan[b])])
-        lines.append(f"| {a} − {b} | {diff.mean():+.4f} ± {_standard_error(diff):.4f} | {(diff < 0).sum()}/{len(diff)} |")
-    return "\n".join(lines)
-
-
-def write_outputs(out: Path, summary: dict[str, dict[str, float]], per_scan: dict[str, list[dict[str, float]]]) -> str:
-    out.mkdir(parents=True, exist_ok=True)
-    table = markdown_table(summary)
-    (out / "table.md").write_text(table + "\n")
-    (out / "summary.json").write_text(json.dumps({"summary": summary, "per_scan": per_scan}, indent=2))
-    with open(out / "summary.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["setting", *next(iter(summary.values())).keys()])
-        writer.writeheader()
-        for name, s in summary.items():
-            writer.writerow({"setting": name, **s})
-    _plot_bars(summary, out / "metrics.png")
-    return table
-
-
-def _plot_bars(summary: dict[str, dict[str, float]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = ("cd", "jsd_bev", "fscore", "iou_0.2", "time_s")
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 4), layout="constrained")
-    names = list(summary)
-    for ax, key in zip(axes, keys):
-        ax.barh(names, [summary[n][key] for n in names], color="tab:blue")
-        ax.set_title(key)
-        ax.invert_yaxis()
-        if ax is not axes[0]:
-            ax.set_yticklabels([])
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def plot_training_curves(runs: Sequence[str], path: Path) -> Path | None:
-    """Loss / CD winner-loser / switch-rate curves from the runs' Lightning CSV logs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    logs = [(Path(r).name, Path(r) / "logs" / "metrics.csv") for r in runs]
-    logs = [(name, csv_path) for name, csv_path in logs if csv_path.is_file()]
-    if not logs:
-        return None
-    fig, axes = plt.subplots(1, len(logs), figsize=(6 * len(logs), 4), layout="constrained", squeeze=False)
-    for ax, (name, csv_path) in zip(axes[0], logs):
-        with open(csv_path) as handle:
-            rows = list(csv.DictReader(handle))
-        for key in rows[0]:
-            if key.startswith("train/") and key not in ("train/mse", "train/reg"):
-                pairs = [(float(r["step"]), float(r[key])) for r in rows if r.get(key)]
-                if pairs:
-                    steps, values = zip(*pairs)
-                    window = max(1, len(values) // 50)
-                    smooth = np.convolve(values, np.ones(window) / window, mode="valid")
-                    ax.plot(steps[: len(smooth)], smooth, label=key.removeprefix("train/"))
-        ax.set_title(name)
-        ax.set_xlabel("optimizer step")
-        ax.legend(fontsize=8)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def _render_examples(examples: dict[str, np.ndarray], path: Path) -> None:
-    from lidar_completion.render import render_comparison
-
-    render_comparison(list(examples.items()), path)
-
-
 def _common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", required=True, help="SemanticKITTI-layout root (with maps)")
     parser.add_argument("--sequences", nargs="+", required=True, help="held-out sequences, e.g. 05")
@@ -488,7 +374,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _picture(dataset, args.input_bag, args.completed_bag, frames, args.picture, max_range or 50.0, args.picture_note)
         summary = {INPUT_ROW: summarise(baseline), BAG_BUDGET_ROW: summarise(at_budget), name: summarise(rows)}
         per_scan = {INPUT_ROW: baseline, BAG_BUDGET_ROW: at_budget, name: rows}
-        print(write_outputs(args.out, summary, per_scan))
+        keys = {INPUT_ROW: RowKey(INPUT), BAG_BUDGET_ROW: RowKey(INPUT, budget=COMPLETION), name: RowKey(COMPLETED)}
+        print(write_outputs(args.out, summary, per_scan, keys))
         print(f"lidar-evaluate: {len(rows)} completed scans; table, JSON (frames.json: per frame), CSV and plot in {args.out}")
         return 0
     try:
@@ -501,15 +388,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not args.completed:
                 return _evaluate_checkpoint(args, dataset, indices, with_emd, log, workers)
             name = str(args.completed)
-            rows = evaluate_setting(Setting(name, completed=name), dataset, indices, with_emd=with_emd, log=log,
-                                    workers=workers)
+            rows = evaluate_setting(Setting(name, completed=name, key=RowKey(COMPLETED)), dataset, indices, with_emd=with_emd,
+                                    log=log, workers=workers)
             if not rows:
                 print("lidar-evaluate: nothing to evaluate", file=sys.stderr)
                 return 2
             log.finish()
     except KeyboardInterrupt:
         return _interrupted(log)
-    print(write_outputs(args.out, {name: summarise(rows)}, {name: rows}))
+    print(write_outputs(args.out, {name: summarise(rows)}, {name: rows}, {name: RowKey(COMPLETED)}))
     print(f"lidar-evaluate: {len(rows)} scans; table, JSON, CSV and plot in {args.out}")
     return 0
 
@@ -525,23 +412,26 @@ def _evaluate_checkpoint(args: argparse.Namespace, dataset: CompletionDataset, i
                   free_space_margin=args.free_space_margin, log=log, workers=workers)
     model = dict(checkpoint=args.checkpoint, steps=args.steps, guidance=args.guidance, refine=args.refine,
                  sampler=args.sampler, t0=args.t0)
+    model_key = RowKey(MODEL, args.sampler, args.steps, args.t0, args.guidance, args.refine)
     per_scan: dict[str, list[dict[str, float]]] = {}
-    settings = [Setting(alone_row, completion_only=True, **model)]
+    settings = [Setting(alone_row, completion_only=True, key=dataclasses.replace(model_key, completion_only=True), **model)]
     if not args.completion_only:
-        per_scan[output_row] = rows = evaluate_setting(Setting(output_row, **model), dataset, indices, **common)
+        output = Setting(output_row, key=model_key, **model)
+        per_scan[output_row] = rows = evaluate_setting(output, dataset, indices, **common)
         output_points = {i: int(row["points"]) for i, row in zip(indices, rows)}
-        settings = [Setting(INPUT_ROW), Setting(OUTPUT_BUDGET_ROW, input_points=output_points), *settings]
+        settings = [Setting(INPUT_ROW, key=RowKey(INPUT)),
+                    Setting(OUTPUT_BUDGET_ROW, input_points=output_points, key=RowKey(INPUT, budget=OUTPUT)), output, *settings]
     for setting in settings:
-        per_scan[setting.name] = evaluate_setting(setting, dataset, indices, **common)
+        if setting.name not in per_scan:
+            per_scan[setting.name] = evaluate_setting(setting, dataset, indices, **common)
     if log is not None:
         log.finish()
-    order = [INPUT_ROW, OUTPUT_BUDGET_ROW, output_row, alone_row]
-    per_scan = {key: per_scan[key] for key in order if key in per_scan}
-    summary = {key: summarise(rows) for key, rows in per_scan.items()}
-    print(write_outputs(args.out, summary, per_scan))
-    if INPUT_ROW in per_scan:
-        paired = "\n\n".join(paired_differences(per_scan, [(output_row, INPUT_ROW)], key)
-                              for key in ("cd", "jsd_bev", "fscore", "iou_0.5"))
+    keys = {setting.name: setting.key for setting in settings}  # (in table order)
+    per_scan = {name: per_scan[name] for name in keys}
+    summary = {name: summarise(rows) for name, rows in per_scan.items()}
+    print(write_outputs(args.out, summary, per_scan, keys))
+    if (input_row := find(keys, role=INPUT, budget=None)) is not None:
+        paired = paired_tables(per_scan, [(find(keys, role=MODEL, completion_only=False), input_row)])
         (args.out / "paired.md").write_text(paired + "\n")
         print(paired)
     print(f"lidar-evaluate: {len(indices)} scans; table, JSON, CSV and plot in {args.out}")
@@ -603,6 +493,10 @@ def _picture(dataset: CompletionDataset, input_bag: Path, completed_bag: Path, f
                               ("ground truth", dataset.pair(pick["frame"])[1])], path, max_range=max_range, title=title)
 
 
+def _is_input(key: RowKey | None) -> bool:
+    return key is not None and key.role == INPUT
+
+
 def report(argv: Sequence[str]) -> int:
     """The model-card table, each metric as mean ± standard error over the scans: the input
     scan (whole, FPS'd to the completion's budget, FPS'd to what the model sees), the teacher
@@ -633,32 +527,41 @@ def report(argv: Sequence[str]) -> int:
     n_input = args.n_part or student.config.n_part
     budget = n_input * 10 if n_input else None
     guidance = teacher.default_guidance if args.teacher_guidance is None else args.teacher_guidance
-    settings = [Setting(INPUT_ROW)]
+    teacher_t0 = args.teacher_t0 or teacher.t0
+    student_t0 = student.config.t0 if student.config.sampler == "ve" else None
+    settings = [Setting(INPUT_ROW, key=RowKey(INPUT))]
     if n_input and "inputs" in args.rows:
-        settings += [Setting(f"input scan, FPS to {budget:,} points (the nominal budget)", input_points=budget),
-                     Setting(f"input scan, FPS to {n_input:,} points (what the model sees)", input_points=n_input)]
+        settings += [Setting(f"input scan, FPS to {budget:,} points (the nominal budget)", input_points=budget,
+                             key=RowKey(INPUT, budget=NOMINAL)),
+                     Setting(f"input scan, FPS to {n_input:,} points (what the model sees)", input_points=n_input,
+                             key=RowKey(INPUT, budget=MODEL_INPUT))]
     if "inputs" not in args.rows:
         settings = []
     curve = sorted({*args.curve_steps, k, args.teacher_steps}) if "teacher" in args.rows else []
     for n in curve:
-        settings.append(Setting(f"teacher, {n} steps, VE sampler (t0 {args.teacher_t0 or teacher.t0}), guidance {guidance:g}",
-                                args.teacher, n, guidance, sampler="ve", t0=args.teacher_t0))
-    if "teacher" in args.rows and student.config.sampler == "ve" and student.config.t0 != (args.teacher_t0 or teacher.t0):
+        settings.append(Setting(f"teacher, {n} steps, VE sampler (t0 {teacher_t0}), guidance {guidance:g}",
+                                args.teacher, n, guidance, sampler="ve", t0=args.teacher_t0,
+                                key=RowKey(TEACHER, "ve", n, teacher_t0, guidance)))
+    if "teacher" in args.rows and student_t0 is not None and student_t0 != teacher_t0:
         # The teacher from the student's own start: the distillation's gain at equal steps.
-        settings.append(Setting(f"teacher, {k} steps, VE sampler (t0 {student.config.t0}, the student's), guidance {guidance:g}",
-                                args.teacher, k, guidance, sampler="ve", t0=student.config.t0))
+        settings.append(Setting(f"teacher, {k} steps, VE sampler (t0 {student_t0}, the student's), guidance {guidance:g}",
+                                args.teacher, k, guidance, sampler="ve", t0=student_t0,
+                                key=RowKey(TEACHER, "ve", k, student_t0, guidance)))
     for n in sorted({k, args.teacher_steps}) if "teacher" in args.rows else []:
         settings.append(Setting(f"teacher, {n} steps, published DPM-Solver++ (t0 999), guidance {guidance:g}",
-                                args.teacher, n, guidance, sampler="dpmsolver++", t0=999))
+                                args.teacher, n, guidance, sampler="dpmsolver++", t0=999,
+                                key=RowKey(TEACHER, "dpmsolver++", n, 999, guidance)))
     if args.sd_student and "students" in args.rows:
-        settings.append(Setting(sd, args.sd_student, k, 1.0))
+        settings.append(Setting(sd, args.sd_student, k, 1.0, key=RowKey(SD_STUDENT, steps=k, guidance=1.0)))
     if "students" in args.rows:
-        settings.append(Setting(dpo, args.student, k, 1.0))
+        settings.append(Setting(dpo, args.student, k, 1.0, key=RowKey(STUDENT, steps=k, guidance=1.0)))
     if student.refiner is not None and "students" in args.rows:
-        settings.append(Setting(f"{dpo} + refinement", args.student, k, 1.0, True))
+        settings.append(Setting(f"{dpo} + refinement", args.student, k, 1.0, True,
+                                key=RowKey(STUDENT, steps=k, guidance=1.0, refine=True)))
     max_range = args.max_range or student.config.max_range
     dataset, indices = _scans(args.root, args.sequences, args.max_scans, args.stride, max_range)
     summary, per_scan, drawn = {}, {}, {}
+    keys: dict[str, RowKey | None] = {}
     shown = indices[: args.examples]
     try:
         log = _open_log(args, "report", ["teacher", "student", "sd_student"])
@@ -675,17 +578,18 @@ def report(argv: Sequence[str]) -> int:
                                         free_space_margin=args.free_space_margin, keep_indices=shown if drawn_here else (),
                                         log=log, workers=workers)
                 summary[setting.name], per_scan[setting.name] = summarise(rows), rows
+                keys[setting.name] = setting.key
                 if drawn_here:
                     for index in shown:
                         drawn[f"{setting.name} (scan {index})"] = kept[index]
                 s = summary[setting.name]
                 print(f"{setting.name}: CD {s['cd']:.3f} ± {s['cd_se']:.3f} m, JSD-BEV {s['jsd_bev']:.3f}, "
                       f"{s['time_s']:.2f} s/frame", flush=True)
-                if setting.name == dpo:
+                if setting.key == RowKey(STUDENT, steps=k, guidance=1.0):
                     # The line to beat at the same budget: the scan FPS'd to the student's own count,
                     # scan by scan (the pipeline's filters leave fewer points than the nominal budget).
                     counts = {i: int(row["points"]) for i, row in zip(indices, rows)}
-                    settings.append(Setting(BAG_BUDGET_ROW, input_points=counts))
+                    settings.append(Setting(BAG_BUDGET_ROW, input_points=counts, key=RowKey(INPUT, budget=COMPLETION)))
             log.finish()
     except KeyboardInterrupt:
         return _interrupted(log)
@@ -694,56 +598,23 @@ def report(argv: Sequence[str]) -> int:
     for earlier in args.merge:  # rows computed by an earlier run on the same scans
         loaded = json.loads((earlier / "summary.json").read_text())
         summary, per_scan = loaded["summary"] | summary, loaded["per_scan"] | per_scan
+        keys = read_keys(earlier, list(loaded["summary"])) | keys
     # The input rows (the lines to beat) lead the table, whichever run computed them.
-    summary = dict(sorted(summary.items(), key=lambda row: not row[0].startswith("input scan")))
-    table = write_outputs(args.out, summary, per_scan)
-    budget_row = BAG_BUDGET_ROW if BAG_BUDGET_ROW in summary else next(
-        (name for name in summary if "budget" in name), None)  # (reports before the matched row)
-    teacher_at_k = next((name for name in summary if "the student's)" in name), None)
-    teacher_full = next((name for name in summary if name.startswith(f"teacher, {args.teacher_steps} steps, VE")), None)
-    pairs = [(dpo, sd), (dpo, teacher_at_k), (sd, teacher_at_k), (dpo, teacher_full), (dpo, budget_row),
-             (f"{dpo} + refinement", INPUT_ROW)]
+    summary = dict(sorted(summary.items(), key=lambda row: not _is_input(keys.get(row[0]))))
+    keys = {name: keys.get(name) for name in summary}  # (in table order: the first row of a kind is paired)
+    table = write_outputs(args.out, summary, per_scan, keys)
+    pairs = report_pairs(keys, steps=k, teacher_steps=args.teacher_steps, teacher_t0=teacher_t0, student_t0=student_t0)
     # CD decides the claims; the others show what a preference for CD trades (F-score, IoU: higher is better).
-    paired = "\n\n".join(paired_differences(per_scan, pairs, key) for key in ("cd", "jsd_bev", "fscore", "iou_0.5"))
+    paired = paired_tables(per_scan, pairs)
     (args.out / "paired.md").write_text(paired + "\n")
-    _render_examples(drawn, args.out / "completions.png")
-    _plot_cd_vs_steps(summary, args.out / "cd_vs_steps.png")
+    render_examples(drawn, args.out / "completions.png")
+    plot_cd_vs_steps(summary, keys, args.out / "cd_vs_steps.png")
     curves = plot_training_curves(args.runs, args.out / "training_curves.png")
     print(table)
     print(paired)
     print(f"lidar-evaluate: {len(indices)} scans of {', '.join(args.sequences)}; outputs in {args.out}"
           + (f"; curves {curves}" if curves else ""))
     return 0
-
-
-def _plot_cd_vs_steps(summary: dict[str, dict[str, float]], path: Path) -> None:
-    """Sampled CD (± standard error) against sampler steps: one line per model and sampler,
-    the input FPS'd to the completion's budget as the line to beat."""
-    import re
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
-    lines: dict[str, list[tuple[float, float, float]]] = {}
-    for name, s in summary.items():
-        if s.get("steps", 0) == 0:
-            if "budget" in name:
-                ax.axhline(s["cd"], color="gray", linestyle="--", label=name)
-            continue
-        label = re.sub(r", \d+ steps?(\(s\))?", "", name)
-        lines.setdefault(label, []).append((s["steps"], s["cd"], s["cd_se"]))
-    for label, points in lines.items():
-        steps, cd, se = zip(*sorted(points))
-        ax.errorbar(steps, cd, yerr=se, marker="o", capsize=3, label=label)
-    ax.set_xscale("log")
-    ax.set_xlabel("sampler steps")
-    ax.set_ylabel("Chamfer distance (m)")
-    ax.legend(fontsize=7)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 if __name__ == "__main__":
