@@ -62,7 +62,7 @@ def test_checkpoint_not_found_lists_the_shipped_models_only(capsys, tmp_path, sh
 
 
 def test_node_checkpoint_not_found_lists_the_shipped_models_only(shipped):
-    parameters = pytest.importorskip("lidar_completion_ros.parameters")
+    pipeline = pytest.importorskip("lidar_completion_ros.pipeline")
     with pytest.raises(FileNotFoundError) as info:
-        parameters.resolve_checkpoint("student_full")
+        pipeline.resolve_checkpoint("student_full")
     assert str(info.value).endswith("(shipped models: student_lite, teacher_lite)"), info.value

@@ -10,11 +10,12 @@ import time
 import numpy as np
 import pytest
 
+from lidar_completion.children import parameter_args
 from lidar_completion.pointcloud2 import build_cloud, read_fields
 
 frames = pytest.importorskip("lidar_completion_ros.frames")
 from lidar_completion_ros.health import ERROR, OK, WARN, Health, Throttle  # noqa: E402
-from lidar_completion_ros.parameters import defaults, parameter_args, sensor_poses_of  # noqa: E402
+from lidar_completion_ros.parameters import defaults, sensor_poses_of  # noqa: E402
 from lidar_completion_ros.pipeline import Mailbox, Rejected, output_arrays, read_scan  # noqa: E402
 from lidar_completion_ros.timings import ScanTimings  # noqa: E402
 

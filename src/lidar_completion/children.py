@@ -3,7 +3,8 @@ as the demo, the benchmarks and the ROS tests start and watch them.
 
 Standard library only (no rclpy, unlike :mod:`lidar_completion_ros.runtime`), and in the core
 package, so a benchmark or a test that only starts processes imports it for nothing, without the
-ROS package, and it works where ROS is not installed.
+ROS package, and it works where ROS is not installed. :func:`parameter_args` writes a node's
+parameters as the ``-p name:=value`` arguments of its command line.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-__all__ = ["ChildProcess"]
+__all__ = ["ChildProcess", "parameter_args"]
 
 
 class ChildProcess:
@@ -136,3 +138,18 @@ class ChildProcess:
             self.send_signal(signal.SIGKILL)
             self.popen.wait(10)
         self._reader.join(5)
+
+
+def parameter_args(params: Mapping[str, Any]) -> list[str]:
+    """``-p name:=value`` command-line pairs for ``--ros-args`` (floats keep their decimal
+    point, bools are lower case), so ROS types the values as the node declares them."""
+    out: list[str] = []
+    for name, value in params.items():
+        if isinstance(value, (list, tuple)):  # YAML flow list: ['a', 'b'] or [0.0, 1.5]
+            text = "[" + ", ".join(repr(float(v)) if isinstance(v, (int, float)) else repr(str(v))
+                                   for v in value) + "]"
+        else:
+            text = (str(value).lower() if isinstance(value, bool)
+                    else repr(value) if isinstance(value, float) else str(value))
+        out += ["-p", f"{name}:={text}"]
+    return out

@@ -17,8 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from lidar_completion.children import ChildProcess
-from lidar_completion_ros.parameters import parameter_args
+from lidar_completion.children import ChildProcess, parameter_args
 from lidar_completion_ros.runtime import PrivateNode
 
 REPO = Path(__file__).resolve().parents[2]

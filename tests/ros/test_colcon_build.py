@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from lidar_completion_ros.parameters import parameter_args
+from lidar_completion.children import parameter_args
 from ros_helpers import REPO, Proc, make_cloud_msg, parse_summary, ros_env, shell_points
 
 pytestmark = pytest.mark.slow

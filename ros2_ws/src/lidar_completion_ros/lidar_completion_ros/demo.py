@@ -32,8 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from lidar_completion.children import ChildProcess
-from lidar_completion_ros.parameters import parameter_args
+from lidar_completion.children import ChildProcess, parameter_args
 
 REPO = Path(__file__).resolve().parents[4]
 PROG = "demo"
@@ -50,9 +49,9 @@ def _warn_loudly(text: str) -> None:
 
 def _model(out: Path) -> tuple[Path, dict[str, Any], bool]:
     """(checkpoint, parameter overrides, trained?)."""
-    from lidar_completion_ros.parameters import shipped_models_dir
+    from lidar_completion.checkpoints import SHIPPED_MODELS
 
-    shipped = shipped_models_dir() / "student_lite"
+    shipped = SHIPPED_MODELS / "student_lite"
     if (shipped / "config.json").is_file():  # with its refinement net: the product's densest, best-scoring output
         return shipped, {"refine": True}, True
     _warn_loudly(f"no shipped student at {shipped}: using a RANDOM tiny model instead.\n"

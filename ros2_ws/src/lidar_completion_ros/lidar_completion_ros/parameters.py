@@ -23,9 +23,7 @@ by :func:`check_values` before anything is loaded: rclpy itself only enforces ra
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from lidar_completion.backends import BACKENDS
@@ -39,10 +37,7 @@ __all__ = [
     "check_values",
     "completion_config",
     "defaults",
-    "parameter_args",
-    "resolve_checkpoint",
     "sensor_poses_of",
-    "shipped_models_dir",
 ]
 
 INT64_MAX = 2**63 - 1
@@ -315,45 +310,3 @@ def completion_config(values: dict[str, Any]):
         return CompletionConfig.from_dict(dotted)
     except TypeError as err:  # a dataclass rejecting a keyword: report it like a bad value
         raise ValueError(str(err)) from None
-
-
-def shipped_models_dir() -> Path:
-    """``lidar_completion/models``: where the core package ships trained checkpoints."""
-    from lidar_completion.checkpoints import SHIPPED_MODELS
-
-    return SHIPPED_MODELS
-
-
-def resolve_checkpoint(value: str, name: str = "checkpoint") -> Path:
-    """Path of the ``checkpoint`` (or ``name``) parameter: an existing path, or a shipped model's name.
-
-    Raises ``FileNotFoundError`` with one line that says what was tried and what exists.
-    """
-    text = os.path.expandvars(os.path.expanduser(str(value).strip()))
-    if not text:
-        raise FileNotFoundError(f"parameter '{name}' is empty; set it to a checkpoint path or a shipped model")
-    from lidar_completion.checkpoints import find_checkpoint, shipped_models
-
-    found = find_checkpoint(text)
-    if found is not None:
-        return found
-    shipped_dir, shipped = shipped_models_dir(), shipped_models()
-    raise FileNotFoundError(
-        f"{name} '{value}' not found: no such file or directory, and no model of that name in "
-        f"{shipped_dir} (shipped models: {', '.join(shipped) or 'none'})"
-    )
-
-
-def parameter_args(params: dict[str, Any]) -> list[str]:
-    """``-p name:=value`` command-line pairs for ``--ros-args`` (floats keep their decimal
-    point, bools are lower case), so ROS types the values as the node declares them."""
-    out: list[str] = []
-    for name, value in params.items():
-        if isinstance(value, (list, tuple)):  # YAML flow list: ['a', 'b'] or [0.0, 1.5]
-            text = "[" + ", ".join(repr(float(v)) if isinstance(v, (int, float)) else repr(str(v))
-                                   for v in value) + "]"
-        else:
-            text = (str(value).lower() if isinstance(value, bool)
-                    else repr(value) if isinstance(value, float) else str(value))
-        out += ["-p", f"{name}:={text}"]
-    return out

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,12 +26,11 @@ from lidar_completion.diffusion import Cancelled
 from lidar_completion.pointcloud2 import CloudError, cloud_to_xyz, finite_points_with, read_fields
 
 from .frames import SensorPose
-from .parameters import (COMPLETION_KEYS, StartupError, check_values, completion_config, resolve_checkpoint,
-                         sensor_poses_of)
+from .parameters import COMPLETION_KEYS, StartupError, check_values, completion_config, sensor_poses_of
 from .timings import ScanTimings
 
 __all__ = ["Cancelled", "InFlight", "Mailbox", "Rejected", "Scan", "Setup", "apply_changes", "describe", "free_device",
-           "log_range", "set_up", "complete_scans", "load_completer", "output_arrays", "read_scan",
+           "log_range", "set_up", "complete_scans", "load_completer", "output_arrays", "resolve_checkpoint", "read_scan",
            "synthetic_scan", "warm_up"]
 
 
@@ -216,6 +216,26 @@ def synthetic_scan(config: Any, n: int, seed: int = 0, max_range: float | None =
     angle = rng.uniform(-np.pi, np.pi, n)
     z = np.where(rng.random(n) < 0.6, -1.73, rng.uniform(-1.7, 2.0, n)) + rng.normal(0, 0.02, n)
     return np.column_stack([r * np.cos(angle), r * np.sin(angle), z]).astype(np.float32)
+
+
+def resolve_checkpoint(value: str, name: str = "checkpoint") -> Path:
+    """Path of the ``checkpoint`` (or ``name``) parameter: an existing path, or a shipped model's name.
+
+    Raises ``FileNotFoundError`` with one line that says what was tried and what exists.
+    """
+    from lidar_completion import checkpoints
+
+    text = os.path.expandvars(os.path.expanduser(str(value).strip()))
+    if not text:
+        raise FileNotFoundError(f"parameter '{name}' is empty; set it to a checkpoint path or a shipped model")
+    found = checkpoints.find_checkpoint(text)
+    if found is not None:
+        return found
+    shipped_dir, shipped = checkpoints.SHIPPED_MODELS, checkpoints.shipped_models()
+    raise FileNotFoundError(
+        f"{name} '{value}' not found: no such file or directory, and no model of that name in "
+        f"{shipped_dir} (shipped models: {', '.join(shipped) or 'none'})"
+    )
 
 
 def load_completer(values: dict[str, Any], config: Any) -> Any:
