@@ -202,7 +202,10 @@ def test_refine_without_refiner_is_an_error():
 
 def test_same_seed_same_output_different_seed_different_output(model):
     scan = ring_scan(300)
-    seeded = lambda seed: make_completer(model, **{"sampling.steps": 2, "sampling.seed": seed}).complete(scan).points
+
+    def seeded(seed: int) -> np.ndarray:
+        return make_completer(model, **{"sampling.steps": 2, "sampling.seed": seed}).complete(scan).points
+
     first, again, other = seeded(3), seeded(3), seeded(4)
     np.testing.assert_array_equal(first, again)
     assert first.shape != other.shape or not np.allclose(first, other)

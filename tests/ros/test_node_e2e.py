@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 from diagnostic_msgs.msg import DiagnosticArray
 from ros_helpers import Proc, parse_summary, ros_env, start_node
 from std_msgs.msg import Float64

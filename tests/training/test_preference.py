@@ -47,7 +47,7 @@ def test_listwise_pairs_every_ranked_pair_with_best_against_worst_first():
     assert scan_pairs[0] == (1, 3, 1.0) and len(scan_pairs) == 6
     for winner, loser, _ in scan_pairs:
         assert SCORES[winner, 0] < SCORES[loser, 0]
-    assert len({(w, l) for w, l, _ in scan_pairs}) == 6
+    assert len({(w, lose) for w, lose, _ in scan_pairs}) == 6
 
 
 def test_sweet_spot_rejects_the_candidate_nearest_two_sigma_below_the_mean_reward():

@@ -233,7 +233,7 @@ def preference_pairs(scores: torch.Tensor, kind: str, gap_scale: float = 0.0) ->
         else:  # listwise: every ranked pair, the primary (best, worst) first
             chosen = [(best, worst)] + [(order[i], order[j]) for i in range(len(order)) for j in range(i + 1, len(order)) if (i, j) != (0, len(order) - 1)]
         mean = float(column.mean().clamp_min(1e-12))
-        pairs.append([(w, l, 1.0 if gap_scale <= 0 else min(1.0, float(column[l] - column[w]) / mean / gap_scale)) for w, l in chosen])
+        pairs.append([(w, lose, 1.0 if gap_scale <= 0 else min(1.0, float(column[lose] - column[w]) / mean / gap_scale)) for w, lose in chosen])
     return pairs
 
 
@@ -374,9 +374,9 @@ def distillation_iteration(
         win_coef = torch.zeros(len(samples), batch, dtype=partial.dtype, device=partial.device)
         lose_coef = torch.zeros_like(win_coef)
         for b, scan_pairs in enumerate(pairs):
-            for w, l, weight in scan_pairs:
+            for w, lose, weight in scan_pairs:
                 win_coef[w, b] += 1.0 / len(scan_pairs)
-                lose_coef[l, b] += weight / len(scan_pairs)
+                lose_coef[lose, b] += weight / len(scan_pairs)
         ranked = [_pick(stacked, best), _pick(stacked, loser)]
         columns = torch.arange(batch)
         logs |= {
