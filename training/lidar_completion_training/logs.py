@@ -18,6 +18,7 @@ from typing import Any
 
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger
+from lightning.fabric.loggers.csv_logs import _ExperimentWriter as _FabricExperimentWriter
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 __all__ = ["ResumableCSVLogger", "read_metrics"]
@@ -75,7 +76,7 @@ class ResumableCSVLogger(CSVLogger):
 
     @property
     @rank_zero_experiment
-    def experiment(self) -> ExperimentWriter:
+    def experiment(self) -> _FabricExperimentWriter:  # the type CSVLogger.experiment declares
         if self._experiment is not None:
             return self._experiment
         if self._keep_before_step is None:

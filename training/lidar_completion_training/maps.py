@@ -35,7 +35,9 @@ class VoxelMean:
 
     def __init__(self, voxel: float, flush_points: int = 8_000_000) -> None:
         self.voxel, self.flush_points = voxel, flush_points
-        self._keys, self._sums, self._counts = np.zeros(0, np.int64), np.zeros((0, 3)), np.zeros(0)
+        self._keys: np.ndarray = np.zeros(0, np.int64)
+        self._sums: np.ndarray = np.zeros((0, 3))
+        self._counts: np.ndarray = np.zeros(0)
         self._pending: list[np.ndarray] = []
         self._n_pending = 0
 

@@ -106,6 +106,6 @@ def sensor_poses(n_inputs: int, frames: Sequence[str], translation: Sequence[flo
     for name, groups in (("frame.sensor_translation", moves), ("frame.sensor_rpy", turns)):
         if not all(math.isfinite(float(v)) for g in groups for v in g):
             raise ValueError(f"{name}: values must be finite numbers")
-    return [SensorPose(frame, tuple(float(v) for v in t),
+    return [SensorPose(frame, (float(t[0]), float(t[1]), float(t[2])),  # _per_input: 3 values
                        tuple(tuple(row) for row in rotation_from_rpy(*(float(v) for v in a)).tolist()))
             for frame, t, a in zip(frame_ids, moves, turns, strict=True)]

@@ -77,7 +77,10 @@ class Throttle:
             return None
         held = self._held.pop(key, 0)
         self._last[key] = now
-        return text + (f" ({held} more like this in the last {now - last:.0f} s)" if held else "")
+        if not held:
+            return text
+        assert last is not None  # lines are only held back after one was logged
+        return text + f" ({held} more like this in the last {now - last:.0f} s)"
 
 
 @dataclass
