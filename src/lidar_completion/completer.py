@@ -29,7 +29,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence, cast
 
 import numpy as np
 import torch
@@ -118,8 +118,9 @@ def randn_tensor(
         else:
             rows = [torch.randn(tuple(shape[1:]), generator=g, device=g.device, dtype=dtype) for g in generator]
             return torch.stack(rows).to(device)
-    gen_device = generator.device if generator is not None else device
-    return torch.randn(tuple(shape), generator=generator, device=gen_device, dtype=dtype).to(device)
+    single = cast("torch.Generator | None", generator)  # lists and tuples are handled above
+    gen_device = single.device if single is not None else device
+    return torch.randn(tuple(shape), generator=single, device=gen_device, dtype=dtype).to(device)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -133,7 +134,8 @@ def resolve_device(name: str) -> torch.device:
 
 class _Timer:
     def __init__(self, device: torch.device):
-        self.device, self.ms = device, {}
+        self.device = device
+        self.ms: dict[str, float] = {}
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -409,6 +411,7 @@ class SceneCompleter:
         """Six refined points per input point: p + offset_k, k = 1..6."""
         if len(points) == 0:
             return points
+        assert self.model.refiner is not None, "refine() needs a model with a refiner"
         p = torch.from_numpy(points).to(self.device)
         offsets = self.model.refiner(self.model.voxelize(p))
         return (p[:, None, :] + offsets.reshape(-1, 6, 3)).reshape(-1, 3).cpu().numpy()

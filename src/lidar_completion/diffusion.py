@@ -96,7 +96,8 @@ class PublishedSampler:
     """LiDiff's DPM-Solver++ (SDE, order 2) on the offsets ``x_t - x_init`` (fresh state per sample)."""
 
     def __init__(self, schedule: NoiseSchedule, steps: int, t0: int | None = None):
-        from diffusers import DPMSolverMultistepScheduler  # heavy import, only on this path
+        # heavy import, only on this path; from its module (diffusers/__init__ types it as the dummy)
+        from diffusers.schedulers.scheduling_dpmsolver_multistep import DPMSolverMultistepScheduler
 
         last = schedule.num_train_timesteps - 1
         self.solver = DPMSolverMultistepScheduler(
