@@ -95,7 +95,7 @@ class ScanScorer:
             from lidar_completion.completer import SceneCompleter
             from lidar_completion.config import free_space_margin, load_config
 
-            overrides = {"data.preset": scoring.preset, "data.n_part": scoring.n_part, "sampling.steps": setting.steps,
+            overrides: dict[str, Any] = {"data.preset": scoring.preset, "data.n_part": scoring.n_part, "sampling.steps": setting.steps,
                          "sampling.guidance": setting.guidance, "sampling.seed": scoring.seed, "refine": setting.refine,
                          "device": scoring.device, "sampling.sampler": setting.sampler, "sampling.t0": setting.t0,
                          "data.completion_only": setting.completion_only}
@@ -490,7 +490,7 @@ def _picture(dataset: CompletionDataset, input_bag: Path, completed_bag: Path, f
     title = (f"frame {pick['frame']}: CD {pick['input_cd']:.3f} m (input) -> {pick['completion_cd']:.3f} m "
              f"(completion){'  ' + note if note else ''}")
     return render_comparison([("input scan", scan.xyz), ("completion", completion.xyz),
-                              ("ground truth", dataset.pair(pick["frame"])[1])], path, max_range=max_range, title=title)
+                              ("ground truth", dataset.pair(int(pick["frame"]))[1])], path, max_range=max_range, title=title)
 
 
 def _is_input(key: RowKey | None) -> bool:
