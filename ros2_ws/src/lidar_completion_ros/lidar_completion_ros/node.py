@@ -22,7 +22,7 @@ import sys  # noqa: E402
 import threading
 import time
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
@@ -43,6 +43,9 @@ from .ros_parameters import declare_parameters
 from .runtime import run_managed_node, summary_line  # noqa: F401  (summary_line: part of the module's API)
 from .tf_poses import TfPoses
 from .timings import ScanTimings
+
+if TYPE_CHECKING:
+    from rclpy.timer import Timer
 
 __all__ = ["CompletionNode", "StartupError", "PARAMETERS", "NODE_NAME", "REJECT_REASONS", "main"]
 
@@ -66,12 +69,20 @@ class CompletionNode(LifecycleNode):
         self.autostart = bool(self._values["autostart"])
         self.configure_error = self.fatal = ""  # why configure failed; why to exit (worker)
         self.finalized = False  # the shutdown transition ran: the process exits (runtime.py)
-        self._completer = self._model = self._diag_timer = self._worker = self._tf = None
+        self._completer: Any = None  # a SceneCompleter once configured
+        self._model: Any = None
+        self._diag_timer: Timer | None = None
+        self._worker: threading.Thread | None = None
+        self._tf: TfPoses | None = None
         self._left_behind: threading.Thread | None = None  # a worker that did not stop in time
         self._cancel, self._in_flight = threading.Event(), InFlight()
-        self._subs, self._pubs, self._debug, self._active, self._throttle = [], [], {}, False, Throttle()
+        self._subs: list[Any] = []  # rclpy Subscriptions
+        self._pubs: list[Any] = []  # lifecycle Publishers
+        self._debug: dict[str, Any] = {}  # lifecycle Publishers by scalar name
+        self._active, self._throttle = False, Throttle()
         self._health = Health([self.resolve_topic_name(t) for t in self._values["input_topics"]])
-        self._mailbox, self._last_publish = Mailbox(len(self._values["input_topics"])), {}
+        self._mailbox = Mailbox(len(self._values["input_topics"]))
+        self._last_publish: dict[int, float] = {}  # input index -> when its last output went out
         self.add_on_set_parameters_callback(self._on_set_parameters)
 
     def on_configure(self, state: Any) -> TransitionCallbackReturn:
@@ -124,12 +135,12 @@ class CompletionNode(LifecycleNode):
         self._worker.start()
         self._health.activated(time.monotonic())
         self._active = True
-        def qos(entities: list) -> str:  # as in effect: after any qos_overrides.* parameter
+        def qos_of(entities: list) -> str:  # as in effect: after any qos_overrides.* parameter
             return ", ".join(dict.fromkeys(describe_qos(e.qos_profile) for e in entities))
 
         self.get_logger().info(
             f"ready: {', '.join(s.topic_name for s in self._subs)} -> {', '.join(p.topic_name for p in self._pubs)} "
-            f"(input QoS {qos(self._subs)}, output QoS {qos(self._pubs)}; "
+            f"(input QoS {qos_of(self._subs)}, output QoS {qos_of(self._pubs)}; "
             f"frames: {'; '.join(p.describe() for p in self._poses)})")
         return super().on_activate(state)
 
