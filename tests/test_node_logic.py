@@ -139,8 +139,8 @@ def test_mailbox_keeps_the_latest_scan_per_input_and_batches_waiting_ones() -> N
     worker = threading.Thread(target=lambda: got.append(box.take(gather_s=30.0)))
     box.put(scan(1, 7))
     worker.start()
-    time.sleep(0.2)
-    assert not got  # still gathering
+    worker.join(0.5)
+    assert worker.is_alive() and not got  # still gathering half a second later, not merely not started
     box.put(scan(0, 8))
     worker.join(10)
     assert sorted(s.header for s in got[0]) == [7, 8]
