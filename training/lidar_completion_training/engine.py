@@ -22,7 +22,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, cast
 
 import lightning as L
 import numpy as np
@@ -37,6 +37,12 @@ from .dataset import CompletionDataset, PairConfig, mean_surface_cells
 from .logs import ResumableCSVLogger
 from .objectives import distillation_iteration, refine_loss, seeded_generator, teacher_loss
 from .run_config import RunConfig
+
+if TYPE_CHECKING:
+    from lightning.pytorch.core.optimizer import LightningOptimizer
+    from lightning.pytorch.trainer.connectors.accelerator_connector import _PRECISION_INPUT
+
+    from lidar_completion.networks import Denoiser
 
 __all__ = ["TeacherModule", "DistillationModule", "TrainingInterrupted", "build_module", "build_trainer", "fit",
            "export_last"]
@@ -249,7 +255,7 @@ class DistillationModule(_Base):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._freeze_batchnorm()
         d, trainer = self.config.distill, self.config.trainer
-        opt_aux, opt_student = self.optimizers()
+        opt_aux, opt_student = cast("list[LightningOptimizer]", self.optimizers())  # the two configure_optimizers returns
 
         def stepper(optimizer):
             def step(loss: torch.Tensor) -> None:
@@ -266,7 +272,7 @@ class DistillationModule(_Base):
             self.schedule,
             self.model.denoiser,
             self.teacher,
-            list(self.aux),
+            [cast("Denoiser", net) for net in self.aux],
             batch["partial"],
             batch["full"],
             self._generator(),
@@ -321,14 +327,15 @@ class RefineModule(_Base):
         from lidar_completion.config import load_config
 
         if self._completer is None:
-            config = load_config(device=str(self.device), backend=self.config.trainer.backend, refine=False,
-                                 **{"data.completion_only": True})
+            dotted: dict[str, Any] = {"data.completion_only": True}
+            config = load_config(device=str(self.device), backend=self.config.trainer.backend, refine=False, **dotted)
             # At run time the refiner sees the completion alone, before the free-space stage.
             config = config.with_free_space_margin(None)
             self._completer = SceneCompleter(self.model, config)
         self.model.encoder.eval()  # frozen: running statistics, as at inference
         self.model.denoiser.eval()
         results = self._completer.complete_batch([p.cpu().numpy() for p in partial])
+        assert self.model.refiner is not None  # the model was built with refine_channel_ratio
         self.model.refiner.train(self.training)
         return [torch.from_numpy(r.points).to(self.device) for r in results]
 
@@ -362,7 +369,7 @@ class AtomicCheckpoint(L.Callback):
     def _write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         trainer.save_checkpoint(self.directory / ".last.ckpt.tmp", weights_only=False)
-        self.pending = pl_module.data_step
+        self.pending = cast(_Base, pl_module).data_step
 
     def _promote(self, trainer: L.Trainer) -> None:
         if self.pending is None:
@@ -374,7 +381,7 @@ class AtomicCheckpoint(L.Callback):
         self.saved_step, self.pending = self.pending, None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        if pl_module.data_step % self.every == 0:
+        if cast(_Base, pl_module).data_step % self.every == 0:
             self._write(trainer, pl_module)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
@@ -449,7 +456,8 @@ class Diagnostics(L.Callback):
     SCANS = 2
 
     def __init__(self, config: RunConfig):
-        self.config, self.pairs = config, None
+        self.config = config
+        self.pairs: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def _pairs(self, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if self.pairs is None:
@@ -462,12 +470,13 @@ class Diagnostics(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         every = self.config.trainer.diagnose_every
-        if not trainer.is_global_zero or pl_module.data_step % every:
+        module = cast(_Base, pl_module)
+        if not trainer.is_global_zero or module.data_step % every:
             return
         from .diagnostics import noise_mse_by_bucket, sampled_chamfer, timestep_buckets
 
-        model, pairs = pl_module.model, self._pairs(pl_module.device)
-        values = {}
+        model, pairs = module.model, self._pairs(module.device)
+        values: dict[str, float] = {}
         if self.config.kind == "teacher":
             top = self.config.teacher.max_timestep or model.config.num_train_timesteps - 1
             values |= noise_mse_by_bucket(model, pairs, timestep_buckets(top))
@@ -475,7 +484,8 @@ class Diagnostics(L.Callback):
         values[f"cd_{steps}steps"] = sampled_chamfer(model, pairs, steps, repeat=self.config.data.n_full // self.config.data.n_part)
         # At the step the weights have been trained for (batches, as the train/* rows; not
         # Lightning's optimizer steps, of which distillation takes several per batch).
-        trainer.logger.log_metrics({f"diag/{k}": v for k, v in values.items()}, step=pl_module.data_step)
+        assert trainer.logger is not None  # build_trainer always gives one
+        trainer.logger.log_metrics({f"diag/{k}": v for k, v in values.items()}, step=module.data_step)
 
 
 def build_module(config: RunConfig) -> _Base:
@@ -502,7 +512,7 @@ def build_trainer(config: RunConfig, progress: bool = True, resume_step: int | N
         # and the student once per batch.
         max_steps=t.max_steps * (config.distill.aux_steps + 1 if config.kind == "distill" else 1),
         max_epochs=-1,
-        precision=t.precision,
+        precision=cast("_PRECISION_INPUT", t.precision),  # a str from the YAML; Lightning checks it
         gradient_clip_val=t.grad_clip if config.kind != "distill" else None,
         logger=ResumableCSVLogger(out, name="logs", version="", keep_before_step=resume_step, flush_logs_every_n_steps=1),
         log_every_n_steps=t.log_every,
@@ -542,7 +552,8 @@ def fit(config: RunConfig, resume: bool = False, progress: bool = True) -> Path:
             L.seed_everything(config.trainer.seed, workers=True, verbose=False)
             module = build_module(config)
             trainer = build_trainer(config, progress, resume_step, interrupt)
-            checkpoints = next(c for c in trainer.callbacks if isinstance(c, AtomicCheckpoint))
+            # Trainer.callbacks is set by its callback connector, which the class does not declare
+            checkpoints = next(c for c in trainer.callbacks if isinstance(c, AtomicCheckpoint))  # type: ignore[attr-defined]
             trainer.fit(module, ckpt_path=str(last) if resume else None, weights_only=True)
             stopped_early = interrupt.requested and module.data_step < config.trainer.max_steps
             export = out / "export"
