@@ -516,9 +516,10 @@ class TorchBackend:
 
 
 # Offsets are processed in groups of about this many bytes of gathered inputs + products:
-# one gather and one scatter per group instead of per offset (their fixed cost dominates
-# narrow layers), while a wide layer's offsets still go one at a time (bounded memory).
-_GROUP_BYTES = 16 << 20
+# one gather, one bmm and one scatter per group instead of per offset (their fixed cost
+# dominates narrow layers), while a group stays near the caches (larger groups measured up to
+# 1.5x slower per layer on this 2-core CPU: bench_backends.py, the real scan at the preset).
+_GROUP_BYTES = 4 << 20
 
 
 def _no_autocast(device: torch.device):
