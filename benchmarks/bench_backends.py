@@ -213,7 +213,6 @@ def path_table(args) -> None:
     """Table GEMM vs batched pairs for every submanifold layer the denoiser runs (the
     choice ``sparse._use_table`` makes), float32 and bfloat16."""
     from lidar_completion import sparse
-    from lidar_completion.backends import voxelize
 
     print("| ratio | points | stride | in -> out | fill | f32 pairs ms | f32 table ms | bf16 pairs ms | bf16 table ms | chosen f32 / bf16 |")
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -257,7 +257,7 @@ def main() -> int:
             row(what, r["ms"], r["mib"], f"median of {args.repeats}; {r['note']}")
         except Exception as err:  # noqa: BLE001
             row(what, None, None, f"failed: {_short(err)}")
-    del full
+    full = None  # free the full-scale model's GPU memory before what follows
     torch.cuda.empty_cache()
 
     if args.node_scans:

@@ -10,6 +10,7 @@ four up stages. Module names, nesting and parameter shapes are exactly the publi
 from __future__ import annotations
 
 import math
+from typing import Any, cast
 
 import numpy as np
 
@@ -270,7 +271,7 @@ class Denoiser(SparseUNet):
             self.add_module(f"{name}_temp", mlp(self.embed_dim, self.embed_dim, cs[4]))
         self._level_names = DOWN_NAMES + UP_NAMES
 
-    def condition(self, level: int, x: SparseTensor, context: object) -> SparseTensor:
+    def condition(self, level: int, x: SparseTensor, context: Any) -> SparseTensor:
         """Gate ``latemp(cat(latent(nearest scan feature), temp(t)))`` per voxel.
 
         Every voxel of batch entry b reads an encoder voxel of b (or none), and the MLPs act
@@ -305,7 +306,7 @@ class Denoiser(SparseUNet):
 
     def forward(self, field: PointField, scan: SparseTensor, t: torch.Tensor) -> torch.Tensor:
         """Noise prediction per point of ``field``; ``t`` holds one timestep per batch entry."""
-        temb = timestep_embedding(t.reshape(-1), self.embed_dim).to(self.last[0].weight.dtype)
+        temb = timestep_embedding(t.reshape(-1), self.embed_dim).to(cast(torch.Tensor, self.last[0].weight).dtype)
         # The last item caches the nearest-encoder-row search per coordinate set (one forward);
         # it keeps each manager alive, so an id is never reused while its entry exists.
         return self.last(field.slice(self.run(field, (scan, temb, {}))))

@@ -181,7 +181,9 @@ class KernelMap:
         cost dominates narrow layers); wide layers stay bounded in memory. Cached per size."""
         limit = max(1, _GROUP_BYTES // max(1, row_bytes))
         if limit not in self._groups:
-            starts, groups, members = self.starts, [], []
+            starts = self.starts
+            groups: list[list[int]] = []
+            members: list[int] = []
             for k in sorted((k for k, c in enumerate(self.counts) if c and k != self.identity),
                             key=lambda k: -self.counts[k]):  # similar lengths together: less padding
                 if members and (len(members) + 1) * self.counts[members[0]] > limit:
@@ -245,7 +247,7 @@ def submanifold_pairs(keys: torch.Tensor, stride: int) -> tuple[torch.Tensor, to
     ``pos - 1`` and at ``pos`` or ``pos + 1``: one search per (dx, dy) column; (3) the (0, 0)
     column's z-neighbours are adjacent rows.
     """
-    n, device = keys.numel(), keys.device
+    device = keys.device
     sentinel = keys.new_full((1,), -1)  # keys are positive: never a match
     ext = torch.cat([sentinel, keys, sentinel])  # ext[i + 1] == keys[i]
     columns = torch.tensor(_SEARCHED_COLUMNS, device=device) * stride
@@ -395,7 +397,7 @@ def _cast_weight(kernel: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     cached = getattr(kernel, "_gemm_cast", None)
     if cached is None or cached[0] != stamp:
         cached = (stamp, kernel.to(dtype))
-        kernel._gemm_cast = cached
+        setattr(kernel, "_gemm_cast", cached)  # the weight's own cache: it dies with the weight
     return cached[1]
 
 
@@ -567,9 +569,11 @@ def _pairs_backward(grad_out: torch.Tensor, feats: torch.Tensor, kmap: KernelMap
         shape = (len(group.offsets), group.length, -1)
         grad_rows = padded.index_select(0, group.dst).view(shape)
         if need_feats:
+            assert grad_feats is not None
             weights = kernel.index_select(0, group.offsets).transpose(1, 2)
             grad_feats.index_add_(0, group.src, torch.bmm(grad_rows, weights).view(-1, feats.shape[1]))
         if need_kernel:
+            assert grad_kernel is not None
             gathered = feats.index_select(0, group.src).view(shape)
             grad_kernel.index_add_(0, group.offsets, torch.bmm(gathered.transpose(1, 2), grad_rows))
     return grad_feats, grad_kernel
@@ -695,7 +699,7 @@ class SparseBatchNorm(nn.Module):
 
     def forward(self, x: SparseTensor) -> SparseTensor:
         bn = self.bn
-        if bn.training or bn.running_mean is None or bn.weight is None:
+        if bn.training or bn.running_mean is None or bn.running_var is None or bn.weight is None or bn.bias is None:
             return x.replace(bn(x.feats))
         # Evaluation: the same per-channel affine map as batch_norm, as one fused multiply-add
         # (batch_norm is 2-3x slower on [N, C] rows of a few dozen channels on CPU).
