@@ -613,7 +613,7 @@ def _use_table(kmap: KernelMap, cin: int, cout: int, dtype: torch.dtype = torch.
     """Whether the output-stationary GEMM (:func:`_convolve_table`) is expected to beat the
     batched gather-GEMM-scatter for this map: it multiplies zeros for absent neighbours
     (1 / fill times the pairs' work) but does one GEMM and no scatter. Measured per layer on
-    the real scan (``benchmarks/bench_backends.py --layers``), it only wins on nearly full
+    the real scan (``benchmarks/bench_backends.py --paths``), it only wins on nearly full
     neighbourhoods, sooner in bfloat16 (a GEMM there costs less next to the scatter)."""
     if kmap.identity is None:  # only submanifold maps have a table
         return False
