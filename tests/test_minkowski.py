@@ -15,9 +15,11 @@ from lidar_completion import sparse as sp
 from lidar_completion.model import CompletionModel, ModelConfig
 from lidar_completion.completer import SceneCompleter
 from lidar_completion.config import CompletionConfig
-from lidar_completion.networks import Denoiser, RefinementNet, ScanEncoder
+from lidar_completion.networks import Denoiser, ScanEncoder
 from lidar_completion.backends import voxelize
 from lidar_completion.sparse import SparseConv, SparseConvTranspose
+
+from backend_parity import assert_reproduces_reference_fixtures, assert_same_tensor
 
 needs_me = pytest.mark.skipif(not minkowski.available(), reason="MinkowskiEngine not installed (optional)")
 
@@ -54,19 +56,6 @@ def test_minkowski_backend_without_minkowski_says_how_to_install(monkeypatch):
 
 
 # --------------------------------------------------------------------------- with MinkowskiEngine
-def by_coordinates(tensor: sp.SparseTensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Coordinates and features in lexicographic order (backends keep different row orders)."""
-    order = torch.argsort(sp.pack(tensor.coords))
-    return tensor.coords[order], tensor.feats[order]
-
-
-def assert_same_tensor(a: sp.SparseTensor, b: sp.SparseTensor, atol: float = 1e-4) -> None:
-    assert a.stride == b.stride
-    (ca, fa), (cb, fb) = by_coordinates(a), by_coordinates(b)
-    assert torch.equal(ca, cb), "backends produced different coordinates"
-    assert (fa - fb).abs().max().item() < atol
-
-
 @pytest.fixture(scope="module")
 def ops(shared_dir):
     return torch.load(shared_dir / "reference" / "minkowski_ops.pt", weights_only=True)
@@ -110,22 +99,8 @@ def test_single_ops_match_torch_backend(ops, kind):
 
 
 @needs_me
-@torch.no_grad()
 def test_published_networks_reproduce_fixtures_on_minkowski(shared_dir):
-    reference = torch.load(shared_dir / "reference" / "minkunet_reference.pt", weights_only=True)
-    ratio, voxel = float(reference["channel_ratio"]), float(reference["voxel_size"])
-
-    def load(net, prefix):
-        net.load_state_dict({k[len(prefix):]: v for k, v in reference.items() if k.startswith(prefix)})
-        return net.eval()
-
-    encoder, denoiser = load(ScanEncoder(ratio), "encoder."), load(Denoiser(ratio), "denoiser.")
-    refiner = load(RefinementNet(ratio), "refiner.")
-    scan = encoder(voxelize(reference["partial_points"], None, voxel, backend="minkowski"))
-    noise = denoiser(voxelize(reference["noisy_points"], None, voxel, backend="minkowski"), scan, reference["timestep"])
-    assert (noise - reference["predicted_noise"]).abs().max().item() < 1e-4
-    out = refiner(voxelize(reference["refine_input"], None, voxel, backend="minkowski"))
-    assert (out - reference["refine_output"]).abs().max().item() < 1e-4
+    assert_reproduces_reference_fixtures(shared_dir, "minkowski")
 
 
 def real_inputs(path, n_scan: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -187,10 +187,9 @@ def reference_voxelize(points: torch.Tensor, voxel: float) -> sp.PointField:
     return sp.PointField(field.points, field.voxel_of_point, SparseTensor(field.sparse.feats, 1, manager))
 
 
-@torch.no_grad()
-def test_denoiser_equals_reference_on_real_scan_sized_input(real_scan_path):
-    """The whole student-sized denoiser (channel ratio 0.25) on the pipeline's kind of input:
-    a scan of 500 points x10 plus noise, every path of the backend exercised."""
+def student_sized_case(real_scan_path) -> tuple[torch.Tensor, torch.Tensor, ScanEncoder, Denoiser]:
+    """The pipeline's kind of input for the student-sized networks (channel ratio 0.25): 500
+    points of the real scan inside 10 m, and them x10 plus noise."""
     from lidar_completion.io import read_points
 
     torch.manual_seed(0)
@@ -198,7 +197,14 @@ def test_denoiser_equals_reference_on_real_scan_sized_input(real_scan_path):
     scan = scan[(scan.norm(dim=1) > 3.5) & (scan.norm(dim=1) < 10)]
     part = scan[torch.randperm(len(scan), generator=torch.Generator().manual_seed(0))[:500]]
     noisy = part.repeat(10, 1) + 0.5 * torch.randn(5000, 3, generator=torch.Generator().manual_seed(1))
-    encoder, denoiser = ScanEncoder(0.25).eval(), Denoiser(0.25).eval()
+    return part, noisy, ScanEncoder(0.25).eval(), Denoiser(0.25).eval()
+
+
+@torch.no_grad()
+def test_denoiser_equals_reference_on_real_scan_sized_input(real_scan_path):
+    """The whole student-sized denoiser (channel ratio 0.25) on the pipeline's kind of input:
+    a scan of 500 points x10 plus noise, every path of the backend exercised."""
+    part, noisy, encoder, denoiser = student_sized_case(real_scan_path)
     for module in list(encoder.modules()) + list(denoiser.modules()):  # non-trivial BatchNorm statistics
         if isinstance(module, torch.nn.BatchNorm1d):
             module.running_mean.uniform_(-0.5, 0.5)
@@ -236,14 +242,7 @@ def test_bf16_backend_stays_close_to_float32(real_scan_path):
     """``torch-bf16``: the same maps, GEMMs in bfloat16, float32 in and out; a whole
     student-sized denoiser stays within ~1% of the float32 backend."""
     from lidar_completion.backends import get_backend
-    from lidar_completion.io import read_points
-
-    torch.manual_seed(0)
-    scan = torch.from_numpy(read_points(real_scan_path)).float()
-    scan = scan[(scan.norm(dim=1) > 3.5) & (scan.norm(dim=1) < 10)]
-    part = scan[torch.randperm(len(scan), generator=torch.Generator().manual_seed(0))[:500]]
-    noisy = part.repeat(10, 1) + 0.5 * torch.randn(5000, 3, generator=torch.Generator().manual_seed(1))
-    encoder, denoiser = ScanEncoder(0.25).eval(), Denoiser(0.25).eval()
+    part, noisy, encoder, denoiser = student_sized_case(real_scan_path)
     outs = []
     for name in ("torch", "torch-bf16"):
         backend = get_backend(name, "cpu")

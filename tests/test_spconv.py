@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from lidar_completion import sparse as sp
 from lidar_completion import spconv_backend
 from lidar_completion.backends import SparseBackend, get_backend, voxelize
 from lidar_completion.model import CompletionModel, ModelConfig
-from lidar_completion.networks import Denoiser, RefinementNet, ScanEncoder
+from lidar_completion.networks import Denoiser, ScanEncoder
 from lidar_completion.sparse import SparseConv, SparseConvTranspose
+
+from backend_parity import assert_reproduces_reference_fixtures, assert_same_tensor
 
 needs_spconv = pytest.mark.skipif(not spconv_backend.available(), reason="spconv not installed (optional)")
 
@@ -36,18 +37,6 @@ def test_spconv_backend_without_spconv_says_how_to_install(monkeypatch):
 
 
 # --------------------------------------------------------------------------- with spconv
-def by_coordinates(tensor: sp.SparseTensor) -> tuple[torch.Tensor, torch.Tensor]:
-    order = torch.argsort(sp.pack(tensor.coords))
-    return tensor.coords[order], tensor.feats[order]
-
-
-def assert_same_tensor(a: sp.SparseTensor, b: sp.SparseTensor, atol: float = 1e-4) -> None:
-    assert a.stride == b.stride
-    (ca, fa), (cb, fb) = by_coordinates(a), by_coordinates(b)
-    assert torch.equal(ca, cb), "backends produced different coordinates"
-    assert (fa - fb).abs().max().item() < atol
-
-
 @needs_spconv
 @pytest.mark.parametrize("kind", ["k3s1", "k1", "k2s2", "transpose", "two levels"])
 def test_single_ops_match_torch_backend(kind):
@@ -71,22 +60,8 @@ def test_single_ops_match_torch_backend(kind):
 
 
 @needs_spconv
-@torch.no_grad()
 def test_published_networks_reproduce_fixtures_on_spconv(shared_dir):
-    reference = torch.load(shared_dir / "reference" / "minkunet_reference.pt", weights_only=True)
-    ratio, voxel = float(reference["channel_ratio"]), float(reference["voxel_size"])
-
-    def load(net, prefix):
-        net.load_state_dict({k[len(prefix):]: v for k, v in reference.items() if k.startswith(prefix)})
-        return net.eval()
-
-    encoder, denoiser = load(ScanEncoder(ratio), "encoder."), load(Denoiser(ratio), "denoiser.")
-    refiner = load(RefinementNet(ratio), "refiner.")
-    scan = encoder(voxelize(reference["partial_points"], None, voxel, backend="spconv"))
-    noise = denoiser(voxelize(reference["noisy_points"], None, voxel, backend="spconv"), scan, reference["timestep"])
-    assert (noise - reference["predicted_noise"]).abs().max().item() < 1e-4
-    out = refiner(voxelize(reference["refine_input"], None, voxel, backend="spconv"))
-    assert (out - reference["refine_output"]).abs().max().item() < 1e-4
+    assert_reproduces_reference_fixtures(shared_dir, "spconv")
 
 
 @needs_spconv
