@@ -167,6 +167,28 @@ def test_short_teacher_run_lowers_the_loss(tiny_dataset, tmp_path):
     assert last < 0.8 * first, (first, last)
 
 
+#: ``lidar-train`` with its training step held at a chosen step: the step's marker file is
+#: written, then the run waits to be killed (so the kill never races the end of the run).
+HOLD_AT_STEP = r"""
+import sys, time
+from pathlib import Path
+from lidar_completion_training import engine, train
+
+config_path, at, marker = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
+original = engine.TeacherModule.training_step
+
+def training_step(self, *args, **kwargs):
+    if self.data_step == at:
+        marker.write_text(str(at))
+        while True:
+            time.sleep(1)
+    return original(self, *args, **kwargs)
+
+engine.TeacherModule.training_step = training_step
+sys.exit(train.main([config_path, "--no-progress"]))
+"""
+
+
 def test_kill_and_resume_ends_on_the_same_step_and_weights(tiny_dataset, tmp_path):
     from lidar_completion_training.engine import fit
 
@@ -177,20 +199,29 @@ def test_kill_and_resume_ends_on_the_same_step_and_weights(tiny_dataset, tmp_pat
     config_path = tmp_path / "crashed.yaml"
     config_path.write_text(crashed.to_yaml())
     last = tmp_path / "crashed" / "checkpoints" / "last.ckpt"
+    marker = tmp_path / "held"
+    # Held while step 5 trains: the checkpoint of step 4 (every 2 steps) is in place, the run
+    # is between checkpoints, and it cannot end before the kill.
+    held_at = 5
     # Same thread count as this process (tests/conftest.py): float sums must add up in the same order.
     env = os.environ | {"OMP_NUM_THREADS": str(torch.get_num_threads())}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lidar_completion_training.train", str(config_path), "--no-progress"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-    )
-    deadline = time.monotonic() + 300
-    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert last.exists(), "the run never wrote a checkpoint"
+    log = tmp_path / "held.log"
+    with open(log, "wb") as output:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", HOLD_AT_STEP, str(config_path), str(held_at), str(marker)],
+            stdout=output, stderr=subprocess.STDOUT, env=env,
+        )
+    try:
+        deadline = time.monotonic() + 300
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), f"the run never reached step {held_at}\n{log.read_text()[-3000:]}"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, f"the held run ended by itself\n{log.read_text()[-3000:]}"
     done_before = torch.load(last, weights_only=True)["data_step"]
-    assert done_before < straight.trainer.max_steps, "the run finished before it could be killed"
+    assert done_before == 4, done_before
 
     logged_before = _logged_steps(tmp_path / "crashed")
     resumed = load_model(fit(crashed, resume=True, progress=False)).state_dict()
