@@ -62,7 +62,7 @@ def test_checkpoint_not_found_lists_the_shipped_models_only(capsys, tmp_path, sh
 
 
 def test_node_checkpoint_not_found_lists_the_shipped_models_only(shipped):
-    pipeline = pytest.importorskip("lidar_completion_ros.pipeline")
+    startup = pytest.importorskip("lidar_completion_ros.startup")
     with pytest.raises(FileNotFoundError) as info:
-        pipeline.resolve_checkpoint("student_full")
+        startup.resolve_checkpoint("student_full")
     assert str(info.value).endswith("(shipped models: student_lite, teacher_lite)"), info.value

@@ -15,8 +15,9 @@ from lidar_completion.pointcloud2 import build_cloud, read_fields
 
 frames = pytest.importorskip("lidar_completion_ros.frames")
 from lidar_completion_ros.health import ERROR, OK, WARN, Health, Throttle  # noqa: E402
-from lidar_completion_ros.parameters import defaults, sensor_poses_of  # noqa: E402
+from lidar_completion_ros.parameters import defaults  # noqa: E402
 from lidar_completion_ros.pipeline import Mailbox, Rejected, output_arrays, read_scan  # noqa: E402
+from lidar_completion_ros.settings import DiagnosticsSettings, settings_from  # noqa: E402
 from lidar_completion_ros.timings import ScanTimings  # noqa: E402
 
 
@@ -64,7 +65,7 @@ def test_sensor_pose_lists_one_for_all_or_one_per_input() -> None:
     values = {**defaults(), "input_topics": ["a", "b"], "output_topics": ["a_out", "b_out"],
               "frame.input_frames": ["base_link"], "frame.sensor_translation": [0.0, 0.0, 1.73, 1.0, 0.0, 1.5],
               "frame.sensor_rpy": [0.0, 0.0, 0.0]}
-    poses = sensor_poses_of(values)
+    poses = settings_from(values).frames.poses
     assert [p.frame_id for p in poses] == ["base_link", "base_link"]
     assert poses[0].translation == (0.0, 0.0, 1.73) and poses[1].translation == (1.0, 0.0, 1.5)
     for key, bad, needle in [("frame.sensor_translation", [0.0, 1.0], "frame.sensor_translation: 2 values"),
@@ -73,7 +74,7 @@ def test_sensor_pose_lists_one_for_all_or_one_per_input() -> None:
                              ("output_topics", ["x"], "output_topics: give one distinct topic per input"),
                              ("input_topics", ["a", "a"], "input_topics: give one or more distinct")]:
         with pytest.raises(ValueError, match=needle):
-            sensor_poses_of({**values, key: bad})
+            settings_from({**values, key: bad})
 
 
 def test_parameter_args_write_typed_lists() -> None:
@@ -149,9 +150,8 @@ def test_mailbox_keeps_the_latest_scan_per_input_and_batches_waiting_ones() -> N
 
 
 # ----------------------------------------------------------------------------- health
-SETTINGS = {"diagnostics.stale_input_s": 1.0, "diagnostics.error_after_s": 2.0,
-            "diagnostics.warn_processing_ms": 100.0, "diagnostics.error_processing_ms": 1000.0,
-            "diagnostics.warn_output_ratio": 0.5}
+SETTINGS = DiagnosticsSettings(period=1.0, stale_input_s=1.0, error_after_s=2.0, warn_processing_ms=100.0,
+                               error_processing_ms=1000.0, warn_output_ratio=0.5)
 
 
 def _levels(health: Health, now: float, **kw) -> dict[str, tuple[int, str]]:
@@ -297,3 +297,27 @@ def test_a_batch_with_an_unusable_scan_still_completes_the_others(tmp_path) -> N
     assert results[0] is not None and len(results[0].points) > 0
     both = complete_scans(completer, [batch[0], Scan(1, 1, good, frames.SensorPose(), 0.0, 600)], None)
     assert len(both) == 2 and all(len(r.points) > 0 for r in both)  # one batch of two
+
+
+# ----------------------------------------------------------------------------- settings
+def test_settings_are_built_once_typed_and_a_change_makes_a_new_object() -> None:
+    import dataclasses
+
+    settings = settings_from(defaults())
+    assert settings.topics.inputs == ("points_raw",) and settings.qos.input_reliability == "best_effort"
+    assert settings.completion.sampling.steps is None and settings.completion.data.free_space_margin == 0.2
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.limits.log_throttle_s = 1.0  # type: ignore[misc]
+    changed, touched = settings.with_changes({"sampling.steps": 2, "diagnostics.warn_processing_ms": 5,
+                                              "data.free_space_margin": -1.0, "not_a_parameter": 1})
+    assert touched == {"sampling.steps", "diagnostics.warn_processing_ms", "data.free_space_margin"}
+    assert changed.completion.sampling.steps == 2 and changed.completion.data.free_space_margin is None
+    assert changed.diagnostics.warn_processing_ms == 5.0 and isinstance(changed.diagnostics.warn_processing_ms, float)
+    assert changed.frames is settings.frames and settings.completion.sampling.steps is None  # the old one stays
+    back, _ = changed.with_changes({"sampling.steps": 0})  # the sentinel: the checkpoint's own again
+    assert back.completion == dataclasses.replace(changed.completion, sampling=settings.completion.sampling)
+    for change, needle in [({"data.preset": "huge"}, "data.preset"),
+                           ({"qos.input.reliability": "bogus"}, "qos.input.reliability: must be one of"),
+                           ({"frame.sensor_translation": [0.0, 1.0]}, "frame.sensor_translation: 2 values")]:
+        with pytest.raises(ValueError, match=needle):
+            settings.with_changes(change)

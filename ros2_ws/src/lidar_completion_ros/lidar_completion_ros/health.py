@@ -24,7 +24,10 @@ from __future__ import annotations
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .settings import DiagnosticsSettings
 
 __all__ = ["OK", "WARN", "ERROR", "Health", "TaskStatus", "Throttle", "REJECT_REASONS", "REPAIR_REASONS",
            "DROP_REASONS", "COUNTER_KEYS", "model_values"]
@@ -170,7 +173,7 @@ class Health:
             return {k: sum(e.counts.get(k, 0) for e in entries) for k in COUNTER_KEYS}
 
     # --------------------------------------------------------------- diagnostics
-    def evaluate(self, now: float, settings: dict[str, Any], active: bool, worker_alive: bool,
+    def evaluate(self, now: float, settings: DiagnosticsSettings, active: bool, worker_alive: bool,
                  outputs: dict[str, Any], model: dict[str, str]) -> list[TaskStatus]:
         totals = self.counters()
         per_input = [self.counters(i) for i in range(len(self.inputs))]
@@ -199,7 +202,7 @@ class Health:
     def _input_task(self, now, settings, active, activated, rates, per_input, totals, grew) -> TaskStatus:
         values = {k: str(n) for k, n in totals.items()}
         problems, level = [], OK
-        stale_s, error_s = settings["diagnostics.stale_input_s"], settings["diagnostics.error_after_s"]
+        stale_s, error_s = settings.stale_input_s, settings.error_after_s
         for entry, (rate, _, last), counts in zip(self.inputs, rates, per_input, strict=True):
             since = last if last is not None else activated
             age = now - since if since is not None else 0.0
@@ -219,7 +222,7 @@ class Health:
         return TaskStatus("input", level, "; ".join(problems) or f"ok: {rate:.1f} scans/s", values)
 
     def _processing_task(self, now, settings, recent, busy_since) -> TaskStatus:
-        warn_ms, error_ms = settings["diagnostics.warn_processing_ms"], settings["diagnostics.error_processing_ms"]
+        warn_ms, error_ms = settings.warn_processing_ms, settings.error_processing_ms
         mean = sum(t.processing_ms for t in recent) / len(recent) if recent else 0.0
         values = {"processing_time_mean_ms": f"{mean:.1f}", "warn_processing_ms": f"{warn_ms:g}",
                   "error_processing_ms": f"{error_ms:g}"}
@@ -264,7 +267,7 @@ class Health:
             return TaskStatus("output", WARN, f"{outside} scan(s) outside the model's domain (noise predictions "
                               "mostly clipped, or nothing completed): published without a trusted completion "
                               "(see out_of_domain and the log)", values)
-        minimum = settings["diagnostics.warn_output_ratio"]
+        minimum = settings.warn_output_ratio
         if active and wanted and ratio < minimum:
             return TaskStatus("output", WARN, f"completing {out_rate:.2f} of {wanted:.2f} scans/s "
                               f"(ratio {ratio:.2f} < {minimum:g})", values)

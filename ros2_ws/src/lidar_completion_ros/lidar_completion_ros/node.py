@@ -4,7 +4,8 @@
 
 configure = check parameters, load the model, warm up; activate = subscribe and publish;
 deactivate = stop; cleanup = free the model; shutdown = finalized, and the process exits
-(``autostart``: configure + activate at start). This is the ROS part only; pipeline.py,
+(``autostart``: configure + activate at start). This is the ROS part only; settings.py
+(the parameters as one checked, typed object), startup.py (model loading), pipeline.py,
 frames.py, health.py and timings.py hold the rest. Exit status (runtime.py): 0 on
 SIGINT/SIGTERM and after the shutdown transition (the scan in flight is abandoned between
 two sampler steps), 2 when it cannot start, 3 after ``max_consecutive_failures`` failed
@@ -37,10 +38,11 @@ from lidar_completion.pointcloud2 import build_cloud
 from .health import REJECT_REASONS, Health, Throttle, model_values
 from .messages import describe_qos, qos_profile, stamp_ns
 from .parameters import COMPLETION_KEYS, PARAMETERS, StartupError
-from .pipeline import (Cancelled, InFlight, Mailbox, Rejected, apply_changes, complete_scans, describe, free_device,
-                       log_range, output_arrays, read_scan, set_up, warm_up)
-from .ros_parameters import declare_parameters
+from .pipeline import Cancelled, InFlight, Mailbox, Rejected, complete_scans, output_arrays, read_scan
+from .ros_parameters import declare_parameters, parameter_values
 from .runtime import run_managed_node, summary_line  # noqa: F401  (summary_line: part of the module's API)
+from .settings import NodeSettings, node_settings, settings_from
+from .startup import apply_changes, describe, free_device, log_range, set_up, warm_up
 from .tf_poses import TfPoses
 from .timings import ScanTimings
 
@@ -65,8 +67,9 @@ class CompletionNode(LifecycleNode):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(NODE_NAME, **kwargs)
-        self._values = declare_parameters(self)
-        self.autostart = bool(self._values["autostart"])
+        declared = declare_parameters(self)  # types and ranges; the rest is checked at configure
+        self.autostart = bool(declared["autostart"])
+        self._settings: NodeSettings | None = None  # built by configure
         self.configure_error = self.fatal = ""  # why configure failed; why to exit (worker)
         self.finalized = False  # the shutdown transition ran: the process exits (runtime.py)
         self._completer: Any = None  # a SceneCompleter once configured
@@ -80,8 +83,8 @@ class CompletionNode(LifecycleNode):
         self._pubs: list[Any] = []  # lifecycle Publishers
         self._debug: dict[str, Any] = {}  # lifecycle Publishers by scalar name
         self._active, self._throttle = False, Throttle()
-        self._health = Health([self.resolve_topic_name(t) for t in self._values["input_topics"]])
-        self._mailbox = Mailbox(len(self._values["input_topics"]))
+        self._health = Health([self.resolve_topic_name(t) for t in declared["input_topics"]])
+        self._mailbox = Mailbox(len(declared["input_topics"]))
         self._last_publish: dict[int, float] = {}  # input index -> when its last output went out
         self.add_on_set_parameters_callback(self._on_set_parameters)
 
@@ -96,34 +99,41 @@ class CompletionNode(LifecycleNode):
             return FAILURE
         return super().on_configure(state)
 
+    @property
+    def settings(self) -> NodeSettings:
+        """The parameters, checked and typed (configure builds them; a change replaces them)."""
+        assert self._settings is not None, "not configured"
+        return self._settings
+
     def _configure(self) -> None:
-        v, log = self._values, self.get_logger()
-        setup = set_up(v, log.info, log.warning)
-        self._model, self._completer, self._poses = setup.model, setup.completer, setup.poses
-        self._checkpoint, self._refine_checkpoint = setup.checkpoint, setup.refine_checkpoint
-        self._rng = np.random.default_rng(None if v["sampling.seed"] < 0 else v["sampling.seed"])
-        self._tf = TfPoses(self, v["frame.tf_sensor_frame"]) if v["frame.tf_sensor_frame"] else None
+        log = self.get_logger()
+        s = self._settings = node_settings(parameter_values(self))
+        self._completer = set_up(s, log.info, log.warning)
+        self._model = self._completer.model
+        self._checkpoint, self._refine_checkpoint = self._completer.checkpoint, self._completer.refine_checkpoint
+        self._rng = np.random.default_rng(s.completion.sampling.seed)
+        self._tf = TfPoses(self, s.frames.tf_sensor_frame) if s.frames.tf_sensor_frame else None
         overrides = QoSOverridingOptions.with_default_policies()
-        qos = qos_profile(v["qos.output.reliability"], v["qos.output.depth"])
+        qos = qos_profile(s.qos.output_reliability, s.qos.output_depth)
         self._pubs = [self.create_lifecycle_publisher(PointCloud2, topic, qos, qos_overriding_options=overrides)
-                      for topic in v["output_topics"]]
+                      for topic in s.topics.outputs]
         self._debug = {name: self.create_lifecycle_publisher(Float64, f"~/debug/{name}", 10) for name in DEBUG_SCALARS}
         self._debug["timings"] = self.create_lifecycle_publisher(DiagnosticArray, "~/debug/timings", 10)
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        if v["warmup"]:
+        if s.model.warmup:
             try:
                 warm_up(self._completer, log.info)
             except Exception as err:  # e.g. CUDA out of memory: say so in one line
                 raise StartupError(f"warm-up inference failed: {type(err).__name__}: {err}") from None
-        self._diag_timer = self.create_timer(v["diagnostics.period"], self._publish_diagnostics)
+        self._diag_timer = self.create_timer(s.diagnostics.period, self._publish_diagnostics)
 
     def on_activate(self, state: Any) -> TransitionCallbackReturn:
-        v, overrides = self._values, QoSOverridingOptions.with_default_policies()
+        s, overrides = self.settings, QoSOverridingOptions.with_default_policies()
         try:
-            qos = qos_profile(v["qos.input.reliability"], v["qos.input.depth"])
+            qos = qos_profile(s.qos.input_reliability, s.qos.input_depth)
             self._subs = [self.create_subscription(PointCloud2, topic, partial(self._on_cloud, index), qos,
                                                    qos_overriding_options=overrides)
-                          for index, topic in enumerate(v["input_topics"])]
+                          for index, topic in enumerate(s.topics.inputs)]
         except Exception as err:  # e.g. a qos_overrides value that is not a policy
             self.configure_error = f"cannot subscribe: {type(err).__name__}: {err}"
             self.get_logger().error(self.configure_error)
@@ -141,7 +151,7 @@ class CompletionNode(LifecycleNode):
         self.get_logger().info(
             f"ready: {', '.join(s.topic_name for s in self._subs)} -> {', '.join(p.topic_name for p in self._pubs)} "
             f"(input QoS {qos_of(self._subs)}, output QoS {qos_of(self._pubs)}; "
-            f"frames: {'; '.join(p.describe() for p in self._poses)})")
+            f"frames: {'; '.join(p.describe() for p in s.frames.poses)})")
         return super().on_activate(state)
 
     def on_deactivate(self, state: Any) -> TransitionCallbackReturn:
@@ -210,14 +220,17 @@ class CompletionNode(LifecycleNode):
         free_device(completer)
 
     def _on_set_parameters(self, params: list) -> SetParametersResult:  # applied to the next scan if valid
+        changes = {p.name: p.value for p in params}
         try:
-            values, completer, touched = apply_changes(self._values, {p.name: p.value for p in params},
-                                                       self._model, self._completer)
+            if self._settings is None:  # not configured yet: checked now, used by configure
+                settings_from({**parameter_values(self), **changes})
+                return SetParametersResult(successful=True)
+            settings, completer, touched = apply_changes(self._settings, changes, self._model, self._completer)
         except (ValueError, RuntimeError) as err:
             return SetParametersResult(successful=False, reason=str(err))
-        self._values, self._completer = values, completer
+        self._settings, self._completer = settings, completer
         if "sampling.seed" in touched:
-            self._rng = np.random.default_rng(None if values["sampling.seed"] < 0 else values["sampling.seed"])
+            self._rng = np.random.default_rng(settings.completion.sampling.seed)
         if completer is not None and touched & set(COMPLETION_KEYS):
             self.get_logger().info(f"parameters changed: {describe(completer)}")
             log_range(completer, self.get_logger().warning)
@@ -225,7 +238,7 @@ class CompletionNode(LifecycleNode):
 
     def _throttled(self, key: str, message: str, level: str = "warning") -> None:
         if self.context.ok():  # shutting down: rosout is gone, and so is the reader
-            text = self._throttle.message(key, message, time.monotonic(), self._values["log_throttle_s"])
+            text = self._throttle.message(key, message, time.monotonic(), self.settings.limits.log_throttle_s)
             if text is not None and level == "info":  # one call site per severity: rclpy insists
                 self.get_logger().info(text)
             elif text is not None:
@@ -237,23 +250,24 @@ class CompletionNode(LifecycleNode):
         self._throttled(f"reject.{reason}", f"rejected scan{where}: {REJECT_REASONS[reason]}: {detail}")
 
     def _on_cloud(self, index: int, msg: PointCloud2) -> None:
-        t_enter, v = time.perf_counter(), self._values
+        t_enter, limits = time.perf_counter(), self.settings.limits
         self._health.received(index, time.monotonic())
         try:
-            if v["skip_without_subscribers"] and self._pubs[index].get_subscription_count() == 0:
+            if limits.skip_without_subscribers and self._pubs[index].get_subscription_count() == 0:
                 self._health.add(index, "skipped")
                 self._throttled("skipped", f"no subscriber on {self._pubs[index].topic_name}: skipping inference",
                                 "info")
                 return
-            pose = self._tf.pose(self._poses[index], msg.header.frame_id) if self._tf else self._poses[index]
+            pose = self.settings.frames.poses[index]
+            pose = self._tf.pose(pose, msg.header.frame_id) if self._tf else pose
             scan = read_scan(msg, index, pose, t_enter, rng=self._rng,
-                             min_points=v["min_input_points"], max_points=v["max_input_points"],
-                             keep_intensity=not v["data.completion_only"])
+                             min_points=limits.min_input_points, max_points=limits.max_input_points,
+                             keep_intensity=not self.settings.completion.data.completion_only)
         except Rejected as err:
             return self._reject(index, err.reason, err.detail, msg.header)
         except Exception as err:  # never let one message take the node down
             return self._reject(index, "error", f"{type(err).__name__}: {err}", getattr(msg, "header", None))
-        for key, n, text in scan.repairs(v["max_input_points"]):
+        for key, n, text in scan.repairs(limits.max_input_points):
             self._health.add(index, f"repaired.{key}")
             self._health.add(index, "nonfinite_points", n)
             self._throttled(key, text, "info")
@@ -265,7 +279,7 @@ class CompletionNode(LifecycleNode):
                             f"{self._subs[index].topic_name}: the model is slower than the input rate")
 
     def _work(self) -> None:
-        while (batch := self._mailbox.take(self._values["batch.gather_ms"] / 1000)) is not None:
+        while (batch := self._mailbox.take(self.settings.limits.gather_ms / 1000)) is not None:
             now = time.monotonic()
             self._in_flight.start(batch)
             self._health.batch_started(now)
@@ -281,7 +295,7 @@ class CompletionNode(LifecycleNode):
                 for scan in self._in_flight.claim_all():
                     self._reject(scan.index, "error", error, scan.header)
             self._in_flight.claim_all()  # every scan is answered: the batch is over
-            failures, limit = self._health.batch_done(error), self._values["max_consecutive_failures"]
+            failures, limit = self._health.batch_done(error), self.settings.limits.max_consecutive_failures
             if error and limit and failures >= limit:
                 self.fatal = f"inference failed {failures} times in a row (max_consecutive_failures): {error}"
                 return
@@ -344,12 +358,12 @@ class CompletionNode(LifecycleNode):
                                    f"{tm.counts['output_points']} points in {tm.processing_ms:.0f} ms")
 
     def _publish_diagnostics(self) -> None:
-        c, v = self._completer, self._values
-        model = model_values(c, v["device"], self._checkpoint, self._refine_checkpoint, self._poses)
+        c, s = self._completer, self.settings
+        model = model_values(c, s.model.device, self._checkpoint, self._refine_checkpoint, list(s.frames.poses))
         outputs = {f"{p.topic_name}.subscribers": p.get_subscription_count() for p in self._pubs}
         outputs["output_subscribers"] = sum(outputs.values())
         alive = self._worker is not None and self._worker.is_alive()
-        tasks = self._health.evaluate(time.monotonic(), v, self._active, alive, outputs, model)
+        tasks = self._health.evaluate(time.monotonic(), s.diagnostics, self._active, alive, outputs, model)
         array = DiagnosticArray(status=[self._status(t.task, t.level, t.message, t.values) for t in tasks])
         array.header.stamp = self.get_clock().now().to_msg()
         self._diag_pub.publish(array)

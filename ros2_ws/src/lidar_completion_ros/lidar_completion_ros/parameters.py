@@ -18,11 +18,13 @@ spelled with a sentinel: ``0`` for ``data.n_part``, ``data.max_range`` (the mode
 :func:`lidar_completion.config.free_space_margin` (the one conversion, also lidar-evaluate's).
 
 The node's own string parameters (QoS reliability, ...) are checked against their choices
-by :func:`check_values` before anything is loaded: rclpy itself only enforces ranges.
+by :func:`check_choices` before anything is loaded (rclpy itself only enforces ranges), when
+settings.py builds the node's settings from these values.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,10 +36,10 @@ __all__ = [
     "PARAMETERS",
     "ParamSpec",
     "StartupError",
-    "check_values",
+    "check_choices",
     "completion_config",
+    "core_value",
     "defaults",
-    "sensor_poses_of",
 ]
 
 INT64_MAX = 2**63 - 1
@@ -257,10 +259,11 @@ def defaults() -> dict[str, Any]:
             for spec in PARAMETERS}
 
 
-def check_values(values: dict[str, Any]) -> None:
+def check_choices(values: Mapping[str, Any]) -> None:
     """Raise ``ValueError`` naming the parameter when one of the node's own string values
-    is not one of its choices. Values are compared as given: ``BEST_EFFORT`` is not
-    ``best_effort``. (The completion keys are the core config's to check.)"""
+    (of those in ``values``) is not one of its choices. Values are compared as given:
+    ``BEST_EFFORT`` is not ``best_effort``. (The completion keys are the core config's to
+    check; the topic and frame lists, settings.py's.)"""
     for spec in PARAMETERS:
         if spec.choices is None or spec.name not in values or spec.name in COMPLETION_KEYS:
             continue
@@ -269,25 +272,20 @@ def check_values(values: dict[str, Any]) -> None:
             continue
         shown = ", ".join(c or "'' (empty)" for c in spec.choices)
         raise ValueError(f"{spec.name}: must be one of {shown}, got {value!r}")
-    if "input_topics" in values:
-        sensor_poses_of(values)
 
 
-def sensor_poses_of(values: dict[str, Any]) -> list:
-    """The per-input :class:`~lidar_completion_ros.frames.SensorPose` list; ``ValueError``
-    naming the parameter when the topic or frame lists do not fit together."""
-    from .frames import sensor_poses
-
-    inputs, outputs = list(values["input_topics"]), list(values["output_topics"])
-    if not inputs or any(not t.strip() for t in inputs) or len(set(inputs)) != len(inputs):
-        raise ValueError(f"input_topics: give one or more distinct topic names, got {inputs}")
-    if len(outputs) != len(inputs) or any(not t.strip() for t in outputs) or len(set(outputs)) != len(outputs):
-        raise ValueError(f"output_topics: give one distinct topic per input ({len(inputs)}), got {outputs}")
-    return sensor_poses(len(inputs), values["frame.input_frames"], values["frame.sensor_translation"],
-                        values["frame.sensor_rpy"])
+def core_value(key: str, value: Any) -> Any:
+    """A completion key's parameter value as the core config spells it (sentinel -> ``None``;
+    an int given for a double as a float)."""
+    spec = _BY_NAME[key]
+    if isinstance(spec.default, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if key in _CORE_SPELLING:
+        return _CORE_SPELLING[key](value)
+    return None if spec.none_value is not None and value == spec.none_value else value
 
 
-def completion_config(values: dict[str, Any]):
+def completion_config(values: Mapping[str, Any]):
     """The core :class:`CompletionConfig` from parameter values (sentinels -> ``None``).
 
     Raises ``ValueError`` naming the key when a value is out of range; this is the only
@@ -295,17 +293,7 @@ def completion_config(values: dict[str, Any]):
     """
     from lidar_completion.config import CompletionConfig
 
-    dotted: dict[str, Any] = {}
-    for key in COMPLETION_KEYS:
-        spec = _BY_NAME[key]
-        value = values.get(key, spec.default)
-        if isinstance(spec.default, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if key in _CORE_SPELLING:
-            value = _CORE_SPELLING[key](value)
-        elif spec.none_value is not None and value == spec.none_value:
-            value = None
-        dotted[key] = value
+    dotted = {key: core_value(key, values.get(key, _BY_NAME[key].default)) for key in COMPLETION_KEYS}
     try:
         return CompletionConfig.from_dict(dotted)
     except TypeError as err:  # a dataclass rejecting a keyword: report it like a bad value

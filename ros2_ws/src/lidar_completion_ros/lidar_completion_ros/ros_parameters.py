@@ -1,4 +1,5 @@
-"""Declaring the parameter table (parameters.py) on an rclpy node, with one-line errors."""
+"""Declaring the parameter table (parameters.py) on an rclpy node, with one-line errors, and
+reading the values back (settings.py makes the node's settings of them)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from rclpy.node import Node
 
 from .parameters import PARAMETERS, ParamSpec, StartupError
 
-__all__ = ["StartupError", "declare_parameters", "descriptor"]
+__all__ = ["StartupError", "declare_parameters", "descriptor", "parameter_values"]
 
 # Parameters rclpy declares itself, and prefixes it owns; not "unknown" in a params file.
 _BUILTIN_PARAMETERS = ("use_sim_time", "start_type_description_service")
@@ -62,4 +63,14 @@ def declare_parameters(node: Node) -> dict[str, Any]:
     if unknown:
         raise StartupError(f"unknown parameter(s) {', '.join(unknown)}; known: "
                            f"{', '.join(s.name for s in PARAMETERS)}")
-    return {k: list(v) if not isinstance(v, (bool, int, float, str)) else v for k, v in values.items()}
+    return {k: _plain(v) for k, v in values.items()}
+
+
+def parameter_values(node: Node) -> dict[str, Any]:
+    """``{name: value}`` of every parameter of the table as the node holds it now (after
+    any run-time change it accepted)."""
+    return {spec.name: _plain(node.get_parameter(spec.name).value) for spec in PARAMETERS}
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if not isinstance(value, (bool, int, float, str)) else value
