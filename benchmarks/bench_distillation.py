@@ -26,6 +26,10 @@ KINDS = {
     "best_worst, 4 candidates": dict(pairing=Preference("best_worst", 4, gap_scale=0.02)),
     "listwise, 4 candidates, cd_f": dict(pairing=Preference("listwise", 4, metric="cd_f", metric_lambda=0.8, gap_scale=0.02)),
     "plain + direct reward": dict(preference=False, reward_weight=1.0),
+    "published pair + direct reward (student_lite)": dict(reward_weight=1.0),
+    "best_worst, 4 candidates + direct reward": dict(pairing=Preference("best_worst", 4, gap_scale=0.02), reward_weight=1.0),
+    "best of 4, winner only + direct reward": dict(pairing=Preference("best_worst", 4, gap_scale=0.02), reward_weight=1.0,
+                                                   loser_weight=0.0),
 }
 
 
@@ -65,7 +69,7 @@ def main() -> None:
             start = time.perf_counter()
             distillation_iteration(model, NoiseSchedule.of(mc), model.denoiser, frozen, aux, partial, full, seeded_generator(0, rep),
                                    stepper(optimizers[0]), stepper(optimizers[1]), student_steps=2, regression_weight=10.0,
-                                   regression_steps=4, loser_weight=0.5, max_timestep=600, **kind)
+                                   regression_steps=4, max_timestep=600, **({"loser_weight": 0.5} | kind))
             times[name].append(time.perf_counter() - start)
     base = float(np.median(times["published pair"]))
     print(f"| kind | s / iteration (median of {args.repeats}, {args.threads} threads) | x published pair |")
