@@ -154,7 +154,7 @@ def test_a_separate_refinement_checkpoint_published_or_ours(tiny_model, tmp_path
         with_refiner(plain, tmp_path / "missing.ckpt")
 
 
-@pytest.mark.parametrize("name", ["student_lite", "teacher_lite"])
+@pytest.mark.parametrize("name", ["student_lite", "teacher_lite", "student_sd_lite", "student_1step_lite"])
 def test_shipped_models_load_with_unchanged_state_dict_keys(name):
     """The models shipped in the package load strictly, and the model built from their
     config has exactly the keys and shapes stored in the file (none renamed by a refactor)."""

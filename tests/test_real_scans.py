@@ -23,9 +23,10 @@ from lidar_completion.io import read_points
 from lidar_completion.points import in_range
 
 
-@pytest.fixture(scope="module")
-def completer() -> SceneCompleter:
-    return SceneCompleter.from_checkpoint(SHIPPED_MODELS / "student_lite", CompletionConfig(device="cpu"))
+@pytest.fixture(scope="module", params=["student_lite", "student_1step_lite"])
+def completer(request: pytest.FixtureRequest) -> SceneCompleter:
+    """Each shipped student at its own preset (2 steps; the fast one: 1)."""
+    return SceneCompleter.from_checkpoint(SHIPPED_MODELS / request.param, CompletionConfig(device="cpu"))
 
 
 @pytest.fixture(scope="module")
