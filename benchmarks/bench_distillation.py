@@ -17,6 +17,7 @@ import torch
 from lidar_completion.checkpoints import SHIPPED_MODELS, load_model
 from lidar_completion.diffusion import NoiseSchedule
 from lidar_completion.model import CompletionModel, ModelConfig
+from lidar_completion.config import PRESETS, UNRECORDED_RADIUS, ScanCut
 from lidar_completion_training.dataset import CompletionDataset, PairConfig
 from lidar_completion_training.objectives import Preference, distillation_iteration, seeded_generator
 
@@ -59,8 +60,10 @@ def main() -> None:
         return step
 
     mc = model.config
-    pairs = CompletionDataset(args.root, [args.sequence], PairConfig(n_part=mc.n_part, n_full=10 * mc.n_part, max_range=mc.max_range,
-                                                                    surface_cells=mc.surface_cells))
+    pairs = CompletionDataset(args.root, [args.sequence], PairConfig(
+        cut=ScanCut.for_training(mc.n_part or PRESETS["lite"]["n_part"], 10 * (mc.n_part or PRESETS["lite"]["n_part"]),
+                                 max_range=mc.max_range or UNRECORDED_RADIUS),
+        surface_cells=mc.surface_cells))
     times: dict[str, list[float]] = {name: [] for name in KINDS}
     for rep in range(args.repeats):
         item = pairs[rep]

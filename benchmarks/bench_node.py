@@ -99,13 +99,14 @@ def bench_node_overhead(scans: int, domain: int, checkpoint: str = "student_lite
     from lidar_completion.pointcloud2 import build_cloud
 
     from lidar_completion.checkpoints import find_checkpoint, load_model
+    from lidar_completion.config import UNRECORDED_RADIUS
 
     if checkpoint == "tiny":
         tmp = Path(tempfile.mkdtemp(prefix="bench_node_"))
         torch.manual_seed(0)
         checkpoint = str(save_model(CompletionModel(ModelConfig(channel_ratio=0.25)), tmp / "tiny"))
     model_config = load_model(find_checkpoint(checkpoint) or checkpoint).config
-    max_range = float(model_config.max_range or 50.0)
+    max_range = float(model_config.max_range or UNRECORDED_RADIUS)
     env = _env(domain, FASTDDS_DEFAULT_PROFILES_FILE=str(PROFILE), OMP_NUM_THREADS=str(threads))
     cmd = [sys.executable, "-m", "lidar_completion_ros.node", "--ros-args",
            "--params-file", str(REPO / "config" / "completion_node.yaml"),

@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmarks
 
-FULL = {"channel_ratio": 1.0, "n_part": 18000, "max_range": 50.0}
+FULL = {"channel_ratio": 1.0}  # with the published cut (config.PUBLISHED_CUT: 18,000 points, 50 m)
 REPO = Path(__file__).resolve().parents[1]
 BURSTS = {"teacher": "teacher_semantickitti", "distill_dpo": "distill_dpo_semantickitti"}
 WARMUP_STEPS = 3
@@ -138,8 +138,7 @@ def random_teacher(root: Path, directory: Path, overrides: dict | None = None) -
     torch.manual_seed(0)
     return save_model(CompletionModel(ModelConfig(
         channel_ratio=m.channel_ratio, voxel_size=m.voxel_size, kind="teacher", sampler=m.sampler, t0=m.t0,
-        prediction=m.prediction, default_guidance=m.guidance, n_part=config.data.n_part,
-        max_range=config.data.max_range)), directory / "teacher")
+        prediction=m.prediction, default_guidance=m.guidance, cut=config.data.cut)), directory / "teacher")
 
 
 def _burst_child(kind: str, root: Path, seconds: float) -> int:
@@ -225,6 +224,7 @@ def main() -> int:
     from bench_pipeline import MODELS, SCAN
 
     from lidar_completion.checkpoints import load_model
+    from lidar_completion.config import PUBLISHED_CUT
     from lidar_completion.model import CompletionModel, ModelConfig
     from lidar_completion.io import read_points
 
@@ -245,7 +245,7 @@ def main() -> int:
 
     scan = read_points(SCAN)
     torch.manual_seed(0)
-    full = CompletionModel(ModelConfig(kind="student", default_steps=1, default_guidance=1.0, **FULL))
+    full = CompletionModel(ModelConfig(kind="student", default_steps=1, default_guidance=1.0, cut=PUBLISHED_CUT, **FULL))
     shipped = MODELS / "student_lite"
     for what, make, backend in (
             ("student 1 step end to end, full scale (ratio 1, random weights)", lambda: full, "torch"),

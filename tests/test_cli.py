@@ -17,6 +17,7 @@ import yaml
 
 from lidar_completion import cli
 from lidar_completion.checkpoints import save_model
+from lidar_completion.config import ScanCut
 from lidar_completion.model import CompletionModel, ModelConfig
 from lidar_completion.io import read_points, write_points
 
@@ -322,7 +323,7 @@ def test_read_only_output_directory(capsys, tmp_path, scan_dir, checkpoint, smal
 @pytest.fixture(scope="module")
 def radius_20_checkpoint(tmp_path_factory) -> Path:
     torch.manual_seed(0)
-    model = CompletionModel(ModelConfig(channel_ratio=0.25, max_range=20.0))
+    model = CompletionModel(ModelConfig(channel_ratio=0.25, cut=ScanCut.recorded_before(None, 20.0)))
     return save_model(model, tmp_path_factory.mktemp("models") / "radius20")
 
 

@@ -15,7 +15,7 @@ import torch
 from lidar_completion.model import CompletionModel, ModelConfig
 from lidar_completion.completer import HEIGHT_TOLERANCE, ScanError, SceneCompleter
 from lidar_completion.points import farthest_point_sample, seen_through
-from lidar_completion.config import CompletionConfig
+from lidar_completion.config import CompletionConfig, ScanCut
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -387,7 +387,7 @@ def test_from_checkpoint_refuses_a_missing_checkpoint_or_refiner(model, tmp_path
 def test_from_checkpoint_checks_the_config_against_the_model(tmp_path):
     from lidar_completion.checkpoints import save_model
 
-    plain = save_model(CompletionModel(ModelConfig(channel_ratio=0.25, max_range=20.0)), tmp_path / "plain")
+    plain = save_model(CompletionModel(ModelConfig(channel_ratio=0.25, cut=ScanCut.recorded_before(None, 20.0))), tmp_path / "plain")
     with pytest.raises(ValueError, match="refine is on but the checkpoint has no refinement net"):
         SceneCompleter.from_checkpoint(plain, CompletionConfig(device="cpu", refine=True))
     with pytest.raises(ValueError, match="data.min_range: 30 m leaves no range band: the model completes up to 20 m"):

@@ -23,7 +23,7 @@ def test_exponents_without_a_dot_are_numbers(tmp_path):
         ({"data": {"max_range": "far"}}, "data.max_range: must be a number, got 'far'"),
         ({"sampling": {"steps": 2.5}}, "sampling.steps: must be an integer, got 2.5"),
         ({"data": {"repeat": True}}, "data.repeat: must be an integer, got True"),
-        ({"data": {"min_range": None}}, "data.min_range: must be set (got null)"),
+        ({"data": {"preset": None}}, "data.preset: must be set (got null)"),
         ({"data": [1, 2]}, "data: must be a mapping, got list"),
         ({"device": 0}, "device: must be a string, got 0"),
     ],

@@ -12,7 +12,7 @@ import torch
 from lidar_completion.checkpoints import load_model, save_model
 from lidar_completion.model import CompletionModel, ModelConfig
 from lidar_completion.completer import SceneCompleter
-from lidar_completion.config import CompletionConfig
+from lidar_completion.config import CompletionConfig, ScanCut
 from lidar_completion.diffusion import NoiseSchedule, make_sampler, sample
 
 CONFIG = ModelConfig(channel_ratio=0.25)
@@ -89,7 +89,7 @@ def test_model_and_completion_configs_validate_sampler_keys():
 
 def test_sampler_settings_survive_save_and_reload_and_sample_the_same(tmp_path):
     torch.manual_seed(0)
-    model = CompletionModel(ModelConfig(channel_ratio=0.25, sampler="ve", t0=300, default_steps=2, default_guidance=1.0, n_part=64)).eval()
+    model = CompletionModel(ModelConfig(channel_ratio=0.25, sampler="ve", t0=300, default_steps=2, default_guidance=1.0, cut=ScanCut.recorded_before(64, None))).eval()
     reloaded = load_model(save_model(model, tmp_path / "m"))
     assert (reloaded.config.sampler, reloaded.config.t0) == ("ve", 300)
     scan = np.random.default_rng(0).uniform(-15, 15, (2000, 3)).astype(np.float32)

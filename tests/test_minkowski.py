@@ -14,7 +14,7 @@ from lidar_completion import minkowski
 from lidar_completion import sparse as sp
 from lidar_completion.model import CompletionModel, ModelConfig
 from lidar_completion.completer import SceneCompleter
-from lidar_completion.config import CompletionConfig
+from lidar_completion.config import CompletionConfig, ScanCut
 from lidar_completion.networks import Denoiser, ScanEncoder
 from lidar_completion.backends import voxelize
 from lidar_completion.sparse import SparseConv, SparseConvTranspose
@@ -165,7 +165,7 @@ def test_scene_completer_gives_the_same_scene_on_both_backends(real_scan_path):
     from lidar_completion.io import read_points
 
     points = read_points(real_scan_path)
-    model = CompletionModel(ModelConfig(channel_ratio=0.25, n_part=300))
+    model = CompletionModel(ModelConfig(channel_ratio=0.25, cut=ScanCut.recorded_before(300, None)))
     torch.manual_seed(0)
     for p in model.parameters():  # random but fixed weights (a fresh model is all-BN-identity)
         p.data.normal_(0, 0.05)

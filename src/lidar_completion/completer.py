@@ -3,7 +3,9 @@
 The ROS node, the offline CLI, the benchmarks, evaluation and training validation all call
 :class:`SceneCompleter`; none re-implements a stage. Stages (1-4 as published):
 
-1. pre-process: finite points with ``min_range < r < max_range``, farthest-point sampled
+1. pre-process: finite points inside the model's scan cut (:class:`~.config.ScanCut`:
+   ``min_range < r < max_range``, ``z > min_z`` when the model records a height floor; the
+   ``data.*`` keys set override it, :func:`~.config.effective_cut`), farthest-point sampled
    to the model's budget: ``n_part`` scaled to the density the model was trained at (ours:
    a cropped field of view gets proportionally fewer points, :meth:`model_budget`);
 2. sample: start at ``x_init + sigma eps`` with ``x_init`` = scan repeated x``repeat``; K steps
@@ -37,7 +39,7 @@ import torch
 from .checkpoints import CheckpointError, RefinerError, load_model, locate_checkpoint, with_refiner
 from .model import CompletionModel
 from .points import density_matched_count, farthest_point_sample, in_range, near_measured, seen_through, supported
-from .config import CompletionConfig, effective_range
+from .config import CompletionConfig, effective_cut
 from . import diffusion
 from .diffusion import Cancelled
 from .networks import Denoiser
@@ -178,22 +180,26 @@ class SceneCompleter:
         """``ValueError`` naming the key when ``config`` does not fit ``model`` (refine without
         a refinement net, no range band left under the model's radius, t0 or steps beyond its
         timesteps); ``RuntimeError`` for a device or backend that is not there."""
-        self.config = config or CompletionConfig()
+        config = config or CompletionConfig()
         # Where the weights came from (set by from_checkpoint; None for a model built in memory).
         self.checkpoint: Path | None = None
         self.refine_checkpoint: Path | None = None
+        mc = model.config
+        # The cut scans get: the model's, with the data.* keys that are set over it; the radius
+        # capped at the model's (documented). No band left under it: ValueError.
+        self.cut = effective_cut(config.data, mc.cut)
+        # The config as run: data.min_range / data.repeat left unset (the model's) read as the
+        # model's values; data.max_range keeps None ("the model's radius"; self.max_range is it).
+        self.config = config.replace(**{"data.min_range": self.cut.min_range, "data.repeat": self.cut.repeat})
         self.device = resolve_device(self.config.device)
         model.use_backend(self.config.backend, self.device)  # fails here, not mid-frame
         self.model = model.to(self.device).eval()
-        mc = model.config
         sampling = self.config.sampling
         self.steps = sampling.steps or mc.default_steps
         self.sampler = sampling.sampler or mc.sampler
         self.t0 = sampling.t0 if sampling.t0 is not None else mc.t0
-        self.n_part = self.config.data.resolve_n_part(mc.n_part)
-        # A model trained on a smaller radius cannot complete beyond it: cap (documented);
-        # data.max_range unset: the model's radius. No band left under it: ValueError.
-        _, self.max_range = effective_range(self.config.data, mc.max_range)
+        self.n_part = self.cut.n_part
+        self.max_range = self.cut.max_range
         self.sample_bound = 4.0 * self.max_range
         self.guidance = mc.default_guidance if self.config.sampling.guidance is None else self.config.sampling.guidance
         if self.config.refine and model.refiner is None:
@@ -241,16 +247,20 @@ class SceneCompleter:
     def points_in_band(self, points: np.ndarray) -> np.ndarray:
         """The scan's finite points inside the range band, float32 [M, 3]; :class:`ScanError`
         when it is not an [N, >=3] array or no point is left."""
-        data = self.config.data
         points = np.asarray(points)
         if points.ndim != 2 or points.shape[1] < 3:
             raise ScanError(f"expected an [N, 3] array of points, got shape {points.shape}")
         xyz = np.ascontiguousarray(points[:, :3], dtype=np.float32)
-        xyz = xyz[in_range(xyz, data.min_range, self.max_range)]  # NaN/inf rows are never in range
+        cut = self.cut
+        keep = in_range(xyz, cut.min_range, cut.max_range)  # NaN/inf rows are never in range
+        if cut.min_z is not None:
+            keep &= xyz[:, 2] > cut.min_z
+        xyz = xyz[keep]
         if len(xyz) == 0:
             raise ScanError(
-                f"no finite point between {data.min_range} m and {self.max_range} m "
-                f"(of {len(points)} points)"
+                f"no finite point between {cut.min_range} m and {cut.max_range} m "
+                + (f"above z = {cut.min_z:g} m " if cut.min_z is not None else "")
+                + f"(of {len(points)} points)"
             )
         return xyz
 
@@ -346,7 +356,7 @@ class SceneCompleter:
             if self.guided:  # unconditional = an all-zero scan
                 scans_enc.append(encode_scans(self.model, torch.zeros_like(partial)))
         with timer.stage("sample"):
-            x_init = partial.repeat(1, self.config.data.repeat, 1)
+            x_init = partial.repeat(1, self.cut.repeat, 1)
             noise = randn_tensor(x_init.shape, generator=generator, device=self.device, dtype=x_init.dtype)
             clipped = torch.zeros(len(partial), dtype=torch.long, device=self.device)
             x_t, nfe = self.sample(x_init, noise, scans_enc, generator, clipped, should_stop)

@@ -17,8 +17,8 @@ import yaml
 
 from .backends import BACKENDS, check_backend
 
-__all__ = ["DataConfig", "SamplingConfig", "CompletionConfig", "PRESETS", "MODEL_PRESET", "BACKENDS", "SAMPLERS", "PREDICTIONS",
-           "MAX_CHANNEL_RATIO", "UNRECORDED_RADIUS", "STAGE_OFF", "completion_radius", "effective_range",
+__all__ = ["ScanCut", "CUT_LIMITS", "DataConfig", "SamplingConfig", "CompletionConfig", "PRESETS", "MODEL_PRESET", "BACKENDS", "SAMPLERS", "PREDICTIONS",
+           "MAX_CHANNEL_RATIO", "PUBLISHED_CUT", "UNRECORDED_RADIUS", "STAGE_OFF", "completion_radius", "effective_cut", "effective_range",
            "free_space_margin", "load_config", "read_yaml", "check_types"]
 
 # Point budgets: "full" is the published setting (GPU); "lite" keeps a CPU frame in seconds;
@@ -36,9 +36,6 @@ PREDICTIONS = ("epsilon", "displacement")
 # Widest network a config may name: 4x the published widths (~16x its weights); wider is a typo,
 # and would allocate gigabytes before anything else could say so.
 MAX_CHANNEL_RATIO = 4.0
-# data.max_range unset (None, the default) means the radius the model was trained on; a
-# checkpoint that records none (the published LiDiff files) gets the published 50 m.
-UNRECORDED_RADIUS = 50.0
 # The free-space stage off: None in this config (YAML null); a front end whose values are
 # numbers (a ROS parameter, lidar-evaluate --free-space-margin) spells it -1, and
 # free_space_margin() is the one conversion.
@@ -110,17 +107,126 @@ def check_types(values: Mapping[str, Any], cls: Any, prefix: str = "") -> None:
             check(False, prefix + key, f"must be {' or '.join(wanted)}, got {value!r}")
 
 
+# Limits of the scan cut (ScanCut), the one declaration every entry point checks against:
+# completion config, training run config, dataset pairs, the model's config.json and the ROS
+# parameter ranges. Ranges (m) are open at the ends named so below; counts are inclusive.
+CUT_LIMITS: dict[str, tuple[float, float]] = {
+    "min_range": (0.0, 500.0),  # [0, 500) and < max_range
+    "max_range": (0.0, 500.0),  # (0, 500] and > min_range
+    "min_z": (-500.0, 500.0),  # [-500, 500] or None (no height floor)
+    "n_part": (16, 200_000),
+    "repeat": (1, 100),
+}
+
+
+def check_cut_value(name: str, value: Any, prefix: str = "data.") -> None:
+    """``ValueError("<prefix><name>: ...")`` unless ``value`` is within :data:`CUT_LIMITS`
+    (on its own: :class:`ScanCut` also needs ``min_range < max_range``)."""
+    low, high = CUT_LIMITS[name]
+    key = prefix + name
+    if name == "min_range":
+        check(low <= value < high, key, f"must be in [{low:g}, {high:g}) m, got {value}")
+    elif name == "max_range":
+        check(low < value <= high, key, f"must be in ({low:g}, {high:g}] m, got {value}")
+    elif name == "min_z":
+        check(low <= value <= high, key, f"must be in [{low:g}, {high:g}] m (or null: no floor), got {value}")
+    else:
+        check(low <= value <= high, key, f"must be in [{low:g}, {high:g}], got {value}")
+
+
 @dataclass(frozen=True)
-class DataConfig:
-    """Pre-/post-processing of scans (metres)."""
+class ScanCut:
+    """How a scan is cut for a model, declared once: training cuts its (partial, full) pairs
+    with it, the exported model records it (``config.json`` ``"cut"``) and the pipeline cuts a
+    scan with the model's by default. Defaults are the published LiDiff ones.
+
+    * ``min_range < |p| < max_range`` (m, 3-D norm from the sensor): the scan points the model
+      gets (and, in training, the ground-truth radius);
+    * ``min_z``: the height floor, only points with ``z > min_z`` (m, sensor frame); ``None``:
+      no floor (models exported before the cut was recorded: the pipeline had none);
+    * ``n_part``: scan points the model is given (farthest-point sampled);
+    * ``repeat``: points sampled per scan point (the sampler starts from the scan repeated
+      ``repeat`` times); training's ground truth has ``n_part * repeat`` points
+      (:meth:`for_training`).
+    """
 
     min_range: float = 3.5
+    max_range: float = 50.0
+    min_z: float | None = -4.0
+    n_part: int = 18_000
+    repeat: int = 10
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self, prefix: str = "data.") -> None:
+        """``ValueError`` naming the key (``prefix`` + name) of the first value out of limits."""
+        for name in ("min_range", "max_range", "n_part", "repeat"):
+            check_cut_value(name, getattr(self, name), prefix)
+        if self.min_z is not None:
+            check_cut_value("min_z", self.min_z, prefix)
+        check(self.min_range < self.max_range, prefix + "max_range",
+              f"must be > min_range ({self.min_range:g} m), got {self.max_range}")
+
+    @classmethod
+    def for_training(cls, n_part: int, n_full: int, **values: Any) -> "ScanCut":
+        """The cut of a training run whose pairs have ``n_part`` scan and ``n_full`` ground-truth
+        points: ``repeat = n_full // n_part``. Why: the model learns to move a cloud of the
+        ground truth's density, so it must sample ``n_part * repeat = n_full`` points to see
+        the density it was trained at; this is the one place that ties the two. ``n_full``
+        must be a multiple of ``n_part`` (``data.n_full`` is named otherwise)."""
+        check(n_full % n_part == 0, "data.n_full",
+              f"must be a multiple of data.n_part ({n_part}), got {n_full}")
+        low, high = CUT_LIMITS["repeat"]
+        check(low <= n_full // n_part <= high, "data.n_full",
+              f"n_full / n_part is the sampler's repeat: must be in [{low:g}, {high:g}], got {n_full // n_part}")
+        return cls(n_part=n_part, repeat=n_full // n_part, **values)
+
+    @classmethod
+    def recorded_before(cls, n_part: int | None, max_range: float | None) -> "ScanCut":
+        """The cut of a model exported before the cut was recorded (``config.json`` with top-level
+        ``n_part`` / ``max_range`` only), as the pipeline cut its scans then: ``min_range`` and
+        ``repeat`` the defaults, no height floor, ``n_part`` the lite preset's and ``max_range``
+        the published radius when not recorded."""
+        return cls(min_range=cls.min_range, max_range=cls.max_range if max_range is None else max_range, min_z=None,
+                   n_part=PRESETS["lite"]["n_part"] if n_part is None else n_part, repeat=cls.repeat)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], prefix: str = "cut.") -> "ScanCut":
+        """From a mapping (``config.json``'s ``"cut"``); errors name ``prefix`` + the key."""
+        check_types(values, cls, prefix)
+        check_keys(values, cls, "cut", prefix)
+        try:
+            return cls(**values)
+        except ValueError as err:
+            raise ValueError(prefix + str(err).removeprefix("data.")) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# The published cut (LiDiff): the defaults every entry point starts from.
+PUBLISHED_CUT = ScanCut()
+# data.max_range unset (None, the default) means the radius the model was trained on; a
+# checkpoint that records none (the published LiDiff files) gets the published 50 m.
+UNRECORDED_RADIUS = PUBLISHED_CUT.max_range
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Pre-/post-processing of scans (metres).
+
+    The cut keys (``min_range``, ``max_range``, ``n_part``, ``repeat``) override the model's
+    :class:`ScanCut` (:func:`effective_cut`); ``None`` keeps the model's value, and each set
+    value is checked against the cut's own limits (:data:`CUT_LIMITS`)."""
+
+    min_range: float | None = None  # None: the model's (3.5 m for one that records no cut)
     # None: the model's own radius (its config's max_range; UNRECORDED_RADIUS when it has none).
     # A number is capped at that radius too: a model cannot complete beyond what it was trained on.
     max_range: float | None = None
     preset: str = MODEL_PRESET
     n_part: int | None = None  # None: take it from the preset
-    repeat: int = 10
+    repeat: int | None = None  # None: the model's (10 for one that records no cut)
     # Completed points more than this (m) in front of the scan's nearest return in their
     # direction lie in space the sensor saw through and are dropped; None keeps them all.
     free_space_margin: float | None = 0.2
@@ -136,14 +242,11 @@ class DataConfig:
     def __post_init__(self) -> None:
         choices = sorted([*PRESETS, MODEL_PRESET])
         check(self.preset in choices, "data.preset", f"must be one of {choices}, got {self.preset!r}")
-        if self.max_range is None:
-            check(0 <= self.min_range < 500, "data.min_range", "need 0 <= min_range < 500")
-        else:
-            check(0 <= self.min_range < self.max_range, "data.min_range", "need 0 <= min_range < max_range")
-            check(self.max_range <= 500, "data.max_range", "must be <= 500 m")
-        if self.n_part is not None:
-            check(16 <= self.n_part <= 200_000, "data.n_part", f"must be in [16, 200000], got {self.n_part}")
-        check(1 <= self.repeat <= 50, "data.repeat", "must be in [1, 50]")
+        for name in ("min_range", "max_range", "n_part", "repeat"):
+            if getattr(self, name) is not None:
+                check_cut_value(name, getattr(self, name))
+        if self.min_range is not None and self.max_range is not None:
+            check(self.min_range < self.max_range, "data.min_range", "need 0 <= min_range < max_range")
         if self.free_space_margin is not None:
             check(0 <= self.free_space_margin <= 10, "data.free_space_margin",
                   f"must be in [0, 10] m (or null: keep every point), got {self.free_space_margin}")
@@ -264,18 +367,33 @@ def completion_radius(max_range: float | None, model_max_range: float | None) ->
     return min(max_range, model_max_range or float("inf"))
 
 
-def effective_range(data: DataConfig, model_max_range: float | None) -> tuple[float, float]:
-    """``(min_range, max_range)`` the pipeline uses with a model trained up to
-    ``model_max_range`` m (:func:`completion_radius`). ``ValueError`` naming the keys when
-    the band left is empty, so a setting that would reject every scan is refused instead."""
+def effective_cut(data: DataConfig, model_cut: ScanCut | None) -> ScanCut:
+    """The cut the pipeline uses: the model's :class:`ScanCut` (a model that records none: the
+    published values, with no radius to cap at) with ``data``'s set keys over it; ``max_range``
+    capped at the model's radius (:func:`completion_radius`), ``n_part`` by the preset
+    (:meth:`DataConfig.resolve_n_part`). ``ValueError`` naming the keys when the range band left
+    is empty, so a setting that would reject every scan is refused instead."""
+    base = model_cut or ScanCut.recorded_before(None, None)
+    model_max_range = model_cut.max_range if model_cut is not None else None
     max_range = completion_radius(data.max_range, model_max_range)
-    if data.min_range >= max_range:
+    min_range = base.min_range if data.min_range is None else data.min_range
+    if min_range >= max_range:
         why = (f" (the model's trained radius; data.max_range is {data.max_range:g})"
                if data.max_range is not None and max_range < data.max_range else
                " (the model's trained radius)" if data.max_range is None and model_max_range else "")
-        raise ValueError(f"data.min_range: {data.min_range:g} m leaves no range band: the model completes up to "
+        raise ValueError(f"data.min_range: {min_range:g} m leaves no range band: the model completes up to "
                          f"{max_range:g} m{why}")
-    return data.min_range, max_range
+    return ScanCut(min_range=min_range, max_range=max_range, min_z=base.min_z,
+                   n_part=data.resolve_n_part(model_cut.n_part if model_cut is not None else None),
+                   repeat=base.repeat if data.repeat is None else data.repeat)
+
+
+def effective_range(data: DataConfig, model_max_range: float | None) -> tuple[float, float]:
+    """``(min_range, max_range)`` of :func:`effective_cut` for a model trained up to
+    ``model_max_range`` m (None: one that records no radius)."""
+    model_cut = None if model_max_range is None else ScanCut.recorded_before(None, model_max_range)
+    cut = effective_cut(data, model_cut)
+    return cut.min_range, cut.max_range
 
 
 def flatten_keys(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:

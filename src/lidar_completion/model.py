@@ -2,7 +2,8 @@
 
 :class:`ModelConfig` is everything that travels with the weights: widths, voxel size, the
 diffusion schedule, the sampler and its defaults (steps, guidance, start timestep), what the
-denoiser predicts, and the point budget and radius it was trained with.
+denoiser predicts, and the scan cut it was trained with (:class:`~.config.ScanCut`: range
+band, height floor, point budget, repeat).
 :class:`CompletionModel` is the encoder, the denoiser and the optional refinement net built
 from it. Reading and writing them is :mod:`.checkpoints`' job; sampling is :mod:`.diffusion`'s.
 """
@@ -15,14 +16,16 @@ import torch
 from torch import nn
 
 from .backends import SparseBackend, get_backend
-from .config import PREDICTIONS, SAMPLERS, check_keys, check_types
+from .config import PREDICTIONS, SAMPLERS, ScanCut, check, check_keys, check_types
 from .diffusion import NoiseSchedule
 from .networks import Denoiser, RefinementNet, ScanEncoder, channel_widths
 from .sparse import PointField
 
 __all__ = ["FORMAT_VERSION", "PUBLISHED_DEFAULTS", "ModelConfig", "CompletionModel"]
 
-FORMAT_VERSION = 1
+# 2: the scan cut is recorded ("cut"); version 1 files carry only n_part / max_range at the top
+# level, which still load (ModelConfig.from_dict).
+FORMAT_VERSION = 2
 
 # The published sampler defaults per model kind: a teacher runs 50 steps at guidance 6, a
 # Distillation-DPO student one step at guidance 3.5.
@@ -52,8 +55,11 @@ class ModelConfig:
     # What the denoiser outputs: "epsilon" (the noise, published) or "displacement" (the move
     # x_0 - x_t onto the scene, = -sigma_t eps). Both are read back as a noise prediction.
     prediction: str = "epsilon"
-    n_part: int | None = None  # scan points the model was trained with (the "model" preset)
-    max_range: float | None = None  # radius it was trained on; the pipeline never goes beyond
+    # How its scans were cut in training (range band, height floor, n_part, repeat): the
+    # pipeline's defaults (config.effective_cut); never beyond its max_range. None: a model
+    # that records none (a published checkpoint). Files written before the cut was recorded
+    # carry top-level n_part / max_range: from_dict reads them (ScanCut.recorded_before).
+    cut: ScanCut | None = None
     # Occupied 0.5 m voxels of a typical whole training scan inside that radius: n_part points
     # over this much surface is the density the model was trained at, which the pipeline
     # keeps for any field of view (points.density_matched_count). None: always n_part.
@@ -81,10 +87,8 @@ class ModelConfig:
             raise ValueError(f"prediction must be one of {list(PREDICTIONS)}, got {self.prediction!r}")
         if self.t0 is not None and not 1 <= self.t0 < self.num_train_timesteps:
             raise ValueError(f"t0 must be in [1, {self.num_train_timesteps - 1}], got {self.t0}")
-        if self.n_part is not None and not 16 <= self.n_part <= 200_000:
-            raise ValueError(f"n_part must be in [16, 200000], got {self.n_part}")
-        if self.max_range is not None and not 3.5 < self.max_range <= 500:
-            raise ValueError(f"max_range must be in (3.5, 500] m, got {self.max_range}")
+        if self.cut is not None and not isinstance(self.cut, ScanCut):
+            raise ValueError(f"cut must be a ScanCut, got {self.cut!r}")
         if self.surface_cells is not None and not 1 <= self.surface_cells <= 10_000_000:
             raise ValueError(f"surface_cells must be in [1, 10000000], got {self.surface_cells}")
         if self.format_version > FORMAT_VERSION:
@@ -92,11 +96,39 @@ class ModelConfig:
                 f"model format {self.format_version} is newer than this library ({FORMAT_VERSION})"
             )
 
+    @property
+    def n_part(self) -> int | None:
+        """Scan points the model was trained with (the "model" preset); None: not recorded."""
+        return None if self.cut is None else self.cut.n_part
+
+    @property
+    def max_range(self) -> float | None:
+        """Radius (m) it was trained on; the pipeline never goes beyond. None: not recorded."""
+        return None if self.cut is None else self.cut.max_range
+
     @classmethod
     def from_dict(cls, values: dict) -> "ModelConfig":
+        values = dict(values)
+        legacy = {key: values.pop(key) for key in ("n_part", "max_range") if key in values}
+        cut = values.pop("cut", None)
+        check(not (legacy and cut is not None), "cut", f"given with the older {', '.join(legacy)} (one or the other)")
         check_types(values, cls)
         check_keys(values, cls, "model config")
+        if cut is not None:
+            check(isinstance(cut, dict), "cut", f"must be a mapping, got {cut!r}")
+            values["cut"] = ScanCut.from_dict(cut)
+        elif any(v is not None for v in legacy.values()):
+            check_types(legacy, _Recorded)
+            values["cut"] = ScanCut.recorded_before(legacy.get("n_part"), legacy.get("max_range"))
         return cls(**values)
+
+
+@dataclass(frozen=True)
+class _Recorded:
+    """The types of the cut's keys in a ``config.json`` written before the cut was recorded."""
+
+    n_part: int | None = None
+    max_range: float | None = None
 
 
 class CompletionModel(nn.Module):

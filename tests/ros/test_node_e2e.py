@@ -114,12 +114,13 @@ def test_replay_through_node_into_recorder(domain_id: int, model, synthetic_root
 
     if model.trained:
         from lidar_completion.points import in_range
+        from lidar_completion.config import ScanCut
         from lidar_completion_training.dataset import CompletionDataset, PairConfig
         from lidar_completion_training.metrics import chamfer_distance
 
         # Compare inside the radius the model completes (its trained range): what the node
         # publishes there against the whole scan there (the scan's static points in range).
-        dataset = CompletionDataset(synthetic_root, ["00"], PairConfig(max_range=radius))
+        dataset = CompletionDataset(synthetic_root, ["00"], PairConfig(cut=ScanCut(max_range=radius)))
         worse = []
         for cloud in outputs:
             index = in_stamps.index(cloud.stamp_ns)

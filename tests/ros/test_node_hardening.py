@@ -24,10 +24,11 @@ PAIR_STEPS = 20
 def radius_20_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny teacher trained (so its config says) on a 20 m radius."""
     from lidar_completion.checkpoints import save_model
+    from lidar_completion.config import ScanCut
     from lidar_completion.model import CompletionModel, ModelConfig
 
     torch.manual_seed(0)
-    config = ModelConfig(channel_ratio=0.25, max_range=20.0, default_steps=MODEL_STEPS, default_guidance=MODEL_GUIDANCE)
+    config = ModelConfig(channel_ratio=0.25, cut=ScanCut.recorded_before(None, 20.0), default_steps=MODEL_STEPS, default_guidance=MODEL_GUIDANCE)
     return save_model(CompletionModel(config), tmp_path_factory.mktemp("radius20") / "model")
 
 

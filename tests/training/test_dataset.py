@@ -9,13 +9,14 @@ import pytest
 import torch
 from scipy.spatial import cKDTree
 
+from lidar_completion.config import ScanCut
 from lidar_completion.points import voxel_keys
 from lidar_completion_training import kitti, maps, metrics
 from lidar_completion_training import synthetic as S
 from lidar_completion_training.dataset import CompletionDataset, PairConfig
 
 SCANS = 20
-CONFIG = PairConfig(n_part=4000, n_full=20000)
+CONFIG = PairConfig(cut=ScanCut.for_training(4000, 20000))
 
 
 @pytest.fixture(scope="module")
@@ -155,16 +156,16 @@ def test_items_are_reproducible_and_batch(root: Path) -> None:
 
 
 def test_few_points_are_repeated_up_to_n_part(root: Path) -> None:
-    dataset = CompletionDataset(root, ["00"], PairConfig(n_part=40_000, n_full=500_000))
+    dataset = CompletionDataset(root, ["00"], PairConfig(cut=ScanCut.for_training(50_000, 500_000)))
     item, (partial, full) = dataset[0], dataset.pair(0)
-    assert item["partial"].shape == (40_000, 3) and item["full"].shape == (500_000, 3)
+    assert item["partial"].shape == (50_000, 3) and item["full"].shape == (500_000, 3)
     assert len(np.unique(item["partial"], axis=0)) == len(partial)
     assert len(np.unique(item["full"], axis=0)) == len(full)
 
 
 def test_augmentation_moves_both_clouds_together(root: Path) -> None:
     plain = CompletionDataset(root, ["00"], CONFIG, seed=1)[4]
-    rigid = CompletionDataset(root, ["00"], PairConfig(n_part=4000, n_full=20000, jitter=0.0), augment=True, seed=1)
+    rigid = CompletionDataset(root, ["00"], PairConfig(cut=ScanCut.for_training(4000, 20000), jitter=0.0), augment=True, seed=1)
     moved = rigid[4]
     # One linear map s * R_z * mirror explains both clouds.
     matrix = np.linalg.lstsq(plain["partial"], moved["partial"], rcond=None)[0].T
@@ -229,14 +230,14 @@ def test_field_of_view_crops_cut_both_clouds_to_one_sector_at_the_whole_scans_de
     from lidar_completion.points import surface_cells
     from lidar_completion_training.dataset import crop_sector, mean_surface_cells
 
-    whole = CompletionDataset(root, ["00"], PairConfig(n_part=1000, n_full=10000, max_range=20.0))
+    whole = CompletionDataset(root, ["00"], PairConfig(cut=ScanCut.for_training(1000, 10000, max_range=20.0)))
     cells = mean_surface_cells(whole)
     partial, full = whole.pair(0)
     assert abs(cells - surface_cells(partial)) < 0.5 * cells  # a typical scan's surface
     part, gt = crop_sector(partial, full, center=0.0, width=np.pi / 2)
     for cloud in (part, gt):
         assert len(cloud) and (np.abs(np.arctan2(cloud[:, 1], cloud[:, 0])) <= np.pi / 4 + 1e-6).all()
-    config = PairConfig(n_part=1000, n_full=10000, max_range=20.0, fov_crop=1.0, fov_deg=(90.0, 90.0),
+    config = PairConfig(cut=ScanCut.for_training(1000, 10000, max_range=20.0), fov_crop=1.0, fov_deg=(90.0, 90.0),
                         surface_cells=cells)
     cropped = CompletionDataset(root, ["00"], config, augment=True)
     sizes = [len(cropped[i]["partial"]) for i in range(5)]
@@ -244,5 +245,5 @@ def test_field_of_view_crops_cut_both_clouds_to_one_sector_at_the_whole_scans_de
     for i in range(5):
         item = cropped[i]
         assert len(item["full"]) == 10 * len(item["partial"])
-    assert len(CompletionDataset(root, ["00"], PairConfig(n_part=1000, n_full=10000, max_range=20.0,
+    assert len(CompletionDataset(root, ["00"], PairConfig(cut=ScanCut.for_training(1000, 10000, max_range=20.0),
                                                           fov_crop=1.0), augment=True)[0]["partial"]) == 1000

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lidar_completion.checkpoints import save_model
+from lidar_completion.config import ScanCut
 from lidar_completion.model import CompletionModel, ModelConfig
 from lidar_completion.io import write_points
 from lidar_completion_training.evaluate import main
@@ -16,7 +17,7 @@ from lidar_completion_training.evaluate import main
 
 def test_evaluate_checkpoint_writes_table_json_csv_and_plot(tiny_dataset, tmp_path, capsys):
     torch.manual_seed(0)
-    model_dir = save_model(CompletionModel(ModelConfig(channel_ratio=0.25, kind="student", default_steps=1, default_guidance=1.0, n_part=64)), tmp_path / "model")
+    model_dir = save_model(CompletionModel(ModelConfig(channel_ratio=0.25, kind="student", default_steps=1, default_guidance=1.0, cut=ScanCut.recorded_before(64, None))), tmp_path / "model")
     out = tmp_path / "eval"
     code = main(["--root", str(tiny_dataset), "--sequences", "01", "--checkpoint", str(model_dir), "--max-scans", "2", "--out", str(out)])
     assert code == 0
@@ -39,7 +40,7 @@ def test_evaluate_checkpoint_writes_table_json_csv_and_plot(tiny_dataset, tmp_pa
 def test_free_space_margin_flag_reaches_the_pipeline(tiny_dataset, tmp_path, capsys):
     """--free-space-margin -1 turns the stage off (more points kept); a margin keeps fewer."""
     torch.manual_seed(0)
-    model_dir = save_model(CompletionModel(ModelConfig(channel_ratio=0.25, kind="student", default_steps=1, default_guidance=1.0, n_part=64)), tmp_path / "model")
+    model_dir = save_model(CompletionModel(ModelConfig(channel_ratio=0.25, kind="student", default_steps=1, default_guidance=1.0, cut=ScanCut.recorded_before(64, None))), tmp_path / "model")
     points = {}
     for margin in ("-1", "0"):
         out = tmp_path / f"eval{margin}"
@@ -67,7 +68,7 @@ def test_evaluate_completed_files_scores_the_input_itself_best(tiny_dataset, tmp
 
 def test_report_has_every_row_with_standard_errors_and_the_steps_curve(tiny_dataset, tmp_path, capsys):
     torch.manual_seed(0)
-    common = dict(channel_ratio=0.25, n_part=32, max_range=20.0, sampler="ve", t0=200, prediction="displacement")
+    common = dict(channel_ratio=0.25, cut=ScanCut.recorded_before(32, 20.0), sampler="ve", t0=200, prediction="displacement")
     teacher = save_model(CompletionModel(ModelConfig(**common, default_steps=4, default_guidance=1.0)), tmp_path / "teacher")
     student = save_model(CompletionModel(ModelConfig(**common, refine_channel_ratio=0.25, kind="student", default_steps=1, default_guidance=1.0)), tmp_path / "student")
     out = tmp_path / "report"
@@ -223,7 +224,7 @@ SCANS = 5  # of sequence 01 (6 scans)
 @pytest.fixture(scope="module")
 def small_model(tmp_path_factory):
     torch.manual_seed(0)
-    config = ModelConfig(channel_ratio=0.25, kind="student", default_steps=1, default_guidance=1.0, n_part=64)
+    config = ModelConfig(channel_ratio=0.25, kind="student", default_steps=1, default_guidance=1.0, cut=ScanCut.recorded_before(64, None))
     return save_model(CompletionModel(config), tmp_path_factory.mktemp("model") / "model")
 
 
@@ -372,7 +373,7 @@ def test_report_resumes_with_workers_to_the_same_tables(tiny_dataset, tmp_path, 
     from lidar_completion_training import evaluate
 
     torch.manual_seed(0)
-    common = dict(channel_ratio=0.25, n_part=32, max_range=20.0, sampler="ve", t0=200, prediction="displacement")
+    common = dict(channel_ratio=0.25, cut=ScanCut.recorded_before(32, 20.0), sampler="ve", t0=200, prediction="displacement")
     teacher = save_model(CompletionModel(ModelConfig(**common, default_steps=4, default_guidance=1.0)), tmp_path / "teacher")
     student = save_model(CompletionModel(ModelConfig(**common, kind="student", default_steps=1, default_guidance=1.0)),
                          tmp_path / "student")

@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from lidar_completion.checkpoints import load_model
+from lidar_completion.config import ScanCut
 from lidar_completion.model import CompletionModel, ModelConfig
 from lidar_completion.networks import BASE_CHANNELS
 from lidar_completion_training import engine
@@ -78,7 +79,7 @@ def test_dpo_and_plain_distillation_differ_only_in_mode_and_names():
 def _meta_model(path, *args, **kwargs) -> CompletionModel:
     """What ``load_model`` would give for a full-scale export: built on the meta device."""
     with torch.device("meta"):
-        return CompletionModel(ModelConfig(channel_ratio=1.0, n_part=18000, max_range=50.0, sampler="ve", t0=400,
+        return CompletionModel(ModelConfig(channel_ratio=1.0, cut=ScanCut.for_training(18000, 180000, max_range=50.0), sampler="ve", t0=400,
                                            prediction="displacement", default_guidance=1.0))
 
 

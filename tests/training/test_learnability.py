@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from lidar_completion.config import ScanCut
 from lidar_completion.model import CompletionModel, ModelConfig
 from lidar_completion.diffusion import NoiseSchedule
 from lidar_completion_training.dataset import CompletionDataset, PairConfig
@@ -22,7 +23,7 @@ T0 = 300
 
 def one_scene(root) -> tuple[torch.Tensor, torch.Tensor]:
     """A 10 m scene at about the shipped preset's density (the lite sensor is sparser)."""
-    item = CompletionDataset(root, ["00"], PairConfig(n_part=200, n_full=2000, max_range=10.0))[2]
+    item = CompletionDataset(root, ["00"], PairConfig(cut=ScanCut.for_training(200, 2000, max_range=10.0)))[2]
     return torch.from_numpy(item["partial"])[None], torch.from_numpy(item["full"])[None]
 
 

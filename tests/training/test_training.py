@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from lidar_completion.checkpoints import load_model, save_model
+from lidar_completion.config import ScanCut
 from lidar_completion.model import CompletionModel, ModelConfig
 from lidar_completion.diffusion import NoiseSchedule
 from lidar_completion_training.dataset import CompletionDataset, PairConfig
@@ -39,7 +40,7 @@ def run_config(root: Path, out: Path, **sections) -> RunConfig:
 
 @pytest.fixture(scope="module")
 def pairs(tiny_dataset):
-    dataset = CompletionDataset(tiny_dataset, ["01"], PairConfig(n_part=N_PART, n_full=N_FULL))
+    dataset = CompletionDataset(tiny_dataset, ["01"], PairConfig(cut=ScanCut.for_training(N_PART, N_FULL)))
     items = [dataset[i] for i in range(2)]
     return torch.stack([torch.from_numpy(i["partial"]) for i in items]), torch.stack([torch.from_numpy(i["full"]) for i in items])
 

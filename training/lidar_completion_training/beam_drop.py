@@ -439,7 +439,7 @@ def beam_drop(points: np.ndarray, completers: dict[str, "SceneCompleter"], rings
     full = xyz[view & (rings.ring >= 0)]
     dropped = xyz[view & drop_rings(rings.ring, keep_every)]
     first = next(iter(completers.values()))
-    low, high = first.config.data.min_range, first.max_range
+    low, high = first.cut.min_range, first.max_range
     rows = {DROPPED_ROW: score(dropped, full, low, high) | {"points": len(dropped), "completed_points": 0}}
     for name, completer in completers.items():
         result = completer.complete(dropped)
@@ -568,13 +568,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("lidar-evaluate beam-drop: nothing scored", file=sys.stderr)
         return 2
     table = markdown_table(records)
-    band = f"{first.config.data.min_range:g}–{first.max_range:g} m"
+    band = f"{first.cut.min_range:g}–{first.max_range:g} m"
     note = (f"Checkpoint {checkpoint}, seed {args.seed}; scored inside {band} (3-D range); "
             f"precision / recall / F at {F_THRESHOLD * 100:.0f} cm; last column: output points in the band more than "
             f"{OUTLIER_DISTANCE:g} m from every full-scan point.")
     (args.out / "beam_drop.md").write_text(table + "\n\n" + note + "\n")
     (args.out / "beam_drop.json").write_text(json.dumps(
-        {"checkpoint": str(checkpoint), "seed": args.seed, "min_range": first.config.data.min_range,
+        {"checkpoint": str(checkpoint), "seed": args.seed, "min_range": first.cut.min_range,
          "max_range": first.max_range, "f_threshold_m": F_THRESHOLD, "outlier_distance_m": OUTLIER_DISTANCE,
          "rings": ring_checks, "rows": records}, indent=2))
     print(table)

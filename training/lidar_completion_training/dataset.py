@@ -5,11 +5,12 @@ same way from real SemanticKITTI or from the synthetic generator.
 
 For scan ``i`` of a sequence, both clouds are in the scan's velodyne frame:
 
-* **partial**: the scan's static points (labelled, not moving) with 3.5 m < r < 50 m and
-  z > -4 m, farthest-point sampled to ``n_part`` (points repeated when there are fewer);
-* **full**: the points of the sequence map (:mod:`.maps`) within 50 m of the sensor, with
-  z > -4 m, kept only in the 10 m x/y cells the partial scan occupies, randomly sampled
-  to ``n_full``.
+* **partial**: the scan's static points (labelled, not moving) inside the scan cut
+  (:class:`lidar_completion.config.ScanCut`; published: 3.5 m < r < 50 m and z > -4 m),
+  farthest-point sampled to its ``n_part`` (points repeated when there are fewer);
+* **full**: the points of the sequence map (:mod:`.maps`) within the cut's ``max_range`` of
+  the sensor, above its ``min_z``, kept only in the 10 m x/y cells the partial scan occupies,
+  randomly sampled to ``n_full`` = ``n_part * repeat``.
 
 Training may first cut both clouds to a random field-of-view sector (``fov_crop``), and
 scales the point counts to the scan's surface (``surface_cells``) so a cropped scan reaches
@@ -27,6 +28,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
+from lidar_completion.config import PUBLISHED_CUT, ScanCut
 from lidar_completion.points import (density_matched_count, farthest_point_sample, in_range, pack_cells,
                                      surface_cells, voxel_keys)
 
@@ -38,13 +40,11 @@ __all__ = ["PairConfig", "CompletionDataset", "augment_pair", "crop_sector", "ra
 
 @dataclass(frozen=True)
 class PairConfig:
-    """How a (partial, full) pair is cut; defaults are the published LiDiff ones."""
+    """How a (partial, full) pair is made: the core scan cut (ranges, height floor, ``n_part``,
+    ``repeat``; the exported model records the same one) and the training-only settings.
+    Defaults are the published LiDiff ones."""
 
-    n_part: int = 18_000
-    n_full: int = 180_000
-    min_range: float = 3.5
-    max_range: float = 50.0
-    min_z: float = -4.0
+    cut: ScanCut = PUBLISHED_CUT
     cell: float = 10.0  # ground truth is kept in the x/y cells of this size that the scan touches
     jitter: float = 0.06
     jitter_clip: float = 0.18
@@ -55,6 +55,15 @@ class PairConfig:
     # this much surface (a crop gets fewer points, its ground truth proportionally fewer);
     # None: always n_part.
     surface_cells: int | None = None
+
+    @property
+    def n_part(self) -> int:
+        return self.cut.n_part
+
+    @property
+    def n_full(self) -> int:
+        """Ground-truth points of a whole scan: ``n_part * repeat`` (:meth:`ScanCut.for_training`)."""
+        return self.cut.n_part * self.cut.repeat
 
 
 def _repeat_to(points: np.ndarray, n: int) -> np.ndarray:
@@ -156,19 +165,24 @@ class CompletionDataset(Dataset):
             self._maps[sequence.name] = _CellIndex(load_map(sequence).astype(np.float64), self.config.cell)
         return self._maps[sequence.name]
 
+    def _above_floor(self, points: np.ndarray) -> np.ndarray:
+        """Mask of the points above the cut's height floor (all of them when it has none)."""
+        floor = self.config.cut.min_z
+        return np.ones(len(points), bool) if floor is None else points[:, 2] > floor
+
     def pair(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """All points of the partial scan and of its ground truth, before sampling and augmentation."""
         sequence, i = self.locate(index)
-        c = self.config
+        cut, cell = self.config.cut, self.config.cell
         scan = sequence.scan(i)
         partial = scan[static_mask(sequence.labels(i, len(scan))), :3]
-        partial = partial[in_range(partial, c.min_range, c.max_range) & (partial[:, 2] > c.min_z)]
+        partial = partial[in_range(partial, cut.min_range, cut.max_range) & self._above_floor(partial)]
         if len(partial) == 0:
-            raise ValueError(f"{sequence.scan_paths[i]}: no static point within {c.min_range}-{c.max_range} m")
+            raise ValueError(f"{sequence.scan_paths[i]}: no static point within {cut.min_range}-{cut.max_range} m")
         pose = sequence.poses[i]
-        full = (self._map(sequence).within(pose[:3, 3], c.max_range) - pose[:3, 3]) @ pose[:3, :3]
-        full = full[full[:, 2] > c.min_z]
-        full = full[np.isin(voxel_keys(full, c.cell, axes=2), voxel_keys(partial, c.cell, axes=2))]
+        full = (self._map(sequence).within(pose[:3, 3], cut.max_range) - pose[:3, 3]) @ pose[:3, :3]
+        full = full[self._above_floor(full)]
+        full = full[np.isin(voxel_keys(full, cell, axes=2), voxel_keys(partial, cell, axes=2))]
         if len(full) == 0:
             raise ValueError(f"{sequence.path}: the map has no point near scan {i}; was it built from these poses?")
         return partial.astype(np.float32), full.astype(np.float32)

@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from lidar_completion.config import PUBLISHED_CUT
 from lidar_completion.model import CompletionModel
 from lidar_completion.completer import encode_scans, predict_noise
 
@@ -64,7 +65,7 @@ def sampled_chamfer(
     model: CompletionModel,
     pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
     steps: int,
-    repeat: int = 10,
+    repeat: int = PUBLISHED_CUT.repeat,
     seed: int = 0,
 ) -> float:
     """Mean Chamfer distance (m) of ``steps``-step samples (the model's own sampler and t0,

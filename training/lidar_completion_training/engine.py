@@ -137,8 +137,8 @@ class _Base(L.LightningModule):
         pairs = CompletionDataset(
             data.root,
             data.train_sequences,
-            PairConfig(n_part=data.n_part, n_full=data.n_full, max_range=data.max_range, fov_crop=data.fov_crop,
-                       fov_deg=data.fov_deg, surface_cells=self.model.config.surface_cells),
+            PairConfig(cut=data.cut, fov_crop=data.fov_crop, fov_deg=data.fov_deg,
+                       surface_cells=self.model.config.surface_cells),
             augment=data.augment,
             seed=trainer.seed,
         )
@@ -184,12 +184,12 @@ class TeacherModule(_Base):
         m, d = config.model, config.data
         # The surface a whole training scan shows: n_part points over it is the density the
         # model learns at, and keeps for any field of view (recorded in the export).
-        cells = mean_surface_cells(CompletionDataset(d.root, d.train_sequences, PairConfig(max_range=d.max_range)))
+        cells = mean_surface_cells(CompletionDataset(d.root, d.train_sequences, PairConfig(cut=d.cut)))
         self.model = CompletionModel(
             ModelConfig(
                 channel_ratio=m.channel_ratio, voxel_size=m.voxel_size, kind="teacher", default_steps=50,
-                default_guidance=m.guidance, sampler=m.sampler, t0=m.t0, prediction=m.prediction, n_part=d.n_part,
-                max_range=d.max_range, surface_cells=cells, description=m.description,
+                default_guidance=m.guidance, sampler=m.sampler, t0=m.t0, prediction=m.prediction, cut=d.cut,
+                surface_cells=cells, description=m.description,
             )
         )
         if config.teacher.init_from:  # fine-tune an exported teacher (same widths) on this world
@@ -285,7 +285,7 @@ class DistillationModule(_Base):
             aux_steps=d.aux_steps,
             regression_weight=d.regression_weight,
             regression_steps=d.regression_steps,
-            repeat=self.config.data.n_full // self.config.data.n_part,
+            repeat=self.config.data.cut.repeat,
             max_timestep=d.max_timestep or self.model.config.t0,
             pairing=d.pairing(),
             reward_weight=d.reward_weight,
@@ -462,7 +462,7 @@ class Diagnostics(L.Callback):
     def _pairs(self, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if self.pairs is None:
             d = self.config.data
-            held_out = CompletionDataset(d.root, d.val_sequences, PairConfig(n_part=d.n_part, n_full=d.n_full, max_range=d.max_range))
+            held_out = CompletionDataset(d.root, d.val_sequences, PairConfig(cut=d.cut))
             picks = np.linspace(0, len(held_out) - 1, self.SCANS).round().astype(int)
             items = [held_out[int(i)] for i in picks]
             self.pairs = [(torch.from_numpy(it["partial"])[None].to(device), torch.from_numpy(it["full"])[None].to(device)) for it in items]
@@ -481,7 +481,7 @@ class Diagnostics(L.Callback):
             top = self.config.teacher.max_timestep or model.config.num_train_timesteps - 1
             values |= noise_mse_by_bucket(model, pairs, timestep_buckets(top))
         steps = 4 if self.config.kind == "teacher" else model.config.default_steps
-        values[f"cd_{steps}steps"] = sampled_chamfer(model, pairs, steps, repeat=self.config.data.n_full // self.config.data.n_part)
+        values[f"cd_{steps}steps"] = sampled_chamfer(model, pairs, steps, repeat=self.config.data.cut.repeat)
         # At the step the weights have been trained for (batches, as the train/* rows; not
         # Lightning's optimizer steps, of which distillation takes several per batch).
         assert trainer.logger is not None  # build_trainer always gives one

@@ -34,7 +34,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from lidar_completion.config import SAMPLERS
+from lidar_completion.config import PUBLISHED_CUT, SAMPLERS, UNRECORDED_RADIUS
 
 from .dataset import CompletionDataset, PairConfig
 from .metrics import evaluate_completion
@@ -211,8 +211,10 @@ class Workers:
 
 
 def _scans(root: str, sequences: Sequence[str], max_scans: int | None, stride: int, max_range: float | None) -> tuple[CompletionDataset, list[int]]:
-    """Held-out pairs; scan and ground truth cut at ``max_range`` (the model's trained radius)."""
-    dataset = CompletionDataset(root, list(sequences), PairConfig(max_range=max_range or 50.0))
+    """Held-out pairs; scan and ground truth cut as in training (the published cut) at ``max_range``
+    (the model's trained radius; ``UNRECORDED_RADIUS`` for none)."""
+    cut = dataclasses.replace(PUBLISHED_CUT, max_range=max_range or UNRECORDED_RADIUS)
+    dataset = CompletionDataset(root, list(sequences), PairConfig(cut=cut))
     indices = list(range(0, len(dataset), stride))[:max_scans]
     return dataset, indices
 
@@ -371,7 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "frames.json").write_text(json.dumps(frames, indent=2))
         if args.picture:
-            _picture(dataset, args.input_bag, args.completed_bag, frames, args.picture, max_range or 50.0, args.picture_note)
+            _picture(dataset, args.input_bag, args.completed_bag, frames, args.picture, max_range or UNRECORDED_RADIUS, args.picture_note)
         summary = {INPUT_ROW: summarise(baseline), BAG_BUDGET_ROW: summarise(at_budget), name: summarise(rows)}
         per_scan = {INPUT_ROW: baseline, BAG_BUDGET_ROW: at_budget, name: rows}
         keys = {INPUT_ROW: RowKey(INPUT), BAG_BUDGET_ROW: RowKey(INPUT, budget=COMPLETION), name: RowKey(COMPLETED)}
@@ -465,7 +467,7 @@ def score_completed_bag(dataset: CompletionDataset, input_bag: Path, completed_b
         partial, full = dataset.pair(index)
         # The node's output holds the whole scan (far points too): score it where the ground
         # truth is, within the radius.
-        output = cloud.xyz[in_range(cloud.xyz, max_range=dataset.config.max_range)]
+        output = cloud.xyz[in_range(cloud.xyz, max_range=dataset.config.cut.max_range)]
         before = evaluate_completion(partial, full, with_emd=with_emd)
         budget = farthest_point_sample(partial, len(output)) if 0 < len(output) < len(partial) else partial
         at_budget = evaluate_completion(budget, full, with_emd=with_emd)

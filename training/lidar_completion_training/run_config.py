@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from lidar_completion.backends import check_backend
-from lidar_completion.config import MAX_CHANNEL_RATIO, PREDICTIONS, SAMPLERS, check, check_keys, check_types, read_yaml
+from lidar_completion.config import (MAX_CHANNEL_RATIO, PREDICTIONS, PRESETS, PUBLISHED_CUT, SAMPLERS, ScanCut, check,
+                                     check_cut_value, check_keys, check_types, read_yaml)
 
 if TYPE_CHECKING:
     from .objectives import Preference
@@ -24,11 +25,15 @@ __all__ = ["RunConfig", "load_run_config"]
 
 @dataclass(frozen=True)
 class DataSection:
+    """Where the pairs come from and how they are cut. The cut keys (``n_part``, ``n_full``,
+    ``max_range``) are the core :class:`~lidar_completion.config.ScanCut`'s (:attr:`cut`: its
+    limits, and the rest of it at the published values), which the exported model records."""
+
     root: str = "data/synthetic"
     train_sequences: tuple[str, ...] = ("00", "01", "02", "03")
-    n_part: int = 2000
-    n_full: int = 20000
-    max_range: float = 50.0  # scan and ground-truth radius (published: 50 m)
+    n_part: int = PRESETS["lite"]["n_part"]
+    n_full: int = PRESETS["lite"]["n_part"] * PUBLISHED_CUT.repeat  # ground-truth points: n_part x the cut's repeat
+    max_range: float = PUBLISHED_CUT.max_range  # scan and ground-truth radius (m)
     augment: bool = True
     num_workers: int = 0
     # Held-out sequences of the training world for learnability diagnostics (whole scenes).
@@ -42,13 +47,18 @@ class DataSection:
 
     def __post_init__(self) -> None:
         check(len(self.train_sequences) > 0, "data.train_sequences", "must not be empty")
-        check(16 <= self.n_part <= 200_000, "data.n_part", f"must be in [16, 200000], got {self.n_part}")
-        check(self.n_full % self.n_part == 0, "data.n_full", f"must be a multiple of data.n_part ({self.n_part}), got {self.n_full}")
+        check_cut_value("n_part", self.n_part)
+        _ = self.cut  # built = validated (data.max_range, data.n_full) by the core type's limits
         check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
-        check(3.5 < self.max_range <= 100, "data.max_range", f"must be in (3.5, 100] m, got {self.max_range}")
         check(0 <= self.fov_crop <= 1, "data.fov_crop", f"must be in [0, 1], got {self.fov_crop}")
         check(len(self.fov_deg) == 2 and 10 <= self.fov_deg[0] <= self.fov_deg[1] <= 360, "data.fov_deg",
               f"must be [min, max] degrees with 10 <= min <= max <= 360, got {list(self.fov_deg)}")
+
+    @property
+    def cut(self) -> ScanCut:
+        """The scan cut of this run's pairs and of the model it exports: ``n_part``, ``max_range``,
+        ``repeat = n_full // n_part`` (:meth:`ScanCut.for_training` says why), the rest published."""
+        return ScanCut.for_training(self.n_part, self.n_full, max_range=self.max_range)
 
 
 @dataclass(frozen=True)

@@ -236,8 +236,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # Score at the radius the model completes (a lite model is trained on, and capped to, 20 m).
     from lidar_completion.checkpoints import load_model
+    from lidar_completion.config import UNRECORDED_RADIUS
 
-    max_range = min(50.0, load_model(checkpoint).config.max_range or 50.0)
+    max_range = min(UNRECORDED_RADIUS, load_model(checkpoint).config.max_range or UNRECORDED_RADIUS)
     scored = score(args, completed_bag, max_range, "" if trained else "[RANDOM MODEL]")
     rows = frame_rows(outputs, [c.stamp_ns for c in inputs], timings, scored)
     if not rows:

@@ -12,8 +12,9 @@ stays the one place where their limits are enforced; the ranges below only descr
 ``ros2 param describe`` and to rclpy (a test checks that both agree). ROS parameters cannot
 be "unset", so ``None`` in the core config ("use the preset's / checkpoint's value") is
 spelled with a sentinel: ``0`` for ``data.n_part``, ``data.max_range`` (the model's radius),
-``sampling.steps`` and ``sampling.t0``,
-``-1`` for ``sampling.guidance`` and ``sampling.seed``, ``""`` for ``sampling.sampler``;
+``data.repeat`` (the model's), ``sampling.steps`` and ``sampling.t0``,
+``-1`` for ``data.min_range`` (the model's), ``sampling.guidance`` and ``sampling.seed``,
+``""`` for ``sampling.sampler``;
 ``data.free_space_margin`` = -1 turns the free-space stage off, converted by the core's
 :func:`lidar_completion.config.free_space_margin` (the one conversion, also lidar-evaluate's).
 
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lidar_completion.backends import BACKENDS
-from lidar_completion.config import STAGE_OFF, free_space_margin
+from lidar_completion.config import CUT_LIMITS, STAGE_OFF, free_space_margin
 
 __all__ = [
     "COMPLETION_KEYS",
@@ -169,15 +170,20 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("data.preset", "model",
               "Point budget: model (what the checkpoint was trained with, else lite), lite (2000 points, CPU) "
               "or full (18000, GPU).", choices=("model", "lite", "full")),
+    # The scan cut's ranges are the core ScanCut's limits (config.CUT_LIMITS), from the sentinel up.
     ParamSpec("data.n_part", 0, "Points the scan is farthest-point sampled to; 0 = the preset's.",
-              range=(0, 200_000), none_value=0),
-    ParamSpec("data.min_range", 3.5, "Scan points closer than this (m) are ignored.", range=(0.0, 500.0)),
+              range=(0, int(CUT_LIMITS["n_part"][1])), none_value=0),
+    ParamSpec("data.min_range", -1.0, "Scan points closer than this (m) are ignored; -1 = the model's (3.5 m for "
+              "a checkpoint that records none).",
+              range=(-1.0, CUT_LIMITS["min_range"][1]), none_value=-1.0, none_means="the model's"),
     ParamSpec("data.max_range", 0.0,
               "Completion reaches this far (m): scan points beyond it are not given to the model and no "
               "completed point lies beyond it; capped at the radius the model was trained on. 0 = that "
               "radius (50 m for a checkpoint that records none).",
-              range=(0.0, 500.0), none_value=0.0, none_means="the model's radius"),
-    ParamSpec("data.repeat", 10, "Each sampled scan point seeds this many output points.", range=(1, 50)),
+              range=(0.0, CUT_LIMITS["max_range"][1]), none_value=0.0, none_means="the model's radius"),
+    ParamSpec("data.repeat", 0, "Each sampled scan point seeds this many output points; 0 = the model's (10 for "
+              "a checkpoint that records none).", range=(0, int(CUT_LIMITS["repeat"][1])), none_value=0,
+              none_means="the model's"),
     ParamSpec("data.free_space_margin", 0.2,
               "Completed points more than this (m) in front of the scan's nearest return in their direction "
               "(space the sensor saw through) are dropped; -1 = keep every point.",
