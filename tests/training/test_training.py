@@ -374,7 +374,7 @@ def test_refinement_learns_on_the_completions_the_pipeline_makes(tiny_dataset, t
 
     torch.manual_seed(0)
     base = CompletionModel(ModelConfig(channel_ratio=0.25, refine_channel_ratio=0.25, kind="student", default_steps=2,
-                                       default_guidance=1.0, sampler="ve", t0=300, n_part=N_PART))
+                                       default_guidance=1.0, sampler="ve", t0=300, cut=ScanCut.recorded_before(N_PART, None)))
     base_dir = save_model(base, tmp_path / "base")
     config = run_config(tiny_dataset, tmp_path / "refine", kind="refine", refine={"base": str(base_dir), "source": "completion"})
     module = RefineModule(config)
