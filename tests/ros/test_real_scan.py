@@ -10,6 +10,7 @@ from ros_helpers import make_cloud_msg, parse_summary, start_node
 from sensor_msgs.msg import PointCloud2
 
 from lidar_completion.checkpoints import load_model
+from lidar_completion.config import UNRECORDED_RADIUS
 from lidar_completion.io import read_points
 from lidar_completion.pointcloud2 import cloud_to_xyz, read_fields
 
@@ -60,9 +61,9 @@ def test_real_scan_round_trip(domain_id: int, model, real_scan_path: Path, peer)
     np.testing.assert_array_equal(fields["intensity"].ravel()[: len(xyz)], intensity)
     # Completed points: some, finite, only inside the model's radius, on the scene.
     completed = result[~measured]
-    radius = load_model(model.path).config.max_range or 50.0
+    radius = load_model(model.path).config.max_range or UNRECORDED_RADIUS
     assert len(completed) >= 100 and np.isfinite(completed).all()
-    assert np.linalg.norm(completed, axis=1).max() < min(radius, 50.0) + 1e-3
+    assert np.linalg.norm(completed, axis=1).max() < min(radius, UNRECORDED_RADIUS) + 1e-3
     from scipy.spatial import cKDTree
 
     near = cKDTree(xyz).query(completed, distance_upper_bound=5.0)[0]
