@@ -297,10 +297,15 @@ def completion_config(values: Mapping[str, Any]):
     Raises ``ValueError`` naming the key when a value is out of range; this is the only
     validation the completion keys get, so the limits live in the core library.
     """
+    return core_config({key: core_value(key, values.get(key, _BY_NAME[key].default)) for key in COMPLETION_KEYS})
+
+
+def core_config(dotted: Mapping[str, Any]):
+    """The core :class:`CompletionConfig` from its dotted keys in the core's spelling;
+    ``ValueError`` naming the key when a value does not fit (a rejected keyword too)."""
     from lidar_completion.config import CompletionConfig
 
-    dotted = {key: core_value(key, values.get(key, _BY_NAME[key].default)) for key in COMPLETION_KEYS}
     try:
-        return CompletionConfig.from_dict(dotted)
+        return CompletionConfig.from_dict(dict(dotted))
     except TypeError as err:  # a dataclass rejecting a keyword: report it like a bad value
         raise ValueError(str(err)) from None

@@ -21,7 +21,7 @@ from typing import Any
 from lidar_completion.config import CompletionConfig, flatten_keys
 
 from .frames import SensorPose, sensor_poses
-from .parameters import COMPLETION_KEYS, PARAMETERS, StartupError, check_choices, completion_config, core_value
+from .parameters import COMPLETION_KEYS, PARAMETERS, StartupError, check_choices, completion_config, core_config, core_value
 
 __all__ = ["DiagnosticsSettings", "FrameSettings", "LimitSettings", "ModelSettings", "NodeSettings", "QosSettings",
            "TopicSettings", "node_settings", "settings_from"]
@@ -128,7 +128,7 @@ class NodeSettings:
             updates["frames"] = dataclasses.replace(frames, poses=_poses(topics, frames))
         completion = {key: core_value(key, value) for key, value in given.items() if key in COMPLETION_KEYS}
         if completion:
-            updates["completion"] = _config(flatten_keys(self.completion.to_dict()) | completion)
+            updates["completion"] = core_config(flatten_keys(self.completion.to_dict()) | completion)
         if "autostart" in given:
             updates["autostart"] = given["autostart"]
         return dataclasses.replace(self, **updates), frozenset(given)
@@ -156,13 +156,6 @@ def _poses(topics: TopicSettings, frames: FrameSettings) -> tuple[SensorPose, ..
     if len(outputs) != len(inputs) or any(not t.strip() for t in outputs) or len(set(outputs)) != len(outputs):
         raise ValueError(f"output_topics: give one distinct topic per input ({len(inputs)}), got {outputs}")
     return tuple(sensor_poses(len(inputs), frames.input_frames, frames.sensor_translation, frames.sensor_rpy))
-
-
-def _config(dotted: dict[str, Any]) -> CompletionConfig:
-    try:
-        return CompletionConfig.from_dict(dotted)
-    except TypeError as err:  # a dataclass rejecting a keyword: report it like a bad value
-        raise ValueError(str(err)) from None
 
 
 def settings_from(values: Mapping[str, Any]) -> NodeSettings:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from lidar_completion.config import CompletionConfig
+from lidar_completion.config import CompletionConfig, ScanCut
 
 from .parameters import COMPLETION_KEYS, StartupError
 from .settings import ModelSettings, NodeSettings
@@ -27,13 +27,12 @@ __all__ = ["apply_changes", "describe", "free_device", "load_completer", "log_ra
            "synthetic_scan", "warm_up"]
 
 
-def synthetic_scan(config: Any, n: int, seed: int = 0, max_range: float | None = None) -> np.ndarray:
-    """A ring of ground and wall points inside the range band (for the warm-up inference);
-    ``max_range``: the effective one (the completer's), else ``data.max_range`` or 50 m."""
+def synthetic_scan(cut: ScanCut, n: int, seed: int = 0) -> np.ndarray:
+    """A ring of ground and wall points inside the range band of ``cut`` (the completer's)
+    for the warm-up inference."""
     rng = np.random.default_rng(seed)
-    data = config.data
-    low = data.min_range
-    high = min(max_range or data.max_range or 50.0, max(30.0, low + 1.0))
+    low = cut.min_range
+    high = min(cut.max_range, max(30.0, low + 1.0))
     r = rng.uniform(low + 0.05 * (high - low), high - 0.05 * (high - low), n)
     angle = rng.uniform(-np.pi, np.pi, n)
     z = np.where(rng.random(n) < 0.6, -1.73, rng.uniform(-1.7, 2.0, n)) + rng.normal(0, 0.02, n)
@@ -92,7 +91,7 @@ def warm_up(completer: Any, log: Any) -> None:
 
     config = completer.config.replace(**{"sampling.steps": 1, "sampling.guidance": 1.0})
     cheap = SceneCompleter(completer.model, config)
-    points = synthetic_scan(config, max(2 * cheap.n_part, 1000), max_range=completer.max_range)
+    points = synthetic_scan(cheap.cut, max(2 * cheap.n_part, 1000))
     log(f"warm-up inference: 1 step without guidance (scans run {completer.steps} steps, "
         f"guidance {completer.guidance:g})")
     start = time.perf_counter()
